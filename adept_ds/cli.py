@@ -1,0 +1,104 @@
+"""`adept-ds` command line: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,7,11, got {text!r}") from None
+
+
+def _model_dir(arg: str | None) -> Path:
+    """An explicit --model, else the built-in demo model (fetched on first use)."""
+    if arg:
+        return Path(arg)
+    from adept_ds.demo_model import fetch_demo_model
+
+    return fetch_demo_model()
+
+
+def cmd_fetch_demo_model(args: argparse.Namespace) -> None:
+    from adept_ds.demo_model import fetch_demo_model
+
+    print(fetch_demo_model(force=args.force))
+
+
+def cmd_expand(args: argparse.Namespace) -> None:
+    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.expand import expand_checkpoint
+    from adept_ds.probe import layers_from_probe
+
+    model = _model_dir(args.model)
+    if args.probe:
+        checkpoint = open_checkpoint(model)
+        num_layers = checkpoint.config.get("num_hidden_layers")
+        layers = layers_from_probe(args.probe, args.k, fingerprint_checkpoint(checkpoint), num_layers)
+    else:
+        layers = args.layers
+    manifest = expand_checkpoint(model, args.output, layers, overwrite=args.overwrite)
+    print(
+        f"expanded {model} -> {args.output}: {manifest['num_original_layers']} -> {manifest['num_layers']} layers, "
+        f"copies of original layers {manifest['expanded_layers']} at indices {manifest['copied_layers']}"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from adept_ds.demo_model import fetch_demo_model
+    from adept_ds.expand import expand_checkpoint
+
+    model = fetch_demo_model()
+    output = Path(args.output)
+    manifest = expand_checkpoint(model, output / "expanded", args.layers, overwrite=True)
+    print(json.dumps({"model": str(model), "expanded": str(output / "expanded"), "copied_layers": manifest["copied_layers"]}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adept-ds", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fetch = commands.add_parser("fetch-demo-model", help="build the offline demo model (SmolLM2-135M) in the cache")
+    fetch.add_argument("--force", action="store_true", help="rebuild even if cached")
+    fetch.set_defaults(func=cmd_fetch_demo_model)
+
+    expand = commands.add_parser("expand", help="insert function-preserving copies after selected layers")
+    expand.add_argument("--model", help="HF checkpoint directory (default: the demo model)")
+    expand.add_argument("--output", required=True, help="directory for the expanded checkpoint")
+    choice = expand.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--layers", type=_parse_layers, help="original 0-based layer indices, e.g. 3,7,11")
+    choice.add_argument("--probe", help="probe result file from `adept-ds probe`; use with --k")
+    expand.add_argument("--k", type=int, help="how many of the probe's least important layers to expand")
+    expand.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    expand.set_defaults(func=cmd_expand)
+
+    demo = commands.add_parser("demo", help="the built-in end-to-end run on the demo model")
+    demo.add_argument("--output", default="runs/demo", help="where the demo writes its artifacts")
+    demo.add_argument("--layers", type=_parse_layers, default=[12, 14, 16, 18], help=argparse.SUPPRESS)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "expand":
+        if args.probe and args.k is None:
+            parser.error("--probe needs --k (how many of the least important layers to expand)")
+        if args.layers is not None and args.k is not None:
+            parser.error("--k goes with --probe; with --layers the layers are given explicitly")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"adept-ds {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

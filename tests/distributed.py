@@ -1,0 +1,73 @@
+"""Launching real multi-process DeepSpeed runs on CPU (gloo) from tests.
+
+`run_deepspeed(script, ...)` starts `deepspeed --num_gpus N script ...` with the CPU accelerator,
+kills the whole process group on timeout (a hung collective must fail the test, not CI), and
+raises with the tail of both output streams when any rank fails. Scripts report results by
+writing `rank{R}.json` into a directory the test passes them; `read_rank_results` collects them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS_DIR = Path(__file__).parent
+SCRIPTS_DIR = TESTS_DIR / "scripts"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        PYTHONWARNINGS="ignore::FutureWarning",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    env.update(extra)
+    return env
+
+
+def run_command(command: list[str], timeout: float, env: dict[str, str] | None = None, check: bool = True):
+    """Run a launcher command in its own process group; on timeout kill the group and fail loudly."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or cpu_env(), start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(command)}\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"exit code {result.returncode}: {' '.join(command)}\n--- stdout ---\n{stdout[-4000:]}\n--- stderr ---\n{stderr[-6000:]}"
+        )
+    return result
+
+
+def run_deepspeed(script: str | Path, *args: str, num_procs: int = 2, timeout: float = 600, check: bool = True, **env):
+    """`deepspeed --num_gpus num_procs script args` on CPU; `script` is a path or a name in tests/scripts."""
+    script = Path(script)
+    if not script.is_absolute():
+        script = SCRIPTS_DIR / script
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher), "--no_local_rank", "--num_gpus", str(num_procs), "--master_port", str(free_port()), str(script), *map(str, args)]
+    return run_command(command, timeout, cpu_env(**env), check=check)
+
+
+def read_rank_results(directory: Path, world_size: int) -> list[dict]:
+    results = [json.loads((Path(directory) / f"rank{rank}.json").read_text()) for rank in range(world_size)]
+    assert [r["rank"] for r in results] == list(range(world_size))
+    return results
