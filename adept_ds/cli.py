@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,27 @@ def cmd_expand(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_probe(args: argparse.Namespace) -> None:
+    from adept_ds.probe import probe_model
+
+    result = probe_model(
+        _model_dir(args.model),
+        args.data,
+        args.output,
+        method=args.method,
+        max_tokens=args.max_tokens,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        text_field=args.text_field,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        order = result["least_important"]
+        print(
+            f"probe ({result['method']}): base loss {result['base_loss']:.4f} on {result['num_tokens']} tokens; "
+            f"least important layers: {order[:8]}; wrote {args.output} and {Path(args.output).with_suffix('.png')}"
+        )
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from adept_ds.demo_model import fetch_demo_model
     from adept_ds.expand import expand_checkpoint
@@ -76,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     expand.add_argument("--k", type=int, help="how many of the probe's least important layers to expand")
     expand.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     expand.set_defaults(func=cmd_expand)
+
+    probe = commands.add_parser("probe", help="score each decoder layer's importance for general competence")
+    probe.add_argument("--model", help="HF checkpoint directory (default: the demo model)")
+    probe.add_argument("--data", required=True, help="general probe corpus: JSONL/text/Parquet file or directory, or a datasets dir")
+    probe.add_argument("--output", required=True, help="result JSON path (a PNG chart is written beside it)")
+    probe.add_argument("--method", default="mask", help="mask (default: loss increase when bypassed), grad or fisher")
+    probe.add_argument("--max-tokens", type=int, default=65536, help="token budget (default 65536)")
+    probe.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
+    probe.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass and rank (default 4)")
+    probe.add_argument("--text-field", default="text", help="name of the text field in JSONL/Parquet (default text)")
+    probe.set_defaults(func=cmd_probe)
 
     demo = commands.add_parser("demo", help="the built-in end-to-end run on the demo model")
     demo.add_argument("--output", default="runs/demo", help="where the demo writes its artifacts")

@@ -56,3 +56,64 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, returned (gloo and nccl both reduce float64 on the tensor's own device)."""
+    device = torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
+    reduced = tensor.to(device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.cpu()
+
+
+def zero3_probe_runtime(model_dir, family, with_grad: bool, micro_batch: int, num_micro_batches: int):
+    """A ProbeRuntime over a DeepSpeed ZeRO-3 engine: each rank holds only its partition of every weight.
+
+    Gradient methods need ZeRO-3's gradient partitioning, which lives in its optimizer: we give it an
+    SGD with lr=0 over the decoder-layer parameters and never call step(), so no weight changes.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    from adept_ds.probe import ProbeRuntime
+
+    world_size = dist.get_world_size()
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": max(1, num_micro_batches),
+        "zero_optimization": {"stage": 3},
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
+    hf_ds_config = HfDeepSpeedConfig(config)  # while alive, from_pretrained loads straight into partitions
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    layer_params = {id(p) for p in family.decoder_layers(model).parameters()}
+    for param in model.parameters():
+        param.requires_grad_(with_grad and id(param) in layer_params)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0) if with_grad else None
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine.module.eval()
+    del hf_ds_config
+
+    def backward(loss: torch.Tensor) -> None:
+        # ZeRO averages gradients over ranks; the caller's loss is this rank's share of a global sum.
+        engine.backward(loss * world_size, scale_wrt_gas=False)
+
+    return ProbeRuntime(
+        model=engine.module,
+        rank=dist.get_rank(),
+        world_size=world_size,
+        backward=backward,
+        local_param_grad=lambda param: (safe_get_local_fp32_param(param), safe_get_local_grad(param)),
+        all_reduce_sum=all_reduce_sum,
+        forward=engine,
+    )

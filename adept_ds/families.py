@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 _LLAMA_UNITS = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -32,7 +35,11 @@ class Family:
     units: tuple[str, ...]
     """Module paths inside one decoder layer, one per unit (projection or norm)."""
     layers_prefix: str = "model.layers"
-    """State-dict prefix of the decoder layer list."""
+    """State-dict prefix (and attribute path) of the decoder layer list."""
+    decoder_path: str = "model"
+    """Attribute path of the decoder stack (embeddings, layers, final norm) without the LM head."""
+    final_norm_path: str = "model.norm"
+    head_path: str = "lm_head"
     residual_outputs: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     """Modules whose output is added to the residual stream: zero in an identity copy."""
     per_layer_config_keys: tuple[str, ...] = ()
@@ -58,6 +65,17 @@ class Family:
 
     def is_residual_output(self, local_key: str) -> bool:
         return self.unit_of(local_key) in self.residual_outputs
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers_prefix)
+
+    def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits from the residual stream after the last layer (final norm, then head)."""
+        return model.get_submodule(self.head_path)(model.get_submodule(self.final_norm_path)(hidden))
+
+
+def family_of(model: nn.Module) -> Family:
+    return get_family(getattr(model.config, "model_type", None))
 
 
 FAMILIES: dict[str, Family] = {

@@ -1,15 +1,35 @@
-"""General-competence layer probing: the result file format and layer selection.
+"""Stage 1a: general-competence layer probing, and the probe result file format.
+
+Methods (higher score = the layer matters more for general competence; ADEPT expands the k lowest):
+- `mask`: I(l) = L_masked(l) - L_base, the mean next-token loss with layer l bypassed (its output :=
+  its input) minus the plain loss. The base pass records every layer's input; the pass that bypasses
+  layer l restarts from layer l's recorded input and runs only the layers above it, so the layers
+  below l are never recomputed.
+- `grad`: I(l) = sum over the layer's parameters of |theta * dL/dtheta| (first-order Taylor).
+- `fisher`: I(l) = sum over the layer's parameters of (dL/dtheta)^2.
+L is the mean token loss over the whole probe set (all ranks), so scores do not depend on how many
+processes computed them.
 
 A probe result is JSON: `{"format": "adept_ds.probe/1", "method": ..., "num_layers": L,
-"scores": [one float per original decoder layer], "model_fingerprint": ..., ...}`. Higher score =
-more important for general competence; ADEPT expands the k lowest.
+"scores": [one float per original decoder layer], "base_loss": ..., "model_fingerprint": ..., ...}`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from adept_ds.families import Family
 
 PROBE_FORMAT = "adept_ds.probe/1"
 
@@ -61,3 +81,322 @@ def layers_from_probe(path: str | Path, k: int, model_fingerprint: str, num_laye
             f"{model_fingerprint}); rerun `adept-ds probe` on this model"
         )
     return least_important_layers(result["scores"], k)
+
+
+METHODS = ("mask", "grad", "fisher")
+
+
+def _no_op(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@dataclass
+class ProbeRuntime:
+    """How probing reaches the model: a plain module in one process, or a DeepSpeed ZeRO-3 engine.
+
+    The probe code below only calls modules and these hooks, so it never needs to know whether the
+    weights are whole or ZeRO-3 partitions gathered on demand.
+    """
+
+    model: nn.Module
+    rank: int = 0
+    world_size: int = 1
+    backward: Callable[[torch.Tensor], None] = field(default=lambda loss: loss.backward())
+    local_param_grad: Callable[[nn.Parameter], tuple[torch.Tensor, torch.Tensor | None]] = field(
+        default=lambda param: (param.detach(), param.grad)
+    )
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = field(default=_no_op)
+    forward: Callable[..., object] | None = None
+    """What runs a forward pass with gradients (a DeepSpeed engine); default: the model itself."""
+
+    def __call__(self, **inputs):
+        return (self.forward or self.model)(**inputs)
+
+
+def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropies of `logits` [B, T, V] against aligned `targets` [B, T], accumulated in float64
+    so that sums over batches and ranks do not depend on how the blocks were split."""
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return losses.double().sum()
+
+
+def next_token_loss_sum(family: Family, model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Loss sum from the residual stream after the last layer; the head skips the last position,
+    which predicts nothing inside the block."""
+    return loss_sum(family.logits(model, hidden[:, :-1]), input_ids[:, 1:])
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def record_layer_inputs(family: Family, model: nn.Module, input_ids: torch.Tensor):
+    """One base forward through the decoder, recording each layer's input and call arguments.
+
+    Returns ([(hidden_in, kwargs) per layer], last layer's output). Masks, rotary embeddings and
+    per-layer attention types come from the model's own forward, so every family is handled alike.
+    """
+    layers = family.decoder_layers(model)
+    recorded: list = [None] * len(layers)
+    last_output = []
+
+    def make_hook(index):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            recorded[index] = (hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(lambda module, args, output: last_output.append(_hidden(output))))
+    try:
+        model.get_submodule(family.decoder_path)(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorded, last_output[0]
+
+
+def mask_loss_sums(family: Family, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """[base loss sum, loss sum with layer 0 bypassed, ..., with layer L-1 bypassed] for one batch.
+
+    Bypassing layer l means layer l+1 receives layer l's input: we restart from the recorded input
+    of layer l and run layers l+1..L-1 only, reusing the base pass below l.
+    """
+    layers = family.decoder_layers(model)
+    with torch.no_grad():
+        recorded, final = record_layer_inputs(family, model, input_ids)
+        sums = [next_token_loss_sum(family, model, final, input_ids)]
+        for bypassed in range(len(layers)):
+            hidden = recorded[bypassed][0]
+            for above in range(bypassed + 1, len(layers)):
+                hidden = _hidden(layers[above](hidden, **recorded[above][1]))
+            sums.append(next_token_loss_sum(family, model, hidden, input_ids))
+    return torch.stack(sums)
+
+
+@contextmanager
+def bypass_layer(family: Family, model: nn.Module, index: int) -> Iterator[None]:
+    """While active, decoder layer `index` returns its input unchanged (a hook: no weight is touched)."""
+
+    def passthrough(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = family.decoder_layers(model)[index].register_forward_hook(passthrough, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def naive_mask_loss_sums(family: Family, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The same numbers as `mask_loss_sums` the naive way: one full forward per bypassed layer."""
+    def full_forward_loss():
+        return loss_sum(model(input_ids=input_ids, use_cache=False).logits[:, :-1], input_ids[:, 1:])
+
+    with torch.no_grad():
+        sums = [full_forward_loss()]
+        for index in range(len(family.decoder_layers(model))):
+            with bypass_layer(family, model, index):
+                sums.append(full_forward_loss())
+    return torch.stack(sums)
+
+
+def gradient_sums(family: Family, runtime: ProbeRuntime) -> torch.Tensor:
+    """Per layer: [sum |theta * g|, sum g^2] over this rank's (partition of the) layer parameters."""
+    layers = family.decoder_layers(runtime.model)
+    sums = torch.zeros(2, len(layers), dtype=torch.float64)
+    for index, layer in enumerate(layers):
+        for param in layer.parameters():
+            theta, grad = runtime.local_param_grad(param)
+            if grad is None:
+                continue
+            theta, grad = theta.double(), grad.double()
+            sums[0, index] += (theta * grad).abs().sum()
+            sums[1, index] += (grad * grad).sum()
+    return sums
+
+
+def probe_scores(
+    family: Family,
+    runtime: ProbeRuntime,
+    batches: list[torch.Tensor],
+    method: str,
+    total_tokens: int,
+    show_progress: bool = True,
+) -> tuple[list[float], float]:
+    """Per-layer scores and the base loss over the whole probe set; every rank gets the same numbers.
+
+    `batches` are this rank's batches of blocks; `total_tokens` counts predicted tokens on all ranks.
+    All ranks must pass the same number of batches (pad with zero-weight repeats), because gradient
+    methods run collectives in every backward.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown probe method {method!r}: choose one of {', '.join(METHODS)}")
+    layers = family.decoder_layers(runtime.model)
+    progress = tqdm(batches, desc=f"probe ({method})", unit="batch", disable=not show_progress or runtime.rank != 0)
+    if method == "mask":
+        sums = torch.zeros(len(layers) + 1, dtype=torch.float64)
+        for batch, weight in progress:
+            sums += weight * mask_loss_sums(family, runtime.model, batch)
+        sums = runtime.all_reduce_sum(sums)
+        base = sums[0].item() / total_tokens
+        return [(masked / total_tokens) - base for masked in sums[1:].tolist()], base
+
+    base_sum = torch.zeros(1, dtype=torch.float64)
+    for batch, weight in progress:
+        batch_loss = loss_sum(runtime(input_ids=batch, use_cache=False).logits[:, :-1], batch[:, 1:])
+        base_sum += weight * batch_loss.detach()
+        # d(mean loss over all ranks' tokens)/d(theta): each rank contributes its share of the sum.
+        runtime.backward(weight * batch_loss / total_tokens)
+    sums = runtime.all_reduce_sum(torch.cat([gradient_sums(family, runtime).flatten(), base_sum]))
+    per_layer = sums[:-1].reshape(2, len(layers))
+    scores = per_layer[0] if method == "grad" else per_layer[1]
+    return scores.tolist(), sums[-1].item() / total_tokens
+
+
+def shard_batches(blocks: torch.Tensor, rank: int, world_size: int, batch_size: int) -> list[tuple[torch.Tensor, float]]:
+    """This rank's blocks (round robin), in batches, padded with zero-weight repeats to the same count on every rank."""
+    per_rank = math.ceil(len(blocks) / world_size)
+    num_batches = math.ceil(per_rank / batch_size)
+    mine = blocks[rank::world_size]
+    batches = [(mine[i : i + batch_size], 1.0) for i in range(0, len(mine), batch_size)]
+    while len(batches) < num_batches:
+        batches.append((blocks[:1], 0.0))
+    return batches
+
+
+def write_probe_result(path: str | Path, result: dict) -> None:
+    """Write the result JSON atomically and a bar chart of the scores beside it (`<name>.png`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    staging.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(staging, path)
+    plot_probe_result(result, path.with_suffix(".png"))
+
+
+def plot_probe_result(result: dict, path: Path, selected: list[int] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = result["scores"]
+    selected = set(selected if selected is not None else result.get("least_important", [])[:4])
+    colors = ["tab:orange" if layer in selected else "tab:blue" for layer in range(len(scores))]
+    figure, axes = plt.subplots(figsize=(max(6, len(scores) * 0.3), 3.5))
+    axes.bar(range(len(scores)), scores, color=colors)
+    axes.set_xlabel("decoder layer")
+    axes.set_ylabel({"mask": "loss increase when bypassed", "grad": "sum |theta * grad|", "fisher": "sum grad^2"}[result["method"]])
+    axes.set_title(f"general-competence importance ({result['method']}); orange: {len(selected)} least important")
+    if result["method"] != "mask":
+        axes.set_yscale("log")
+    staging = path.with_name(f".{path.stem}.partial-{os.getpid()}.png")
+    figure.tight_layout()
+    figure.savefig(staging, dpi=120)
+    plt.close(figure)
+    os.replace(staging, path)
+
+
+def plain_runtime(model: nn.Module, family: Family, with_grad: bool) -> ProbeRuntime:
+    """One process, whole weights: only decoder-layer parameters get gradients (the embeddings and
+    head never need them, and skipping them saves their weight-gradient matmuls)."""
+    model.eval()
+    layer_params = {id(p) for p in family.decoder_layers(model).parameters()}
+    for param in model.parameters():
+        param.requires_grad_(with_grad and id(param) in layer_params)
+    return ProbeRuntime(model=model)
+
+
+def probe_model(
+    model_dir: str | Path,
+    data: str | Path,
+    output: str | Path,
+    method: str = "mask",
+    max_tokens: int = 65536,
+    block_size: int = 256,
+    batch_size: int = 4,
+    text_field: str = "text",
+    show_progress: bool = True,
+) -> dict:
+    """`adept-ds probe`: score every decoder layer of `model_dir` on the general corpus `data`.
+
+    Launched under `deepspeed`/`torchrun` it shards the blocks across ranks and runs on ZeRO-3
+    partitions; as a plain process it runs on whole weights. Rank 0 writes the result and chart.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.data import blocks_fingerprint, load_blocks
+    from adept_ds.demo_model import cache_root
+    from adept_ds.families import get_family
+
+    # Everything a user can get wrong is checked before any process group or model load.
+    if method not in METHODS:
+        raise ValueError(f"unknown probe method {method!r}: choose one of {', '.join(METHODS)}")
+    if block_size < 2:
+        raise ValueError(f"block size {block_size} is too small: use at least 2 tokens")
+    if max_tokens < block_size:
+        raise ValueError(f"token budget --max-tokens {max_tokens} is smaller than one block of {block_size} tokens")
+    if batch_size < 1:
+        raise ValueError(f"batch size {batch_size} must be at least 1")
+    checkpoint = open_checkpoint(model_dir)
+    family = get_family(checkpoint.config.get("model_type"))
+    if not Path(data).exists():
+        raise ValueError(f"probe corpus {data} does not exist")
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        from adept_ds.distributed import barrier, init_distributed
+
+        rank, world_size = init_distributed()
+    else:
+        rank, world_size = 0, 1
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cache = cache_root() / "blocks"
+    if rank == 0:  # rank 0 tokenises once; the others read its Arrow cache
+        blocks = load_blocks(data, tokenizer, block_size, cache, text_field)
+    if distributed:
+        barrier()
+    if rank != 0:
+        blocks = load_blocks(data, tokenizer, block_size, cache, text_field)
+    num_blocks = min(len(blocks), max_tokens // block_size)
+    blocks = blocks[:num_blocks]["input_ids"]
+    batches = shard_batches(blocks, rank, world_size, batch_size)
+    total_tokens = num_blocks * (block_size - 1)  # predicted tokens: every position but the first of a block
+
+    with_grad = method != "mask"
+    if distributed:
+        from adept_ds.distributed import zero3_probe_runtime
+
+        runtime = zero3_probe_runtime(model_dir, family, with_grad, batch_size, len(batches))
+    else:
+        runtime = plain_runtime(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), family, with_grad)
+    scores, base_loss = probe_scores(family, runtime, batches, method, total_tokens, show_progress)
+    ranking = sorted(range(len(scores)), key=lambda layer: scores[layer])
+    result = {
+        "format": PROBE_FORMAT,
+        "method": method,
+        "num_layers": len(scores),
+        "scores": scores,
+        "least_important": ranking,
+        "base_loss": base_loss,
+        "model": str(Path(model_dir).absolute()),
+        "model_fingerprint": fingerprint_checkpoint(checkpoint),
+        "data": str(Path(data).absolute()),
+        "data_fingerprint": blocks_fingerprint(data, tokenizer, block_size, text_field),
+        "num_blocks": num_blocks,
+        "block_size": block_size,
+        "num_tokens": num_blocks * block_size,
+        "world_size": world_size,
+    }
+    if rank == 0:
+        write_probe_result(output, result)
+    if distributed:
+        from adept_ds.distributed import shutdown_distributed
+
+        del runtime
+        shutdown_distributed()
+    return result

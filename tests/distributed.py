@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).parent
+REPO_DIR = TESTS_DIR.parent
 SCRIPTS_DIR = TESTS_DIR / "scripts"
 
 

@@ -1,0 +1,34 @@
+"""Probe with grad and fisher on ZeRO-3 partitions; check no weight changed; report scores per rank."""
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+from model_checks import load_state
+
+from adept_ds.distributed import init_distributed, shutdown_distributed, zero3_probe_runtime
+from adept_ds.families import get_family
+from adept_ds.probe import probe_scores, shard_batches
+
+model_dir, blocks_file, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+rank, world_size = init_distributed()
+blocks = torch.load(blocks_file)
+family = get_family(json.loads((Path(model_dir) / "config.json").read_text())["model_type"])
+on_disk = load_state(Path(model_dir))
+report = {"rank": rank, "world_size": world_size, "scores": {}, "base_loss": {}}
+for method in ("grad", "fisher"):
+    batches = shard_batches(blocks, rank, world_size, batch_size=2)
+    runtime = zero3_probe_runtime(model_dir, family, True, 2, len(batches))
+    report["partitioned"] = all(p.numel() == 0 for p in runtime.model.parameters())
+    scores, base = probe_scores(family, runtime, batches, method, blocks[:, 1:].numel(), show_progress=False)
+    report["scores"][method], report["base_loss"][method] = scores, base
+    params = dict(runtime.model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        report["weights_unchanged"] = all(torch.equal(params[name].data, tensor) for name, tensor in on_disk.items())
+    del runtime, params
+    gc.collect()
+(out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+shutdown_distributed()
