@@ -23,6 +23,7 @@ setup(
     version="0.1.0",
     description="ADEPT continual pretraining (selective layer expansion + unit-wise adaptive LR) on DeepSpeed ZeRO-3",
     packages=find_packages(include=["adept_ds", "adept_ds.*"]),
+    package_data={"adept_ds": ["assets/*.jsonl", "assets/*.md"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=8"]},

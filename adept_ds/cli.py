@@ -71,6 +71,22 @@ def cmd_probe(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from adept_ds.export import export_checkpoint
+
+    checkpoints = Path(args.run) / "checkpoints"
+    model = args.model
+    if model is None:
+        import yaml
+
+        config_file = Path(args.run) / "run_config.yaml"
+        if not config_file.is_file():
+            raise ValueError(f"{args.run} has no run_config.yaml; pass --model (the model training started from)")
+        model = yaml.safe_load(config_file.read_text())["model"]
+    output = export_checkpoint(checkpoints, args.tag, model, args.output, overwrite=args.overwrite)
+    print(f"exported {checkpoints}/{args.tag or 'latest'} -> {output}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from adept_ds.demo_model import fetch_demo_model
     from adept_ds.expand import expand_checkpoint
@@ -109,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass and rank (default 4)")
     probe.add_argument("--text-field", default="text", help="name of the text field in JSONL/Parquet (default text)")
     probe.set_defaults(func=cmd_probe)
+
+    export = commands.add_parser("export", help="write a training checkpoint as a plain HF safetensors checkpoint")
+    export.add_argument("--run", required=True, help="training output_dir (holds checkpoints/ and run_config.yaml)")
+    export.add_argument("--tag", help="checkpoint tag, e.g. step00000500 (default: latest)")
+    export.add_argument("--model", help="model training started from (default: from run_config.yaml)")
+    export.add_argument("--output", required=True, help="directory for the HF checkpoint")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    export.set_defaults(func=cmd_export)
 
     demo = commands.add_parser("demo", help="the built-in end-to-end run on the demo model")
     demo.add_argument("--output", default="runs/demo", help="where the demo writes its artifacts")

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import datasets
+import torch
 from datasets import Dataset
 
 from adept_ds.outputs import atomic_output_dir
@@ -120,3 +121,20 @@ def load_blocks(path: str | Path, tokenizer, block_size: int, cache_dir: str | P
         with atomic_output_dir(target, overwrite=True) as staging:
             blocks.save_to_disk(str(staging))
     return datasets.load_from_disk(str(target)).with_format("torch")
+
+
+def sample_order(num_samples: int, seed: int, start: int, count: int) -> list[int]:
+    """Samples `start .. start+count-1` of an endless stream of per-epoch shuffles of the corpus.
+
+    The stream depends only on (num_samples, seed), so a run resumed at position `start` sees
+    exactly the samples an uninterrupted run would have seen from there on.
+    """
+    order: list[int] = []
+    position = start
+    while len(order) < count:
+        epoch, offset = divmod(position, num_samples)
+        permutation = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        taken = permutation[offset : offset + count - len(order)]
+        order.extend(taken)
+        position += len(taken)
+    return order

@@ -1,0 +1,204 @@
+"""Run configuration: one typed tree of dataclasses, read from YAML, overridable by `key.sub=value`.
+
+Every field is validated in `__post_init__` with an error naming the bad value and what is valid.
+Unknown keys are rejected with the closest known key as a suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("adept", "pt_full")
+SCHEDULERS = ("WarmupCosineLR", "WarmupLR", "WarmupDecayLR", "constant")
+LR_MAPPINGS = ("linear", "power", "uniform")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    domain: str = ""
+    """Domain corpus for continual pretraining: JSONL/JSON, text or Parquet file or directory, or a `datasets` dir."""
+    general: str = ""
+    """General-competence probe corpus, used for unit importance."""
+    text_field: str = "text"
+    """Name of the text field in JSONL/Parquet records."""
+    block_size: int = 256
+    """Tokens per training sample (documents are packed and cut into blocks)."""
+    cache_dir: str = ""
+    """Arrow cache of tokenised blocks; default `$ADEPT_DS_CACHE/blocks`."""
+
+    def __post_init__(self):
+        _check(isinstance(self.block_size, int) and self.block_size >= 2, f"data.block_size={self.block_size!r}: need an int >= 2")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    micro_batch_size: int = 2
+    """Blocks per rank per forward pass (DeepSpeed train_micro_batch_size_per_gpu)."""
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 100
+    """Optimizer steps to train."""
+    seed: int = 0
+    gradient_clipping: float = 1.0
+    save_interval: int = 50
+    """Save a DeepSpeed checkpoint every this many steps (and at the end); 0 = only at the end."""
+    log_interval: int = 1
+    export: bool = True
+    """Write a consolidated HF checkpoint to `<output_dir>/final` at the end."""
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_interval"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"train.{name}={value!r}: need an int >= 1")
+        _check(isinstance(self.save_interval, int) and self.save_interval >= 0, f"train.save_interval={self.save_interval!r}: need an int >= 0")
+        _check(self.gradient_clipping >= 0, f"train.gradient_clipping={self.gradient_clipping!r}: need >= 0 (0 disables)")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = 1e-4
+    """Base learning rate lr_base; the scheduler shapes it over time, the unit rule scales it per unit."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        _check(isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr), f"optimizer.lr={self.lr!r}: need a positive number")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optimizer.betas={self.betas!r}: need two numbers in [0, 1)")
+        _check(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay!r}: need >= 0")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    type: str = "WarmupCosineLR"
+    """DeepSpeed scheduler: WarmupCosineLR, WarmupLR, WarmupDecayLR, or constant."""
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    """Cosine end LR as a fraction of lr (WarmupCosineLR)."""
+    warmup_type: str = "linear"
+
+    def __post_init__(self):
+        _check(self.type in SCHEDULERS, f"scheduler.type={self.type!r}: choose one of {', '.join(SCHEDULERS)}")
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 1, f"scheduler.warmup_steps={self.warmup_steps!r}: need an int >= 1")
+        _check(0 <= self.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={self.min_lr_ratio!r}: need a number in [0, 1]")
+        _check(self.warmup_type in ("linear", "log"), f"scheduler.warmup_type={self.warmup_type!r}: choose linear or log")
+
+
+@dataclass(kw_only=True)
+class ImportanceConfig:
+    interval: int = 500
+    """Recompute unit importance every this many steps (paper: 500); 0 = never (uniform LR)."""
+    batches: int = 2
+    """General-probe micro-batches per rank per recompute."""
+    batch_size: int = 2
+    """Blocks per probe micro-batch and rank."""
+    mapping: str = "linear"
+    """linear: 2 * (1 - I_norm); power: 2 * (1 - I_norm) ** power; uniform: 1 (importance logged only)."""
+    power: float = 2.0
+
+    def __post_init__(self):
+        _check(isinstance(self.interval, int) and self.interval >= 0, f"importance.interval={self.interval!r}: need an int >= 0")
+        _check(isinstance(self.batches, int) and self.batches >= 1, f"importance.batches={self.batches!r}: need an int >= 1")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"importance.batch_size={self.batch_size!r}: need an int >= 1")
+        _check(self.mapping in LR_MAPPINGS, f"importance.mapping={self.mapping!r}: choose one of {', '.join(LR_MAPPINGS)}")
+        _check(self.power > 0, f"importance.power={self.power!r}: need > 0")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: str = ""
+    """Expanded model from `adept-ds expand` (method adept), or the original model (pt_full)."""
+    method: str = "adept"
+    """adept: train the manifest's copies with unit-wise adaptive LR; pt_full: all parameters, uniform LR."""
+    deepspeed: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON config; its "auto" values are filled from this run config."""
+    output_dir: str = "runs/train"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+
+    def __post_init__(self):
+        _check(self.method in METHODS, f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+
+    def validate_paths(self) -> None:
+        """Paths must exist before any process group starts."""
+        _check(bool(self.model), "model is not set: give the expanded model directory (model=DIR)")
+        _check(Path(self.model).is_dir(), f"model={self.model!r} does not exist")
+        _check(Path(self.deepspeed).is_file(), f"deepspeed={self.deepspeed!r}: no such DeepSpeed config file")
+        _check(bool(self.data.domain) and Path(self.data.domain).exists(), f"data.domain={self.data.domain!r} does not exist")
+        if self.method == "adept" and self.importance.interval > 0:
+            _check(bool(self.data.general) and Path(self.data.general).exists(), f"data.general={self.data.general!r} does not exist (needed for unit importance)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'run config'} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+            raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
+        kind = fields[key].type
+        sub = {"DataConfig": DataConfig, "TrainConfig": TrainConfig, "OptimizerConfig": OptimizerConfig,
+               "SchedulerConfig": SchedulerConfig, "ImportanceConfig": ImportanceConfig}.get(kind)
+        if sub is not None:
+            kwargs[key] = _build(sub, value, f"{prefix}{key}.")
+        else:
+            if kind == "float" and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            expected = {"str": str, "int": int, "float": (int, float), "bool": bool}.get(kind)
+            if expected is not None and (not isinstance(value, expected) or (kind == "int" and isinstance(value, bool))):
+                raise ValueError(f"config key '{prefix}{key}' = {value!r}: expected {kind}")
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """`train.max_steps=10` style overrides, values parsed as YAML scalars."""
+    values = json.loads(json.dumps(values))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r} is not key=value (e.g. train.max_steps=10)")
+        node = values
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {override!r}: '{part}' is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return values
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    values = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ValueError(f"run config {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"run config {path} is not valid YAML: {err}") from err
+    return _build(RunConfig, apply_overrides(values, list(overrides)))

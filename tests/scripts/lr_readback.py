@@ -1,0 +1,30 @@
+"""For each DeepSpeed scheduler: train a few steps with real importance and record, after every step,
+each param group's lr, the unit importance in force, and the step count. argv: out_dir overrides..."""
+
+import json
+import sys
+from pathlib import Path
+
+from adept_ds.config import load_run_config
+from adept_ds.engine import Trainer
+
+out_dir, *overrides = sys.argv[1:]
+report = {}
+for kind in ("WarmupLR", "WarmupCosineLR", "WarmupDecayLR"):
+    config = load_run_config(None, [*overrides, f"scheduler.type={kind}", f"output_dir={out_dir}/{kind}"])
+    trainer = Trainer(config, show_progress=False)
+    records = []
+    while trainer.state.step < config.train.max_steps:
+        if trainer.state.step % config.importance.interval == 0:
+            trainer.update_learning_rates()
+        trainer.train_step()
+        records.append({
+            "step": trainer.state.step,
+            "group_lrs": [group["lr"] for group in trainer.optimizer.param_groups],
+            "group_names": [group["name"] for group in trainer.optimizer.param_groups],
+            "importance": trainer.state.importance,
+        })
+    report[kind] = records
+    rank = trainer.rank
+    trainer.close(shutdown=kind == "WarmupDecayLR")
+Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "report": report}))

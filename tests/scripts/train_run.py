@@ -1,0 +1,28 @@
+"""Train with launch/train.py's code path, then (rank 0) record the engine's logits on a fixed batch.
+
+argv: logits_file key=value overrides... ; pass --resume as the first override to resume.
+"""
+
+import sys
+
+import torch
+
+from adept_ds.config import load_run_config
+from adept_ds.engine import Trainer
+from adept_ds.export import export_checkpoint
+
+logits_file, *rest = sys.argv[1:]
+resume = "--resume" in rest
+config = load_run_config(None, [item for item in rest if item != "--resume"])
+trainer = Trainer(config, resume=resume, show_progress=False)
+trainer.train()
+batch = torch.arange(3, 3 + 2 * 20).reshape(2, 20) % 250 + 3
+trainer.engine.eval()
+with torch.no_grad():
+    logits = trainer.engine(input_ids=batch).logits  # every rank runs it: ZeRO-3 gathers collectively
+if trainer.rank == 0:
+    torch.save({"batch": batch, "logits": logits}, logits_file)
+rank, tag = trainer.rank, trainer.latest_tag()
+trainer.close()
+if rank == 0:
+    export_checkpoint(config.output_dir + "/checkpoints", tag, config.model, config.output_dir + "/final")

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from adept_ds.config import load_run_config
+from adept_ds.engine import resolve_ds_config
+
+
+def test_yaml_with_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\ntrain:\n  max_steps: 10\noptimizer:\n  lr: 1e-4\n")
+    config = load_run_config(path, ["train.max_steps=3", "importance.mapping=power", "optimizer.betas=[0.9, 0.99]"])
+    assert config.train.max_steps == 3
+    assert config.optimizer.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string: coerced
+    assert config.importance.mapping == "power"
+    assert config.optimizer.betas == (0.9, 0.99)
+    assert config.model == "m"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.max_step=3"], r"unknown config key 'train.max_step'; did you mean 'train.max_steps'\?"),
+        (["imporance.interval=3"], r"unknown config key 'imporance'; did you mean 'importance'\?"),
+        (["train.max_steps=ten"], r"config key 'train.max_steps' = 'ten': expected int"),
+        (["train.max_steps=0"], r"train.max_steps=0: need an int >= 1"),
+        (["scheduler.type=OneCycle"], r"scheduler.type='OneCycle': choose one of WarmupCosineLR, WarmupLR, WarmupDecayLR, constant"),
+        (["importance.mapping=cubic"], r"importance.mapping='cubic': choose one of linear, power, uniform"),
+        (["method=lora"], r"method='lora': choose one of adept, pt_full"),
+        (["optimizer.lr=-1"], r"optimizer.lr=-1: need a positive number"),
+        (["train"], r"override 'train' is not key=value"),
+        (["train=3"], r"train must be a mapping"),
+    ],
+)
+def test_bad_config_values_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config(None, overrides)
+
+
+def test_missing_paths_are_reported_before_any_process_starts(tmp_path):
+    config = load_run_config(None, [f"model={tmp_path}", "data.domain=/nope.jsonl"])
+    with pytest.raises(ValueError, match="data.domain='/nope.jsonl' does not exist"):
+        config.validate_paths()
+    with pytest.raises(ValueError, match="model='/absent' does not exist"):
+        load_run_config(None, ["model=/absent"]).validate_paths()
+
+
+def write(tmp_path, data):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_auto_values_are_filled_from_the_run_config(tmp_path):
+    config = load_run_config(None, ["train.micro_batch_size=3", "train.gradient_accumulation_steps=2", "train.gradient_clipping=0.5"])
+    auto = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 3}}
+    resolved = resolve_ds_config(write(tmp_path, auto), config, world_size=4, gpu=False)
+    assert resolved["train_batch_size"] == 24 and resolved["train_micro_batch_size_per_gpu"] == 3
+    assert resolved["gradient_accumulation_steps"] == 2 and resolved["gradient_clipping"] == 0.5
+    assert resolved["bf16"]["enabled"] is False
+    assert resolve_ds_config(write(tmp_path, auto), config, world_size=4, gpu=True)["bf16"]["enabled"] is True
+
+
+def test_ds_config_errors(tmp_path):
+    config = load_run_config(None, [])
+    with pytest.raises(ValueError, match=r"train_batch_size=7 != micro batch 2 x accumulation 1 x world size 2"):
+        resolve_ds_config(write(tmp_path, {"train_batch_size": 7}), config, world_size=2, gpu=False)
+    with pytest.raises(ValueError, match=r"remove the 'optimizer' section"):
+        resolve_ds_config(write(tmp_path, {"optimizer": {"type": "Adam"}}), config, world_size=1, gpu=False)
+    with pytest.raises(ValueError, match=r"'zero_optimization.reduce_bucket_size' is \"auto\""):
+        resolve_ds_config(write(tmp_path, {"zero_optimization": {"reduce_bucket_size": "auto"}}), config, world_size=1, gpu=False)

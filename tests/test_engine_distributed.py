@@ -1,0 +1,167 @@
+"""The training engine for real: 2 CPU ranks, DeepSpeed ZeRO-3 (gloo), tiny expanded Llama."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from distributed import run_deepspeed
+from model_checks import load_state
+from train_setup import REPO, make_training_inputs, overrides
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adept_ds.data import load_blocks, sample_order
+from adept_ds.expand import read_manifest
+from adept_ds.export import export_checkpoint
+from adept_ds.families import family_of
+from adept_ds.units import adept_units
+
+pytestmark = pytest.mark.dist
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def importance_history(run_dir):
+    return {r["step"]: r for r in map(json.loads, (run_dir / "importance_history.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 6-step ADEPT run (importance every 2 steps, checkpoints every 2), shared by several tests."""
+    root = tmp_path_factory.mktemp("engine")
+    inputs = make_training_inputs(root)
+    run_dir = root / "run"
+    run_deepspeed("train_run.py", root / "logits.pt", *overrides(inputs, run_dir))
+    return inputs, run_dir, root
+
+
+def test_only_the_copies_train_and_export_matches_the_engine(trained):
+    inputs, run_dir, root = trained
+    before, after = load_state(inputs["expanded"]), load_state(run_dir / "final")
+    assert set(before) == set(after)
+    copied = read_manifest(inputs["expanded"])["copied_layers"]
+    copy_prefixes = tuple(f"model.layers.{layer}." for layer in copied)
+    for name, tensor in before.items():
+        if name.startswith(copy_prefixes):
+            continue
+        assert torch.equal(after[name], tensor), f"frozen tensor {name} changed"
+    changed = [name for name in before if name.startswith(copy_prefixes) and not torch.equal(after[name], before[name])]
+    assert len(changed) == len([n for n in before if n.startswith(copy_prefixes)])  # every copied tensor moved
+    assert after["model.layers.2.self_attn.o_proj.weight"].abs().sum() > 0
+
+    recorded = torch.load(root / "logits.pt")
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = exported(input_ids=recorded["batch"]).logits
+    torch.testing.assert_close(logits, recorded["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_zero3_importance_equals_single_process_full_tensor_computation(trained):
+    inputs, run_dir, root = trained
+    history = importance_history(run_dir)
+    assert sorted(history) == [0, 2, 4]
+    assert set(history[0]["scales"].values()) == {1.0}  # zero output projections: all importances equal
+    logged = history[4]["importance"]
+    assert max(logged.values()) > 0
+
+    # The weights in force at step 4, and the same general probe batches the engine drew.
+    step4 = export_checkpoint(run_dir / "checkpoints", "step00000004", inputs["expanded"], root / "step4")
+    model = AutoModelForCausalLM.from_pretrained(step4, dtype=torch.float32)
+    blocks = load_blocks(inputs["general"], AutoTokenizer.from_pretrained(step4), 32, root / "blocks")
+    world, batch_size, batches = 2, 2, 2
+    per_batch = world * batch_size
+    order = sample_order(len(blocks), 0 + 7919, 2 * batches * per_batch, batches * per_batch)
+    abs_grad = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()}
+    for b in range(batches):
+        batch = blocks[order[b * per_batch : (b + 1) * per_batch]]["input_ids"]
+        model.zero_grad()
+        model(input_ids=batch, labels=batch).loss.backward()
+        for name, param in model.named_parameters():
+            abs_grad[name] += param.grad.double().abs() / batches
+    params = dict(model.named_parameters())
+    units = adept_units(model, family_of(model), read_manifest(step4)["copied_layers"])
+    expected = {
+        unit.name: sum((params[n].detach().double().abs() * abs_grad[n]).sum().item() for n in unit.param_names)
+        / sum(params[n].numel() for n in unit.param_names)
+        for unit in units
+    }
+    assert logged.keys() == expected.keys()
+    for name, value in expected.items():
+        assert logged[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_resume_reproduces_the_uninterrupted_losses(trained):
+    inputs, run_dir, root = trained
+    resumed = root / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / "step00000002", resumed / "checkpoints" / "step00000002")
+    (resumed / "checkpoints" / "latest").write_text("step00000002")
+    run_deepspeed("train_run.py", root / "logits_resumed.pt", "--resume", *overrides(inputs, resumed))
+    uninterrupted = {m["step"]: m["loss"] for m in metrics(run_dir)}
+    continued = {m["step"]: m["loss"] for m in metrics(resumed)}
+    assert sorted(continued) == [3, 4, 5, 6]
+    assert [continued[s] for s in range(3, 7)] == [uninterrupted[s] for s in range(3, 7)]
+    assert importance_history(resumed)[4]["importance"] == importance_history(run_dir)[4]["importance"]
+    torch.testing.assert_close(torch.load(root / "logits_resumed.pt")["logits"], torch.load(root / "logits.pt")["logits"], rtol=0, atol=0)
+
+
+def test_group_lrs_follow_the_rule_under_every_scheduler(trained, tmp_path):
+    from deepspeed.runtime import lr_schedules
+
+    inputs, _, _ = trained
+    out = tmp_path / "lr"
+    out.mkdir()
+    args = overrides(inputs, out / "unused", **{"train.save_interval": 0, "train.max_steps": 7, "importance.interval": 3, "scheduler.warmup_steps": 3})
+    run_deepspeed("lr_readback.py", out, *args)
+    report = json.loads((out / "rank0.json").read_text())["report"]
+    for kind, records in report.items():
+        # lr_base(t) from an independent DeepSpeed scheduler of the same kind over a dummy optimizer.
+        dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+        params = dict(warmup_num_steps=3, warmup_type="linear")
+        base = {
+            "WarmupLR": lambda: lr_schedules.WarmupLR(dummy, warmup_min_lr=0.0, warmup_max_lr=0.01, **params),
+            "WarmupDecayLR": lambda: lr_schedules.WarmupDecayLR(dummy, total_num_steps=7, warmup_min_lr=0.0, warmup_max_lr=0.01, **params),
+            "WarmupCosineLR": lambda: lr_schedules.WarmupCosineLR(dummy, total_num_steps=7, warmup_min_ratio=0.0, cos_min_ratio=0.1, **params),
+        }[kind]()
+        non_uniform = 0
+        for record in records:
+            base.step()
+            lr_base = dummy.param_groups[0]["lr"]
+            importance = record["importance"]
+            low, high = min(importance), max(importance)
+            for lr, value in zip(record["group_lrs"], importance):
+                scale = 1.0 if high == low else 2 * (1 - (value - low) / (high - low))
+                assert lr == pytest.approx(scale * lr_base, rel=1e-9, abs=1e-15), (kind, record["step"])
+            non_uniform += high > low
+        assert non_uniform >= 2, kind  # the rule was exercised with real, unequal importances
+        assert len(set(records[-1]["group_names"])) == len(records[-1]["group_lrs"])  # one named group per unit
+        assert min(records[-1]["group_lrs"]) == 0.0  # the most important unit is frozen by the linear rule
+
+
+def test_importance_pass_leaves_no_gradient_behind(trained, tmp_path):
+    """With uniform LRs, recomputing importance every step must not change training at all."""
+    inputs, _, _ = trained
+    runs = {}
+    for name, interval in (("with", 1), ("without", 0)):
+        run_dir = tmp_path / name
+        run_deepspeed("train_run.py", tmp_path / f"{name}.pt", *overrides(
+            inputs, run_dir, **{"importance.mapping": "uniform", "importance.interval": interval, "train.max_steps": 4, "train.save_interval": 0}
+        ))
+        runs[name] = [m["loss"] for m in metrics(run_dir)]
+    assert len(importance_history(tmp_path / "with")) == 4
+    assert runs["with"] == runs["without"]
+
+
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero1.json", "zero3_offload.json"])
+def test_other_zero_stages_train_and_measure_the_same_importance(trained, tmp_path, ds_config):
+    inputs, run_dir, _ = trained
+    out = tmp_path / "run"
+    run_deepspeed("train_run.py", tmp_path / "logits.pt", *overrides(
+        inputs, out, **{"deepspeed": REPO / "ds_configs" / ds_config, "train.max_steps": 4, "train.save_interval": 0}
+    ))
+    zero3 = importance_history(run_dir)[4 - 2]["importance"]
+    assert importance_history(out)[2]["importance"] == pytest.approx(zero3, rel=1e-5)
+    assert [m["loss"] for m in metrics(out)] == pytest.approx([m["loss"] for m in metrics(run_dir)][:4], rel=1e-5)
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 6

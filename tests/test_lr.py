@@ -1,0 +1,54 @@
+import pytest
+import torch
+from deepspeed.runtime import lr_schedules
+
+from adept_ds.lr import ConstantLR, ScaledScheduler, build_base_scheduler, lr_scales
+
+
+def test_linear_rule_is_the_papers():
+    assert lr_scales([0.0, 1.0, 3.0]) == pytest.approx([2.0, 4 / 3, 0.0])
+
+
+def test_equal_importance_gives_uniform_scales():
+    assert lr_scales([0.0] * 5) == [1.0] * 5
+    assert lr_scales([0.3, 0.3]) == [1.0, 1.0]
+
+
+def test_power_mapping_keeps_the_endpoints_and_bends_between():
+    scales = lr_scales([0.0, 0.5, 1.0], mapping="power", power=2.0)
+    assert scales == pytest.approx([2.0, 0.5, 0.0])
+    assert lr_scales([0.0, 0.5, 1.0], mapping="power", power=1.0) == pytest.approx(lr_scales([0.0, 0.5, 1.0]))
+
+
+def test_uniform_mapping_and_non_finite_importance():
+    assert lr_scales([1.0, 5.0], mapping="uniform") == [1.0, 1.0]
+    with pytest.raises(ValueError, match="must be finite"):
+        lr_scales([1.0, float("nan")])
+
+
+def groups(num):
+    return torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1} for _ in range(num)], lr=0.1)
+
+
+@pytest.mark.parametrize("kind", ["WarmupLR", "WarmupCosineLR", "WarmupDecayLR", "constant"])
+def test_scales_survive_every_scheduler_step(kind):
+    optimizer, reference = groups(3), groups(1)
+    scaled = ScaledScheduler(build_base_scheduler(optimizer, kind, 0.1, 4, 12, 0.1, "linear"), 3)
+    base = build_base_scheduler(reference, kind, 0.1, 4, 12, 0.1, "linear")
+    scaled.set_scales([2.0, 0.5, 0.0])
+    for _ in range(12):
+        scaled.step()
+        base.step()
+        lr = reference.param_groups[0]["lr"]
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2.0 * lr, 0.5 * lr, 0.0])
+        assert scaled.base_lr() == pytest.approx(lr)
+    state = scaled.state_dict()
+    fresh = ScaledScheduler(build_base_scheduler(groups(3), kind, 0.1, 4, 12, 0.1, "linear"), 3)
+    fresh.load_state_dict(state)
+    assert fresh.scales == [2.0, 0.5, 0.0]
+    assert fresh.get_lr() == pytest.approx([g["lr"] for g in optimizer.param_groups])
+
+
+def test_constant_scheduler_and_deepspeed_types():
+    assert isinstance(build_base_scheduler(groups(1), "constant", 0.1, 1, 1, 0, "linear"), ConstantLR)
+    assert isinstance(build_base_scheduler(groups(1), "WarmupLR", 0.1, 2, 5, 0, "linear"), lr_schedules.WarmupLR)
