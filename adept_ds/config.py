@@ -61,7 +61,9 @@ class TrainConfig:
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_interval"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"train.{name}={value!r}: need an int >= 1")
-        _check(isinstance(self.save_interval, int) and self.save_interval >= 0, f"train.save_interval={self.save_interval!r}: need an int >= 0")
+        _check(
+            isinstance(self.save_interval, int) and self.save_interval >= 0, f"train.save_interval={self.save_interval!r}: need an int >= 0"
+        )
         _check(self.gradient_clipping >= 0, f"train.gradient_clipping={self.gradient_clipping!r}: need >= 0 (0 disables)")
 
 
@@ -75,7 +77,10 @@ class OptimizerConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        _check(isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr), f"optimizer.lr={self.lr!r}: need a positive number")
+        _check(
+            isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr),
+            f"optimizer.lr={self.lr!r}: need a positive number",
+        )
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optimizer.betas={self.betas!r}: need two numbers in [0, 1)")
         _check(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay!r}: need >= 0")
 
@@ -91,7 +96,9 @@ class SchedulerConfig:
 
     def __post_init__(self):
         _check(self.type in SCHEDULERS, f"scheduler.type={self.type!r}: choose one of {', '.join(SCHEDULERS)}")
-        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 1, f"scheduler.warmup_steps={self.warmup_steps!r}: need an int >= 1")
+        _check(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 1, f"scheduler.warmup_steps={self.warmup_steps!r}: need an int >= 1"
+        )
         _check(0 <= self.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={self.min_lr_ratio!r}: need a number in [0, 1]")
         _check(self.warmup_type in ("linear", "log"), f"scheduler.warmup_type={self.warmup_type!r}: choose linear or log")
 
@@ -141,7 +148,10 @@ class RunConfig:
         _check(Path(self.deepspeed).is_file(), f"deepspeed={self.deepspeed!r}: no such DeepSpeed config file")
         _check(bool(self.data.domain) and Path(self.data.domain).exists(), f"data.domain={self.data.domain!r} does not exist")
         if self.method == "adept" and self.importance.interval > 0:
-            _check(bool(self.data.general) and Path(self.data.general).exists(), f"data.general={self.data.general!r} does not exist (needed for unit importance)")
+            _check(
+                bool(self.data.general) and Path(self.data.general).exists(),
+                f"data.general={self.data.general!r} does not exist (needed for unit importance)",
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,8 +168,13 @@ def _build(cls, values: dict, prefix: str = ""):
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
             raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
         kind = fields[key].type
-        sub = {"DataConfig": DataConfig, "TrainConfig": TrainConfig, "OptimizerConfig": OptimizerConfig,
-               "SchedulerConfig": SchedulerConfig, "ImportanceConfig": ImportanceConfig}.get(kind)
+        sub = {
+            "DataConfig": DataConfig,
+            "TrainConfig": TrainConfig,
+            "OptimizerConfig": OptimizerConfig,
+            "SchedulerConfig": SchedulerConfig,
+            "ImportanceConfig": ImportanceConfig,
+        }.get(kind)
         if sub is not None:
             kwargs[key] = _build(sub, value, f"{prefix}{key}.")
         else:

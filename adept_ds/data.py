@@ -57,9 +57,7 @@ def read_corpus(path: str | Path, text_field: str = "text") -> Dataset:
         except Exception as err:  # pyarrow/json errors deep inside datasets: name the corpus and the cause
             raise ValueError(f"cannot read corpus {path} as {builder}: {err}") from err
     if text_field not in dataset.column_names:
-        raise ValueError(
-            f"corpus {path} has no text field '{text_field}' (fields: {dataset.column_names}); set the text field name"
-        )
+        raise ValueError(f"corpus {path} has no text field '{text_field}' (fields: {dataset.column_names}); set the text field name")
     if len(dataset) == 0:
         raise ValueError(f"corpus {path} is empty")
     dataset = dataset.select_columns([text_field])

@@ -25,25 +25,40 @@ def _problem(rng: random.Random) -> tuple[str, str, int]:
     kind = rng.randrange(6)
     a, b, c = rng.randint(2, 60), rng.randint(2, 40), rng.randint(2, 12)
     if kind == 0:
-        return (f"{name} has {a} {item}. {other} gives {name} {b} more. How many {item} does {name} have now?",
-                f"{a} + {b} = {a + b}.", a + b)
+        return (
+            f"{name} has {a} {item}. {other} gives {name} {b} more. How many {item} does {name} have now?",
+            f"{a} + {b} = {a + b}.",
+            a + b,
+        )
     if kind == 1:
         a = a + b
-        return (f"{name} had {a} {item} and gave {b} of them to {other}. How many {item} does {name} have left?",
-                f"{a} - {b} = {a - b}.", a - b)
+        return (
+            f"{name} had {a} {item} and gave {b} of them to {other}. How many {item} does {name} have left?",
+            f"{a} - {b} = {a - b}.",
+            a - b,
+        )
     if kind == 2:
-        return (f"{name} buys {c} boxes with {b} {item} in each box. How many {item} does {name} buy?",
-                f"{c} * {b} = {c * b}.", c * b)
+        return (f"{name} buys {c} boxes with {b} {item} in each box. How many {item} does {name} buy?", f"{c} * {b} = {c * b}.", c * b)
     if kind == 3:
         total = b * c
-        return (f"{name} shares {total} {item} equally among {c} friends. How many {item} does each friend get?",
-                f"{total} / {c} = {b}.", b)
+        return (
+            f"{name} shares {total} {item} equally among {c} friends. How many {item} does each friend get?",
+            f"{total} / {c} = {b}.",
+            b,
+        )
     if kind == 4:
-        return (f"{name} has {a} {item}, buys {c} packs of {b} more, and then gives away {a // 2}. How many {item} are left?",
-                f"{a} + {c} * {b} - {a // 2} = {a + c * b - a // 2}.", a + c * b - a // 2)
+        return (
+            f"{name} has {a} {item}, buys {c} packs of {b} more, and then gives away {a // 2}. How many {item} are left?",
+            f"{a} + {c} * {b} - {a // 2} = {a + c * b - a // 2}.",
+            a + c * b - a // 2,
+        )
     price = rng.randint(2, 9)
-    return (f"One of {other}'s {item} costs {price} dollars. {name} buys {c} of them and pays with {price * c + b} dollars. "
-            f"How much change does {name} get?", f"{price * c + b} - {c} * {price} = {b}.", b)
+    return (
+        f"One of {other}'s {item} costs {price} dollars. {name} buys {c} of them and pays with {price * c + b} dollars. "
+        f"How much change does {name} get?",
+        f"{price * c + b} - {c} * {price} = {b}.",
+        b,
+    )
 
 
 def generate(num_train: int = 4000, num_test: int = 200, seed: int = 0) -> tuple[list[dict], list[dict]]:

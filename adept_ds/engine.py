@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -75,10 +74,10 @@ def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu:
     if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size:
         raise ValueError(
             f"{path}: train_batch_size={ds['train_batch_size']} != micro batch {ds['train_micro_batch_size_per_gpu']} x "
-            f"accumulation {ds['gradient_accumulation_steps']} x world size {world_size}; set them to \"auto\""
+            f'accumulation {ds["gradient_accumulation_steps"]} x world size {world_size}; set them to "auto"'
         )
     if not gpu and ds.get("bf16", {}).get("enabled"):
-        raise ValueError(f"{path}: bf16 is enabled but this run is on CPU; use \"auto\" (fp32 on CPU, bf16 on GPU)")
+        raise ValueError(f'{path}: bf16 is enabled but this run is on CPU; use "auto" (fp32 on CPU, bf16 on GPU)')
     ds.setdefault("steps_per_print", 1 << 30)
     return ds
 
@@ -299,7 +298,10 @@ class Trainer:
         losses = []
         tokens_per_step = self.global_batch * cfg.data.block_size
         progress = tqdm(
-            total=cfg.train.max_steps, initial=self.state.step, desc="train", unit="step",
+            total=cfg.train.max_steps,
+            initial=self.state.step,
+            desc="train",
+            unit="step",
             disable=not self.show_progress or self.rank != 0,
         )
         while self.state.step < cfg.train.max_steps:
@@ -384,5 +386,7 @@ def run_training(config: RunConfig, resume: bool = False, show_progress: bool = 
         trainer.close()
     summary = {"losses": losses, "checkpoint": str(Path(config.output_dir) / CHECKPOINT_DIR / tag)}
     if config.train.export and rank == 0:
-        summary["export"] = str(export_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, tag, config.model, Path(config.output_dir) / "final"))
+        summary["export"] = str(
+            export_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, tag, config.model, Path(config.output_dir) / "final")
+        )
     return summary

@@ -118,10 +118,7 @@ def build_manifest(checkpoint: Checkpoint, family: Family, plan: ExpansionPlan) 
         "expanded_layers": list(plan.expanded_layers),
         "copied_layers": [index for index, (_, copy) in enumerate(plan.layer_sources()) if copy],
         "zero_initialized": list(family.residual_outputs),
-        "layers": [
-            {"index": index, "source": source, "trainable_copy": copy}
-            for index, (source, copy) in enumerate(plan.layer_sources())
-        ],
+        "layers": [{"index": index, "source": source, "trainable_copy": copy} for index, (source, copy) in enumerate(plan.layer_sources())],
     }
 
 
@@ -164,9 +161,7 @@ def expand_checkpoint(
     """
     checkpoint = open_checkpoint(model_dir)
     if (checkpoint.path / MANIFEST_NAME).exists():
-        raise ValueError(
-            f"{checkpoint.path} is already an expanded model ({MANIFEST_NAME} present); expand the original model instead"
-        )
+        raise ValueError(f"{checkpoint.path} is already an expanded model ({MANIFEST_NAME} present); expand the original model instead")
     if Path(output_dir).absolute() == checkpoint.path.absolute():
         raise ValueError(f"output directory {output_dir} is the input model directory; choose another")
     check_output_dir(output_dir, overwrite)

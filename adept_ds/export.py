@@ -19,7 +19,9 @@ from adept_ds.outputs import atomic_output_dir, check_output_dir
 _SKIP = {CONFIG_NAME, INDEX_NAME}
 
 
-def export_checkpoint(checkpoint_dir: str | Path, tag: str | None, base_model: str | Path, output: str | Path, overwrite: bool = True) -> Path:
+def export_checkpoint(
+    checkpoint_dir: str | Path, tag: str | None, base_model: str | Path, output: str | Path, overwrite: bool = True
+) -> Path:
     """Write `output` as an HF checkpoint: `base_model` with the trained tensors of checkpoint `tag`."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -50,5 +52,9 @@ def export_checkpoint(checkpoint_dir: str | Path, tag: str | None, base_model: s
         for item in base_model.iterdir():  # tokenizer, generation config, expansion manifest
             if item.is_file() and item.name not in _SKIP and item.suffix != ".safetensors" and not (staging / item.name).exists():
                 shutil.copy2(item, staging / item.name)
-        (staging / "adept_export.json").write_text(json.dumps({"checkpoint": str(checkpoint_dir / tag), "base_model": str(base_model), "trained_tensors": sorted(trained)}, indent=2))
+        (staging / "adept_export.json").write_text(
+            json.dumps(
+                {"checkpoint": str(checkpoint_dir / tag), "base_model": str(base_model), "trained_tensors": sorted(trained)}, indent=2
+            )
+        )
     return Path(output)

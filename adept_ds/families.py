@@ -97,7 +97,6 @@ def get_family(model_type: str | None) -> Family:
     """The adapter for a `model_type`; a clear error for any family we do not support."""
     if model_type not in FAMILIES:
         raise ValueError(
-            f"unsupported model family '{model_type}' (config.json 'model_type'); "
-            f"adept_ds supports: {', '.join(sorted(FAMILIES))}"
+            f"unsupported model family '{model_type}' (config.json 'model_type'); adept_ds supports: {', '.join(sorted(FAMILIES))}"
         )
     return FAMILIES[model_type]

@@ -65,12 +65,21 @@ def build_base_scheduler(optimizer, kind: str, lr: float, warmup_steps: int, tot
         return lr_schedules.WarmupLR(optimizer, warmup_min_lr=0.0, warmup_max_lr=lr, warmup_num_steps=warmup_steps, warmup_type=warmup_type)
     if kind == "WarmupDecayLR":
         return lr_schedules.WarmupDecayLR(
-            optimizer, total_num_steps=total_steps, warmup_min_lr=0.0, warmup_max_lr=lr, warmup_num_steps=warmup_steps, warmup_type=warmup_type
+            optimizer,
+            total_num_steps=total_steps,
+            warmup_min_lr=0.0,
+            warmup_max_lr=lr,
+            warmup_num_steps=warmup_steps,
+            warmup_type=warmup_type,
         )
     if kind == "WarmupCosineLR":
         return lr_schedules.WarmupCosineLR(
-            optimizer, total_num_steps=total_steps, warmup_min_ratio=0.0, warmup_num_steps=warmup_steps,
-            cos_min_ratio=min_lr_ratio, warmup_type=warmup_type,
+            optimizer,
+            total_num_steps=total_steps,
+            warmup_min_ratio=0.0,
+            warmup_num_steps=warmup_steps,
+            cos_min_ratio=min_lr_ratio,
+            warmup_type=warmup_type,
         )
     raise ValueError(f"unknown scheduler {kind!r}")
 
@@ -122,4 +131,3 @@ class ScaledScheduler:
         self.scales = list(state["scales"])
         self.base_lrs = list(state["base_lrs"])
         self._apply()
-

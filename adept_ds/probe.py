@@ -47,11 +47,7 @@ def read_probe_result(path: str | Path) -> dict:
         found = result.get("format") if isinstance(result, dict) else type(result).__name__
         raise ValueError(f"{path} is not an adept_ds probe result (format {found!r}, expected {PROBE_FORMAT!r})")
     scores = result.get("scores")
-    if (
-        not isinstance(scores, list)
-        or not scores
-        or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores)
-    ):
+    if not isinstance(scores, list) or not scores or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores):
         raise ValueError(f"probe result {path}: 'scores' must be a non-empty list of finite numbers")
     if result.get("num_layers", len(scores)) != len(scores):
         raise ValueError(f"probe result {path}: num_layers={result['num_layers']} but {len(scores)} scores")
@@ -192,6 +188,7 @@ def bypass_layer(family: Family, model: nn.Module, index: int) -> Iterator[None]
 
 def naive_mask_loss_sums(family: Family, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The same numbers as `mask_loss_sums` the naive way: one full forward per bypassed layer."""
+
     def full_forward_loss():
         return loss_sum(model(input_ids=input_ids, use_cache=False).logits[:, :-1], input_ids[:, 1:])
 

@@ -28,9 +28,11 @@ def adept_units(model: nn.Module, family: Family, copied_layers: list[int]) -> l
         prefix = family.layer_prefix(layer)
         in_layer = [name for name in names if name.startswith(prefix)]
         if not in_layer:
-            raise ValueError(f"copied layer {layer} from the manifest does not exist in the model ({len(family.decoder_layers(model))} layers)")
+            raise ValueError(
+                f"copied layer {layer} from the manifest does not exist in the model ({len(family.decoder_layers(model))} layers)"
+            )
         for unit in family.units:
-            members = tuple(name for name in in_layer if family.unit_of(name[len(prefix):]) == unit)
+            members = tuple(name for name in in_layer if family.unit_of(name[len(prefix) :]) == unit)
             if not members:
                 raise ValueError(f"unit {unit} of layer {layer} has no parameters")
             units.append(Unit(name=f"layer{layer}.{unit}", param_names=members))

@@ -61,20 +61,24 @@ def main() -> None:
         for name, source in variants.items():
             shards = [f.stat().st_size for f in source.glob("*.safetensors")]
             memory = measure(source, work / f"out-{len(rows)}", args.layers)
-            rows.append({
-                "checkpoint": name,
-                "model_mb": sum(shards) / 2**20,
-                "largest_shard_mb": max(shards) / 2**20,
-                "baseline_rss_mb": memory["baseline_kb"] / 1024,
-                "peak_rss_mb": memory["peak_kb"] / 1024,
-                "growth_mb": (memory["peak_kb"] - memory["baseline_kb"]) / 1024,
-            })
+            rows.append(
+                {
+                    "checkpoint": name,
+                    "model_mb": sum(shards) / 2**20,
+                    "largest_shard_mb": max(shards) / 2**20,
+                    "baseline_rss_mb": memory["baseline_kb"] / 1024,
+                    "peak_rss_mb": memory["peak_kb"] / 1024,
+                    "growth_mb": (memory["peak_kb"] - memory["baseline_kb"]) / 1024,
+                }
+            )
     print(f"expand demo model (SmolLM2-135M, bf16), layers {args.layers}")
     print("| checkpoint | model MB | largest shard MB | baseline RSS MB | peak RSS MB | growth MB |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['checkpoint']} | {row['model_mb']:.0f} | {row['largest_shard_mb']:.0f} | {row['baseline_rss_mb']:.0f} "
-              f"| {row['peak_rss_mb']:.0f} | {row['growth_mb']:.0f} |")
+        print(
+            f"| {row['checkpoint']} | {row['model_mb']:.0f} | {row['largest_shard_mb']:.0f} | {row['baseline_rss_mb']:.0f} "
+            f"| {row['peak_rss_mb']:.0f} | {row['growth_mb']:.0f} |"
+        )
     print(json.dumps(rows))
 
 

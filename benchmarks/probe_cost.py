@@ -34,8 +34,13 @@ def random_llama_30l():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=1024, intermediate_size=2816, num_hidden_layers=30, num_attention_heads=16,
-        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=30,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=4096,
     )
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -109,8 +114,10 @@ def main() -> None:
     print("| model | layers | head (in layers) | naive s | reuse s | reuse / naive | FLOP-model floor | max |mean-loss diff| |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['model']} | {row['layers']} | {row['head_in_layers']} | {row['naive_s']} | {row['reuse_s']} "
-              f"| {row['ratio']} | {row['floor']} | {row['max_mean_loss_diff']:.1e} |")
+        print(
+            f"| {row['model']} | {row['layers']} | {row['head_in_layers']} | {row['naive_s']} | {row['reuse_s']} "
+            f"| {row['ratio']} | {row['floor']} | {row['max_mean_loss_diff']:.1e} |"
+        )
     print(json.dumps({"device": device_name, "rows": rows}))
 
 

@@ -14,9 +14,7 @@ _WORDS = (
 
 def sentences(count: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [
-        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 40))).capitalize() + "." for _ in range(count)
-    ]
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 40))).capitalize() + "." for _ in range(count)]
 
 
 def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:

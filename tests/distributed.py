@@ -49,7 +49,7 @@ def run_command(command: list[str], timeout: float, env: dict[str, str] | None =
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(command)}\n{stdout[-3000:]}\n{stderr[-3000:]}")
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(command)}\n{stdout[-3000:]}\n{stderr[-3000:]}") from None
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(
@@ -64,7 +64,16 @@ def run_deepspeed(script: str | Path, *args: str, num_procs: int = 2, timeout: f
     if not script.is_absolute():
         script = SCRIPTS_DIR / script
     launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--no_local_rank", "--num_gpus", str(num_procs), "--master_port", str(free_port()), str(script), *map(str, args)]
+    command = [
+        str(launcher),
+        "--no_local_rank",
+        "--num_gpus",
+        str(num_procs),
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *map(str, args),
+    ]
     return run_command(command, timeout, cpu_env(**env), check=check)
 
 

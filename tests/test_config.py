@@ -53,8 +53,14 @@ def write(tmp_path, data):
 
 def test_auto_values_are_filled_from_the_run_config(tmp_path):
     config = load_run_config(None, ["train.micro_batch_size=3", "train.gradient_accumulation_steps=2", "train.gradient_clipping=0.5"])
-    auto = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-            "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 3}}
+    auto = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 3},
+    }
     resolved = resolve_ds_config(write(tmp_path, auto), config, world_size=4, gpu=False)
     assert resolved["train_batch_size"] == 24 and resolved["train_micro_batch_size_per_gpu"] == 3
     assert resolved["gradient_accumulation_steps"] == 2 and resolved["gradient_clipping"] == 0.5

@@ -21,7 +21,7 @@ def test_demo_model_is_a_plain_working_llama(demo_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     inputs = tokenizer("The capital of France is", return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert "Paris" in tokenizer.decode(output[0][inputs["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(output[0][inputs["input_ids"].shape[1] :])
 
 
 def test_demo_model_is_built_once(demo_model_dir):

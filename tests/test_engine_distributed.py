@@ -113,7 +113,9 @@ def test_group_lrs_follow_the_rule_under_every_scheduler(trained, tmp_path):
     inputs, _, _ = trained
     out = tmp_path / "lr"
     out.mkdir()
-    args = overrides(inputs, out / "unused", **{"train.save_interval": 0, "train.max_steps": 7, "importance.interval": 3, "scheduler.warmup_steps": 3})
+    args = overrides(
+        inputs, out / "unused", **{"train.save_interval": 0, "train.max_steps": 7, "importance.interval": 3, "scheduler.warmup_steps": 3}
+    )
     run_deepspeed("lr_readback.py", out, *args)
     report = json.loads((out / "rank0.json").read_text())["report"]
     for kind, records in report.items():
@@ -123,7 +125,9 @@ def test_group_lrs_follow_the_rule_under_every_scheduler(trained, tmp_path):
         base = {
             "WarmupLR": lambda: lr_schedules.WarmupLR(dummy, warmup_min_lr=0.0, warmup_max_lr=0.01, **params),
             "WarmupDecayLR": lambda: lr_schedules.WarmupDecayLR(dummy, total_num_steps=7, warmup_min_lr=0.0, warmup_max_lr=0.01, **params),
-            "WarmupCosineLR": lambda: lr_schedules.WarmupCosineLR(dummy, total_num_steps=7, warmup_min_ratio=0.0, cos_min_ratio=0.1, **params),
+            "WarmupCosineLR": lambda: lr_schedules.WarmupCosineLR(
+                dummy, total_num_steps=7, warmup_min_ratio=0.0, cos_min_ratio=0.1, **params
+            ),
         }[kind]()
         non_uniform = 0
         for record in records:
@@ -146,9 +150,15 @@ def test_importance_pass_leaves_no_gradient_behind(trained, tmp_path):
     runs = {}
     for name, interval in (("with", 1), ("without", 0)):
         run_dir = tmp_path / name
-        run_deepspeed("train_run.py", tmp_path / f"{name}.pt", *overrides(
-            inputs, run_dir, **{"importance.mapping": "uniform", "importance.interval": interval, "train.max_steps": 4, "train.save_interval": 0}
-        ))
+        run_deepspeed(
+            "train_run.py",
+            tmp_path / f"{name}.pt",
+            *overrides(
+                inputs,
+                run_dir,
+                **{"importance.mapping": "uniform", "importance.interval": interval, "train.max_steps": 4, "train.save_interval": 0},
+            ),
+        )
         runs[name] = [m["loss"] for m in metrics(run_dir)]
     assert len(importance_history(tmp_path / "with")) == 4
     assert runs["with"] == runs["without"]
@@ -158,10 +168,30 @@ def test_importance_pass_leaves_no_gradient_behind(trained, tmp_path):
 def test_other_zero_stages_train_and_measure_the_same_importance(trained, tmp_path, ds_config):
     inputs, run_dir, _ = trained
     out = tmp_path / "run"
-    run_deepspeed("train_run.py", tmp_path / "logits.pt", *overrides(
-        inputs, out, **{"deepspeed": REPO / "ds_configs" / ds_config, "train.max_steps": 4, "train.save_interval": 0}
-    ))
+    run_deepspeed(
+        "train_run.py",
+        tmp_path / "logits.pt",
+        *overrides(inputs, out, **{"deepspeed": REPO / "ds_configs" / ds_config, "train.max_steps": 4, "train.save_interval": 0}),
+    )
     zero3 = importance_history(run_dir)[4 - 2]["importance"]
     assert importance_history(out)[2]["importance"] == pytest.approx(zero3, rel=1e-5)
     assert [m["loss"] for m in metrics(out)] == pytest.approx([m["loss"] for m in metrics(run_dir)][:4], rel=1e-5)
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 6
+
+
+def test_export_command_writes_a_loadable_checkpoint_of_any_tag(trained, tmp_path, capsys):
+    from adept_ds.cli import main as cli_main
+
+    inputs, run_dir, _ = trained
+    output = tmp_path / "step4"
+    assert cli_main(["export", "--run", str(run_dir), "--tag", "step00000004", "--output", str(output)]) == 0
+    assert "exported" in capsys.readouterr().out
+    step4, final = load_state(output), load_state(run_dir / "final")
+    assert set(step4) == set(final)
+    assert not torch.equal(step4["model.layers.2.mlp.down_proj.weight"], final["model.layers.2.mlp.down_proj.weight"])
+    assert AutoModelForCausalLM.from_pretrained(output).config.num_hidden_layers == 6
+    assert cli_main(["export", "--run", str(run_dir), "--output", str(output)]) == 2  # exists, no --overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert cli_main(["export", "--run", str(run_dir), "--tag", "step00000099", "--output", str(tmp_path / "x")]) == 2
+    assert "step00000099 does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -30,7 +30,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("family,tie,shard", CASES, ids=[f"{f}-{'tied' if t else 'untied'}-{'sharded' if s else 'single'}" for f, t, s in CASES])
+@pytest.mark.parametrize(
+    "family,tie,shard", CASES, ids=[f"{f}-{'tied' if t else 'untied'}-{'sharded' if s else 'single'}" for f, t, s in CASES]
+)
 def test_expansion_preserves_function_and_copies_layers(tmp_path, family, tie, shard):
     original = make_tiny_model(tmp_path / "orig", family, num_layers=5, tie=tie, max_shard_size=shard)
     output = tmp_path / "expanded"
@@ -45,7 +47,13 @@ def test_expansion_preserves_function_and_copies_layers(tmp_path, family, tie, s
     assert manifest["expanded_layers"] == [0, 3]
     assert manifest["copied_layers"] == [1, 5]
     assert [(e["source"], e["trainable_copy"]) for e in manifest["layers"]] == [
-        (0, False), (0, True), (1, False), (2, False), (3, False), (3, True), (4, False)
+        (0, False),
+        (0, True),
+        (1, False),
+        (2, False),
+        (3, False),
+        (3, True),
+        (4, False),
     ]
     assert manifest["family"] == family
     assert manifest["source_fingerprint"] == fingerprint_checkpoint(open_checkpoint(original))
@@ -63,7 +71,7 @@ def test_expansion_preserves_function_and_copies_layers(tmp_path, family, tie, s
         if not name.startswith(prefix):
             assert torch.equal(after[name], tensor)
             continue
-        layer, local = name[len(prefix):].split(".", 1)
+        layer, local = name[len(prefix) :].split(".", 1)
         entry_new = {e["source"]: e["index"] for e in manifest["layers"] if not e["trainable_copy"]}
         assert torch.equal(after[f"{prefix}{entry_new[int(layer)]}.{local}"], tensor)
         if int(layer) in layers:
@@ -244,8 +252,9 @@ def test_failure_mid_write_leaves_nothing_and_keeps_old_output(tmp_path, monkeyp
 
 
 def write_probe(path: Path, scores, fingerprint, fmt=PROBE_FORMAT):
-    path.write_text(json.dumps({"format": fmt, "method": "mask", "num_layers": len(scores), "scores": scores,
-                                "model_fingerprint": fingerprint}))
+    path.write_text(
+        json.dumps({"format": fmt, "method": "mask", "num_layers": len(scores), "scores": scores, "model_fingerprint": fingerprint})
+    )
     return path
 
 

@@ -148,7 +148,10 @@ def test_cli_probe_end_to_end_and_expand_consumes_it(tmp_path, corpus, model_dir
     with Image.open(output.with_suffix(".png")) as chart:
         assert chart.size[0] > 100 and chart.size[1] > 100
     # Deterministic: a second run (from the Arrow cache) gives the same scores.
-    assert cli_main(["probe", *map(str, args[:-4]), "--output", str(tmp_path / "again.json"), "--max-tokens", "2048", "--block-size", "64"]) == 0
+    assert (
+        cli_main(["probe", *map(str, args[:-4]), "--output", str(tmp_path / "again.json"), "--max-tokens", "2048", "--block-size", "64"])
+        == 0
+    )
     assert read_probe_result(tmp_path / "again.json")["scores"] == result["scores"]
 
     expanded = tmp_path / "expanded"
@@ -160,7 +163,9 @@ def test_probe_methods_write_results(tmp_path, corpus, model_dir, monkeypatch):
     monkeypatch.setenv("ADEPT_DS_CACHE", str(tmp_path / "cache"))
     before = load_state(model_dir)
     for method in ("grad", "fisher"):
-        result = probe_model(model_dir, corpus, tmp_path / f"{method}.json", method=method, max_tokens=1024, block_size=64, show_progress=False)
+        result = probe_model(
+            model_dir, corpus, tmp_path / f"{method}.json", method=method, max_tokens=1024, block_size=64, show_progress=False
+        )
         assert all(score > 0 for score in result["scores"])
         assert json.loads((tmp_path / f"{method}.json").read_text())["method"] == method
     assert all(torch.equal(before[k], v) for k, v in load_state(model_dir).items())

@@ -72,4 +72,3 @@ def make_tiny_model(
     build_byte_tokenizer().save_pretrained(directory)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(directory)
     return Path(directory)
-

@@ -18,12 +18,14 @@ for kind in ("WarmupLR", "WarmupCosineLR", "WarmupDecayLR"):
         if trainer.state.step % config.importance.interval == 0:
             trainer.update_learning_rates()
         trainer.train_step()
-        records.append({
-            "step": trainer.state.step,
-            "group_lrs": [group["lr"] for group in trainer.optimizer.param_groups],
-            "group_names": [group["name"] for group in trainer.optimizer.param_groups],
-            "importance": trainer.state.importance,
-        })
+        records.append(
+            {
+                "step": trainer.state.step,
+                "group_lrs": [group["lr"] for group in trainer.optimizer.param_groups],
+                "group_names": [group["name"] for group in trainer.optimizer.param_groups],
+                "importance": trainer.state.importance,
+            }
+        )
     report[kind] = records
     rank = trainer.rank
     trainer.close(shutdown=kind == "WarmupDecayLR")
