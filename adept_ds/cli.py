@@ -33,14 +33,17 @@ def cmd_fetch_demo_model(args: argparse.Namespace) -> None:
 
 def cmd_expand(args: argparse.Namespace) -> None:
     from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
-    from adept_ds.expand import expand_checkpoint
+    from adept_ds.expand import expand_checkpoint, uniform_layers
     from adept_ds.probe import layers_from_probe
 
     model = _model_dir(args.model)
-    if args.probe:
+    if args.probe or args.uniform:
         checkpoint = open_checkpoint(model)
         num_layers = checkpoint.config.get("num_hidden_layers")
-        layers = layers_from_probe(args.probe, args.k, fingerprint_checkpoint(checkpoint), num_layers)
+        if args.uniform:
+            layers = uniform_layers(num_layers, args.k)
+        else:
+            layers = layers_from_probe(args.probe, args.k, fingerprint_checkpoint(checkpoint), num_layers)
     else:
         layers = args.layers
     manifest = expand_checkpoint(model, args.output, layers, overwrite=args.overwrite)
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     choice = expand.add_mutually_exclusive_group(required=True)
     choice.add_argument("--layers", type=_parse_layers, help="original 0-based layer indices, e.g. 3,7,11")
     choice.add_argument("--probe", help="probe result file from `adept-ds probe`; use with --k")
+    choice.add_argument("--uniform", action="store_true", help="LLaMA-Pro placement: a copy after every L/k-th layer; use with --k")
     expand.add_argument("--k", type=int, help="how many of the probe's least important layers to expand")
     expand.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     expand.set_defaults(func=cmd_expand)
@@ -145,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "expand":
-        if args.probe and args.k is None:
-            parser.error("--probe needs --k (how many of the least important layers to expand)")
+        if (args.probe or args.uniform) and args.k is None:
+            parser.error("--probe and --uniform need --k (how many layers to expand)")
         if args.layers is not None and args.k is not None:
-            parser.error("--k goes with --probe; with --layers the layers are given explicitly")
+            parser.error("--k goes with --probe or --uniform; with --layers the layers are given explicitly")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

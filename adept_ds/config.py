@@ -15,7 +15,26 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("adept", "pt_full")
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a training method trains and how (the paper's ADEPT and its comparison points)."""
+
+    expanded: bool
+    """The model must be an expanded checkpoint (with `adept_expansion.json`)."""
+    trains: str
+    """copies: the manifest's copied layers; probe_layers: the k least important original layers; all."""
+    adaptive_lr: bool
+    """Unit-wise importance-adaptive LR (else one uniform LR)."""
+
+
+METHOD_SPECS = {
+    "adept": MethodSpec(expanded=True, trains="copies", adaptive_lr=True),
+    "pt_full": MethodSpec(expanded=False, trains="all", adaptive_lr=False),
+    "llama_pro": MethodSpec(expanded=True, trains="copies", adaptive_lr=False),
+    "adept_no_stage1": MethodSpec(expanded=False, trains="probe_layers", adaptive_lr=True),
+    "adept_no_stage2": MethodSpec(expanded=True, trains="copies", adaptive_lr=False),
+}
+METHODS = tuple(METHOD_SPECS)
 SCHEDULERS = ("WarmupCosineLR", "WarmupLR", "WarmupDecayLR", "constant")
 LR_MAPPINGS = ("linear", "power", "uniform")
 
@@ -126,9 +145,16 @@ class ImportanceConfig:
 @dataclass(kw_only=True)
 class RunConfig:
     model: str = ""
-    """Expanded model from `adept-ds expand` (method adept), or the original model (pt_full)."""
+    """Expanded model from `adept-ds expand` (adept, llama_pro, adept_no_stage2), or the original (pt_full, adept_no_stage1)."""
     method: str = "adept"
-    """adept: train the manifest's copies with unit-wise adaptive LR; pt_full: all parameters, uniform LR."""
+    """adept: the manifest's copies, unit-wise adaptive LR (selective expansion); pt_full: every parameter of
+    the original model, uniform LR; llama_pro: the copies of a uniformly expanded model, uniform LR;
+    adept_no_stage1: the k least important original layers (from `probe`), adaptive LR; adept_no_stage2:
+    the copies of a selectively expanded model, uniform LR."""
+    probe: str = ""
+    """Probe result (`adept-ds probe`) choosing the layers adept_no_stage1 trains."""
+    k: int = 4
+    """How many of the probe's least important layers adept_no_stage1 trains."""
     deepspeed: str = "ds_configs/zero3.json"
     """DeepSpeed JSON config; its "auto" values are filled from this run config."""
     output_dir: str = "runs/train"
@@ -140,6 +166,15 @@ class RunConfig:
 
     def __post_init__(self):
         _check(self.method in METHODS, f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        _check(isinstance(self.k, int) and self.k >= 1, f"k={self.k!r}: need an int >= 1")
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHOD_SPECS[self.method]
+
+    @property
+    def adaptive_lr(self) -> bool:
+        return self.spec.adaptive_lr and self.importance.interval > 0
 
     def validate_paths(self) -> None:
         """Paths must exist before any process group starts."""
@@ -147,7 +182,9 @@ class RunConfig:
         _check(Path(self.model).is_dir(), f"model={self.model!r} does not exist")
         _check(Path(self.deepspeed).is_file(), f"deepspeed={self.deepspeed!r}: no such DeepSpeed config file")
         _check(bool(self.data.domain) and Path(self.data.domain).exists(), f"data.domain={self.data.domain!r} does not exist")
-        if self.method == "adept" and self.importance.interval > 0:
+        if self.spec.trains == "probe_layers":
+            _check(bool(self.probe) and Path(self.probe).is_file(), f"probe={self.probe!r}: method {self.method} needs a probe result file")
+        if self.adaptive_lr:
             _check(
                 bool(self.data.general) and Path(self.data.general).exists(),
                 f"data.general={self.data.general!r} does not exist (needed for unit importance)",

@@ -146,7 +146,7 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         checkpoint = open_checkpoint(config.model)
         self.family = get_family(checkpoint.config.get("model_type"))
-        self.manifest = read_manifest(config.model) if config.method == "adept" else None
+        self.manifest = read_manifest(config.model) if config.spec.expanded else None
         if self.manifest and self.manifest["num_layers"] != checkpoint.config["num_hidden_layers"]:
             raise ValueError(
                 f"{config.model}: the manifest describes {self.manifest['num_layers']} layers but the model has "
@@ -165,7 +165,7 @@ class Trainer:
         # Data: rank 0 tokenises and fills the Arrow cache; the others then read it.
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         cache = Path(config.data.cache_dir) if config.data.cache_dir else cache_root() / "blocks"
-        self.uses_importance = config.method == "adept" and config.importance.interval > 0
+        self.uses_importance = config.adaptive_lr
         corpora = {"domain": config.data.domain, **({"general": config.data.general} if self.uses_importance else {})}
         self.blocks = {}
         for turn in (0, 1):
@@ -186,10 +186,7 @@ class Trainer:
         dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
         model.config.use_cache = False
-        if self.manifest:
-            self.units: list[Unit] = adept_units(model, self.family, self.manifest["copied_layers"])
-        else:
-            self.units = full_model_units(model)
+        self.units: list[Unit] = self._units(model, checkpoint)
         set_trainable(model, self.units)
         groups = build_param_groups(model, self.units, config.optimizer.lr, config.optimizer.weight_decay)
         self.numels = {name: getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters()}
@@ -217,6 +214,18 @@ class Trainer:
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
         if resume:
             self.load_checkpoint()
+
+    def _units(self, model, checkpoint) -> list[Unit]:
+        trains = self.config.spec.trains
+        if trains == "copies":
+            return adept_units(model, self.family, self.manifest["copied_layers"])
+        if trains == "probe_layers":
+            from adept_ds.checkpoint import fingerprint_checkpoint
+            from adept_ds.probe import layers_from_probe
+
+            layers = layers_from_probe(self.config.probe, self.config.k, fingerprint_checkpoint(checkpoint), checkpoint.config["num_hidden_layers"])
+            return adept_units(model, self.family, layers)
+        return full_model_units(model)
 
     # -- data ---------------------------------------------------------------------------------
 

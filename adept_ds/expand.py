@@ -67,6 +67,13 @@ def plan_expansion(num_layers: int, layers: list[int]) -> ExpansionPlan:
     return ExpansionPlan(num_original_layers=num_layers, expanded_layers=tuple(sorted(layers)))
 
 
+def uniform_layers(num_layers: int, k: int) -> list[int]:
+    """LLaMA-Pro's placement: a copy after every (num_layers / k)-th layer, i.e. at the end of each of k equal groups."""
+    if not isinstance(k, int) or not 1 <= k <= num_layers:
+        raise ValueError(f"k={k} is out of range: choose between 1 and the number of layers ({num_layers})")
+    return [(group + 1) * num_layers // k - 1 for group in range(k)]
+
+
 def _expanded_config(config: dict, family: Family, plan: ExpansionPlan) -> dict:
     config = dict(config)
     num_layers = plan.num_original_layers

@@ -21,7 +21,7 @@ class Unit:
 
 
 def adept_units(model: nn.Module, family: Family, copied_layers: list[int]) -> list[Unit]:
-    """One unit per (copied layer, family unit); every parameter of a copied layer lands in exactly one."""
+    """One unit per (trainable layer, family unit); every parameter of such a layer lands in exactly one."""
     names = [name for name, _ in model.named_parameters()]
     units = []
     for layer in copied_layers:

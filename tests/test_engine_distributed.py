@@ -195,3 +195,42 @@ def test_export_command_writes_a_loadable_checkpoint_of_any_tag(trained, tmp_pat
     assert cli_main(["export", "--run", str(run_dir), "--tag", "step00000099", "--output", str(tmp_path / "x")]) == 2
     assert "step00000099 does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def _write_probe(path, model_dir, scores):
+    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.probe import PROBE_FORMAT
+
+    fingerprint = fingerprint_checkpoint(open_checkpoint(model_dir))
+    path.write_text(json.dumps({"format": PROBE_FORMAT, "method": "mask", "num_layers": len(scores), "scores": scores, "model_fingerprint": fingerprint}))
+    return path
+
+
+@pytest.mark.parametrize("method", ["pt_full", "llama_pro", "adept_no_stage1", "adept_no_stage2"])
+def test_each_method_trains_exactly_its_tensors_and_exports(trained, tmp_path, method):
+    from adept_ds.expand import expand_checkpoint, uniform_layers
+
+    inputs, _, _ = trained
+    model = {"pt_full": inputs["original"], "adept_no_stage1": inputs["original"], "adept_no_stage2": inputs["expanded"]}.get(method)
+    # Warmup gives lr 0 to the first two steps, and the zero output projections shield the rest of a
+    # copy until they have moved once: 5 steps make every trainable tensor move.
+    extra = {"method": method, "train.max_steps": 5, "train.save_interval": 0, "importance.interval": 1}
+    if method == "llama_pro":
+        model = tmp_path / "uniform"
+        expand_checkpoint(inputs["original"], model, uniform_layers(4, 2), show_progress=False)
+    if method == "adept_no_stage1":
+        extra.update(probe=_write_probe(tmp_path / "probe.json", model, [0.3, 0.1, 0.9, 0.2]), k=2)
+    out = tmp_path / "run"
+    run_deepspeed("train_run.py", tmp_path / "logits.pt", *overrides(inputs, out, model=model, **extra))
+
+    before, after = load_state(model), load_state(out / "final")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    if method == "pt_full":
+        expected = set(before)
+    else:
+        layers = {"llama_pro": [2, 5], "adept_no_stage2": [2, 4], "adept_no_stage1": [1, 3]}[method]
+        expected = {name for name in before if name.startswith(tuple(f"model.layers.{layer}." for layer in layers))}
+    assert changed == expected
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == {"pt_full": 4, "adept_no_stage1": 4}.get(method, 6)
+    history = out / "importance_history.jsonl"
+    assert history.exists() == (method == "adept_no_stage1")  # adaptive LR only where the method has it

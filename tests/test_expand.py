@@ -310,13 +310,24 @@ def test_cli_argument_errors(tmp_path, tiny, capsys):
     out = ["--model", str(tiny), "--output", str(tmp_path / "out")]
     with pytest.raises(SystemExit):
         cli_main(["expand", *out, "--probe", "p.json"])
-    assert "--probe needs --k" in capsys.readouterr().err
+    assert "--probe and --uniform need --k" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["expand", *out, "--layers", "1,x"])
     assert "expected comma-separated layer indices like 3,7,11, got '1,x'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["expand", *out])
-    assert "one of the arguments --layers --probe is required" in capsys.readouterr().err
+    assert "one of the arguments --layers --probe --uniform is required" in capsys.readouterr().err
     assert cli_main(["expand", *out, "--layers", "9"]) == 2
     assert "out of range: the model has 4 layers" in capsys.readouterr().err
     assert_no_leftovers(tmp_path, tmp_path / "out")
+
+
+def test_uniform_placement_is_llama_pros(tmp_path, tiny):
+    from adept_ds.expand import uniform_layers
+
+    assert uniform_layers(30, 4) == [6, 14, 21, 29]
+    assert uniform_layers(4, 2) == [1, 3] and uniform_layers(4, 4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="k=5 is out of range"):
+        uniform_layers(4, 5)
+    assert cli_main(["expand", "--model", str(tiny), "--output", str(tmp_path / "out"), "--uniform", "--k", "2"]) == 0
+    assert read_manifest(tmp_path / "out")["expanded_layers"] == [1, 3]
