@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+
 @dataclass(frozen=True)
 class MethodSpec:
     """What a training method trains and how (the paper's ADEPT and its comparison points)."""
