@@ -90,14 +90,32 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {checkpoints}/{args.tag or 'latest'} -> {output}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from adept_ds.demo_model import fetch_demo_model
-    from adept_ds.expand import expand_checkpoint
+def cmd_eval(args: argparse.Namespace) -> None:
+    from adept_ds.evaluate import evaluate_model, run_lm_eval
 
-    model = fetch_demo_model()
-    output = Path(args.output)
-    manifest = expand_checkpoint(model, output / "expanded", args.layers, overwrite=True)
-    print(json.dumps({"model": str(model), "expanded": str(output / "expanded"), "copied_layers": manifest["copied_layers"]}))
+    corpora = {name: path for name, path in (("general", args.general), ("domain", args.domain)) if path}
+    if not corpora and not args.qa and not args.lm_eval_tasks:
+        raise ValueError("nothing to evaluate: give --general, --domain, --qa and/or --lm-eval-tasks")
+    for path in [*corpora.values(), *([args.qa] if args.qa else [])]:
+        if not Path(path).exists():
+            raise ValueError(f"evaluation data {path} does not exist")
+    model = _model_dir(args.model)
+    results = evaluate_model(model, corpora, args.qa, args.block_size, args.max_blocks, args.max_questions, args.answer_pattern)
+    if args.lm_eval_tasks:
+        results["lm_eval"] = run_lm_eval(model, args.lm_eval_tasks.split(","), args.max_questions)
+    if int(os.environ.get("RANK", "0")) == 0:
+        text = json.dumps(results, indent=2)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text + "\n")
+        print(text)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from adept_ds.pipeline import run_demo
+
+    report = run_demo(args.output, compare=args.compare, steps=args.steps, num_procs=args.num_procs)
+    print(report.read_text())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,9 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     export.set_defaults(func=cmd_export)
 
+    evaluate = commands.add_parser("eval", help="perplexity on held-out corpora and QA exact-match accuracy")
+    evaluate.add_argument("--model", help="HF checkpoint directory (default: the demo model)")
+    evaluate.add_argument("--general", help="held-out general corpus (perplexity)")
+    evaluate.add_argument("--domain", help="held-out domain corpus (perplexity)")
+    evaluate.add_argument("--qa", help="question/answer JSONL ('question', 'answer' fields): greedy exact-match accuracy")
+    evaluate.add_argument("--answer-pattern", default=r"####\s*(-?[\d,]*\.?\d+)", help="regex whose first group is the answer")
+    evaluate.add_argument("--block-size", type=int, default=128)
+    evaluate.add_argument("--max-blocks", type=int, default=64, help="blocks per perplexity corpus (default 64)")
+    evaluate.add_argument("--max-questions", type=int, help="cap on QA records")
+    evaluate.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks (needs lm-eval installed)")
+    evaluate.add_argument("--output", help="write the results JSON here")
+    evaluate.set_defaults(func=cmd_eval)
+
     demo = commands.add_parser("demo", help="the built-in end-to-end run on the demo model")
-    demo.add_argument("--output", default="runs/demo", help="where the demo writes its artifacts")
-    demo.add_argument("--layers", type=_parse_layers, default=[12, 14, 16, 18], help=argparse.SUPPRESS)
+    demo.add_argument("--output", default="runs/demo", help="where the demo writes its artifacts (default runs/demo)")
+    demo.add_argument("--compare", action="store_true", help="also train pt_full, llama_pro, adept_no_stage1, adept_no_stage2")
+    demo.add_argument("--steps", type=int, default=40, help="training steps per method (default 40)")
+    demo.add_argument("--num-procs", type=int, default=2, help="training ranks (default 2)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

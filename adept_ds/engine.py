@@ -223,7 +223,9 @@ class Trainer:
             from adept_ds.checkpoint import fingerprint_checkpoint
             from adept_ds.probe import layers_from_probe
 
-            layers = layers_from_probe(self.config.probe, self.config.k, fingerprint_checkpoint(checkpoint), checkpoint.config["num_hidden_layers"])
+            layers = layers_from_probe(
+                self.config.probe, self.config.k, fingerprint_checkpoint(checkpoint), checkpoint.config["num_hidden_layers"]
+            )
             return adept_units(model, self.family, layers)
         return full_model_units(model)
 

@@ -59,7 +59,8 @@ def run_command(command: list[str], timeout: float, env: dict[str, str] | None =
 
 
 def run_deepspeed(script: str | Path, *args: str, num_procs: int = 2, timeout: float = 600, check: bool = True, **env):
-    """`deepspeed --num_gpus num_procs script args` on CPU; `script` is a path or a name in tests/scripts."""
+    """`deepspeed --num_gpus num_procs script args` on CPU; `script` is a path, a name in tests/scripts,
+    or "-m" for the `adept-ds` command line (`adept_ds.cli`)."""
     script = Path(script)
     if not script.is_absolute():
         script = SCRIPTS_DIR / script

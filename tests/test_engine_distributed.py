@@ -202,7 +202,11 @@ def _write_probe(path, model_dir, scores):
     from adept_ds.probe import PROBE_FORMAT
 
     fingerprint = fingerprint_checkpoint(open_checkpoint(model_dir))
-    path.write_text(json.dumps({"format": PROBE_FORMAT, "method": "mask", "num_layers": len(scores), "scores": scores, "model_fingerprint": fingerprint}))
+    path.write_text(
+        json.dumps(
+            {"format": PROBE_FORMAT, "method": "mask", "num_layers": len(scores), "scores": scores, "model_fingerprint": fingerprint}
+        )
+    )
     return path
 
 
@@ -231,6 +235,8 @@ def test_each_method_trains_exactly_its_tensors_and_exports(trained, tmp_path, m
         layers = {"llama_pro": [2, 5], "adept_no_stage2": [2, 4], "adept_no_stage1": [1, 3]}[method]
         expected = {name for name in before if name.startswith(tuple(f"model.layers.{layer}." for layer in layers))}
     assert changed == expected
-    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == {"pt_full": 4, "adept_no_stage1": 4}.get(method, 6)
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == {"pt_full": 4, "adept_no_stage1": 4}.get(
+        method, 6
+    )
     history = out / "importance_history.jsonl"
     assert history.exists() == (method == "adept_no_stage1")  # adaptive LR only where the method has it
