@@ -61,20 +61,14 @@ def run_command(command: list[str], timeout: float, env: dict[str, str] | None =
 def run_deepspeed(script: str | Path, *args: str, num_procs: int = 2, timeout: float = 600, check: bool = True, **env):
     """`deepspeed --num_gpus num_procs script args` on CPU; `script` is a path, a name in tests/scripts,
     or "-m" for the `adept-ds` command line (`adept_ds.cli`)."""
-    script = Path(script)
-    if not script.is_absolute():
-        script = SCRIPTS_DIR / script
     launcher = Path(sys.executable).parent / "deepspeed"
-    command = [
-        str(launcher),
-        "--no_local_rank",
-        "--num_gpus",
-        str(num_procs),
-        "--master_port",
-        str(free_port()),
-        str(script),
-        *map(str, args),
-    ]
+    command = [str(launcher), "--no_local_rank", "--num_gpus", str(num_procs), "--master_port", str(free_port())]
+    if str(script) == "-m":  # run_deepspeed("-m", "eval", ...) runs the adept-ds command line on every rank
+        command += ["--module", "adept_ds.cli"]
+    else:
+        script = Path(script)
+        command.append(str(script if script.is_absolute() else SCRIPTS_DIR / script))
+    command += [str(arg) for arg in args]
     return run_command(command, timeout, cpu_env(**env), check=check)
 
 
