@@ -58,9 +58,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def rank_zero_first(build):
+    """`build()` on rank 0 first (say, to fill an on-disk cache), then on the other ranks, which find it filled."""
+    if not dist.is_initialized():
+        return build()
+    result = build() if dist.get_rank() == 0 else None
+    dist.barrier()
+    return result if dist.get_rank() == 0 else build()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from adept_ds.config import RunConfig
 from adept_ds.data import load_blocks, sample_order
-from adept_ds.distributed import all_reduce_sum, init_distributed, on_cpu, shutdown_distributed
+from adept_ds.distributed import all_reduce_sum, init_distributed, on_cpu, rank_zero_first, shutdown_distributed
 from adept_ds.families import get_family
 from adept_ds.importance import AbsGradAccumulator, unit_importance
 from adept_ds.lr import ScaledScheduler, build_base_scheduler, lr_scales
@@ -167,13 +167,11 @@ class Trainer:
         cache = Path(config.data.cache_dir) if config.data.cache_dir else cache_root() / "blocks"
         self.uses_importance = config.adaptive_lr
         corpora = {"domain": config.data.domain, **({"general": config.data.general} if self.uses_importance else {})}
-        self.blocks = {}
-        for turn in (0, 1):
-            if (self.rank == 0) == (turn == 0):
-                for name, path in corpora.items():
-                    # Arrow-backed and memory-mapped: batches are read on demand, never the whole corpus.
-                    self.blocks[name] = load_blocks(path, tokenizer, config.data.block_size, cache, config.data.text_field)
-            dist.barrier()
+        # Arrow-backed and memory-mapped: batches are read on demand, never the whole corpus.
+        self.blocks = {
+            name: rank_zero_first(lambda path=path: load_blocks(path, tokenizer, config.data.block_size, cache, config.data.text_field))
+            for name, path in corpora.items()
+        }
         self.global_batch = config.train.micro_batch_size * config.train.gradient_accumulation_steps * self.world_size
         if len(self.blocks["domain"]) < self.global_batch:
             raise ValueError(
@@ -361,16 +359,17 @@ class Trainer:
         directory = self.output_dir / CHECKPOINT_DIR
         if not (directory / "latest").is_file():
             raise ValueError(f"--resume: no checkpoint in {directory} (nothing to resume from)")
-        path, client_state = self.engine.load_checkpoint(str(directory))
+        tag = (directory / "latest").read_text().strip()
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
         if path is None:
-            raise ValueError(f"--resume: DeepSpeed could not load the checkpoint in {directory}")
+            raise ValueError(f"--resume: DeepSpeed could not load checkpoint {directory / tag}")
         self.state.load_state_dict(client_state["trainer"])
         self.scheduler.set_scales(self.state.scales)
-        rng_file = Path(path).parent / (directory / "latest").read_text().strip() / f"rng_rank{self.rank}.pt"
+        rng_file = directory / tag / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         if self.rank == 0:
-            tqdm.write(f"resumed from {path} at step {self.state.step}")
+            tqdm.write(f"resumed from {directory / tag} at step {self.state.step}")
 
     def latest_tag(self) -> str:
         return (self.output_dir / CHECKPOINT_DIR / "latest").read_text().strip()

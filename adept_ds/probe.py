@@ -328,6 +328,7 @@ def probe_model(
     from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
     from adept_ds.data import blocks_fingerprint, load_blocks
     from adept_ds.demo_model import cache_root
+    from adept_ds.distributed import init_distributed, rank_zero_first
     from adept_ds.families import get_family
 
     # Everything a user can get wrong is checked before any process group or model load.
@@ -345,20 +346,10 @@ def probe_model(
         raise ValueError(f"probe corpus {data} does not exist")
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        from adept_ds.distributed import barrier, init_distributed
-
-        rank, world_size = init_distributed()
-    else:
-        rank, world_size = 0, 1
+    rank, world_size = init_distributed() if distributed else (0, 1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cache = cache_root() / "blocks"
-    if rank == 0:  # rank 0 tokenises once; the others read its Arrow cache
-        blocks = load_blocks(data, tokenizer, block_size, cache, text_field)
-    if distributed:
-        barrier()
-    if rank != 0:
-        blocks = load_blocks(data, tokenizer, block_size, cache, text_field)
+    blocks = rank_zero_first(lambda: load_blocks(data, tokenizer, block_size, cache, text_field))
     num_blocks = min(len(blocks), max_tokens // block_size)
     blocks = blocks[:num_blocks]["input_ids"]
     batches = shard_batches(blocks, rank, world_size, batch_size)

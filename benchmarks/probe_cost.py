@@ -5,7 +5,7 @@ bypassed one differs. Two 30-layer models, side by side:
 - `demo`: SmolLM2-135M (hidden 576, vocab 49152). Its LM head costs about 10 decoder layers, and
   every masked pass needs its own head, so the FLOP floor of the ratio is about 0.64 there.
 - `llama-30L`: random weights, Llama proportions (hidden 1024, MLP 2816, vocab 32000), head = ~3 layers.
-The `floor` column is the ratio predicted from measured per-layer and per-head times:
+The `predicted` column is the ratio expected from measured per-layer and per-head times:
 (base + sum over l of (L-1-l layers + head)) / ((L+1) full forwards).
 
     python benchmarks/probe_cost.py [--models demo,llama-30L] [--batch-size 2] [--block-size 256] [--repeats 2]
@@ -111,7 +111,7 @@ def main() -> None:
         rows.append(measure(name, model, args.batch_size, args.block_size, args.repeats, device))
         del model
     print(f"mask probing cost on {device_name}, {args.batch_size} x {args.block_size} tokens per pass")
-    print("| model | layers | head (in layers) | naive s | reuse s | reuse / naive | FLOP-model floor | max |mean-loss diff| |")
+    print("| model | layers | head (in layers) | naive s | reuse s | reuse / naive | predicted from unit costs | max |mean-loss diff| |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
