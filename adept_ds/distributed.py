@@ -9,6 +9,11 @@ import torch
 import torch.distributed as dist
 
 
+def launched_distributed() -> bool:
+    """True under a launcher (deepspeed, torchrun, mpirun with our env) that started several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
 

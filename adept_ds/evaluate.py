@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -24,9 +23,9 @@ DEFAULT_PROMPT = "Question: {question}\nAnswer:"
 
 def _world() -> tuple[int, int, object]:
     """(rank, world_size, sum-reducer): the process group if launched distributed, else a world of one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from adept_ds.distributed import all_reduce_sum, init_distributed
+    from adept_ds.distributed import all_reduce_sum, init_distributed, launched_distributed
 
+    if launched_distributed():
         rank, world_size = init_distributed()
         return rank, world_size, all_reduce_sum
     return 0, 1, lambda tensor: tensor
@@ -117,13 +116,10 @@ def evaluate_model(
 
     from adept_ds.data import load_blocks
     from adept_ds.demo_model import cache_root
+    from adept_ds.distributed import on_cpu
 
     rank, world_size, reduce = _world()
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
-        else torch.device("cpu")
-    )
+    device = torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     cache = Path(cache_dir) if cache_dir else cache_root() / "blocks"

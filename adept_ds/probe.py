@@ -328,7 +328,7 @@ def probe_model(
     from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
     from adept_ds.data import blocks_fingerprint, load_blocks
     from adept_ds.demo_model import cache_root
-    from adept_ds.distributed import init_distributed, rank_zero_first
+    from adept_ds.distributed import init_distributed, launched_distributed, rank_zero_first
     from adept_ds.families import get_family
 
     # Everything a user can get wrong is checked before any process group or model load.
@@ -345,7 +345,7 @@ def probe_model(
     if not Path(data).exists():
         raise ValueError(f"probe corpus {data} does not exist")
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = launched_distributed()
     rank, world_size = init_distributed() if distributed else (0, 1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cache = cache_root() / "blocks"
