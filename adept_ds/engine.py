@@ -113,21 +113,22 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _local_param_and_grad(param, stage: int, rank: int, world_size: int):
-    """This rank's share of a parameter and its gradient, in fp32.
+def _local_share(param, stage: int, rank: int, world_size: int, grad: bool) -> torch.Tensor | None:
+    """This rank's share (fp32) of a parameter, or of its gradient when `grad`.
 
     ZeRO-3: the rank's own partition. ZeRO-1/2 keep whole parameters on every rank (only optimizer
-    state and gradients are partitioned), and DeepSpeed hands out their gradient whole; each rank
-    then takes its 1/world slice so the all-reduced sums count every element once.
+    state and gradients are partitioned), and DeepSpeed hands them out whole; each rank then takes
+    its 1/world slice so the all-reduced sums count every element once.
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_get_local_fp32_param, safe_get_local_grad
 
     if stage == 3:
-        return safe_get_local_fp32_param(param), safe_get_local_grad(param)
-    theta, grad = safe_get_full_fp32_param(param), safe_get_full_grad(param)
-    chunk = math.ceil(theta.numel() / world_size)
-    piece = slice(rank * chunk, (rank + 1) * chunk)
-    return theta.flatten()[piece], None if grad is None else grad.flatten()[piece]
+        return safe_get_local_grad(param) if grad else safe_get_local_fp32_param(param)
+    whole = safe_get_full_grad(param) if grad else safe_get_full_fp32_param(param)
+    if whole is None:
+        return None
+    chunk = math.ceil(whole.numel() / world_size)
+    return whole.flatten()[rank * chunk : (rank + 1) * chunk]
 
 
 class Trainer:
@@ -246,7 +247,10 @@ class Trainer:
         order = sample_order(len(general), self.config.train.seed + 7919, self.state.probe_samples_seen, cfg.batches * per_batch)
         accumulator = AbsGradAccumulator()
         trainable = [name for unit in self.units for name in unit.param_names]
-        local_params = {}
+
+        def share(name: str, grad: bool):
+            return _local_share(self.params[name], self.stage, self.rank, self.world_size, grad)
+
         for batch_index in range(cfg.batches):
             batch = self._batch(general, self._rank_slice(order, batch_index, cfg.batch_size))
             # Each probe batch is its own accumulation boundary: ZeRO reduces (averages over ranks)
@@ -254,14 +258,12 @@ class Trainer:
             self.engine.set_gradient_accumulation_boundary(True)
             loss = self.engine(input_ids=batch, labels=batch).loss
             self.engine.backward(loss, scale_wrt_gas=False)
-            grads = {}
-            for name in trainable:
-                local_params[name], grads[name] = _local_param_and_grad(self.params[name], self.stage, self.rank, self.world_size)
-            accumulator.add(grads)
+            accumulator.add({name: share(name, grad=True) for name in trainable})
             self.engine.optimizer.zero_grad()
             self.engine.zero_grad()
         self.engine.set_gradient_accumulation_boundary(None)
         self.state.probe_samples_seen += cfg.batches * per_batch
+        local_params = {name: share(name, grad=False) for name in trainable}  # theta does not change between probe batches
         return unit_importance(self.units, local_params, accumulator, self.numels, all_reduce_sum)
 
     def update_learning_rates(self) -> None:
