@@ -111,9 +111,14 @@ def blocks_fingerprint(path: str | Path, tokenizer, block_size: int, text_field:
     return digest.hexdigest()[:20]
 
 
-def load_blocks(path: str | Path, tokenizer, block_size: int, cache_dir: str | Path, text_field: str = "text") -> Dataset:
-    """Blocks of a corpus, from the Arrow cache `cache_dir/<fingerprint>` when present, else built and cached."""
-    target = Path(cache_dir) / blocks_fingerprint(path, tokenizer, block_size, text_field)
+def load_blocks(
+    path: str | Path, tokenizer, block_size: int, cache_dir: str | Path, text_field: str = "text", fingerprint: str | None = None
+) -> Dataset:
+    """Blocks of a corpus, from the Arrow cache `cache_dir/<fingerprint>` when present, else built and cached.
+
+    Pass `fingerprint` (from `blocks_fingerprint`) when the caller already has it, to hash the corpus once.
+    """
+    target = Path(cache_dir) / (fingerprint or blocks_fingerprint(path, tokenizer, block_size, text_field))
     if not (target / "dataset_info.json").is_file():
         blocks = pack_blocks(read_corpus(path, text_field), tokenizer, block_size, text_field)
         with atomic_output_dir(target, overwrite=True) as staging:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 
 import torch
@@ -80,6 +81,25 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return reduced.cpu()
 
 
+def local_share(param, stage: int, grad: bool = False) -> torch.Tensor | None:
+    """This rank's share (fp32) of a parameter, or of its gradient when `grad`.
+
+    ZeRO-3: the rank's own partition. ZeRO-1/2 keep whole parameters on every rank (only optimizer
+    state and gradients are partitioned), and DeepSpeed hands them out whole; each rank then takes
+    its 1/world slice so the all-reduced sums count every element once.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_get_local_fp32_param, safe_get_local_grad
+
+    if stage == 3:
+        return safe_get_local_grad(param) if grad else safe_get_local_fp32_param(param)
+    whole = safe_get_full_grad(param) if grad else safe_get_full_fp32_param(param)
+    if whole is None:
+        return None
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    chunk = math.ceil(whole.numel() / world_size)
+    return whole.flatten()[rank * chunk : (rank + 1) * chunk]
+
+
 def zero3_probe_runtime(model_dir, family, with_grad: bool, micro_batch: int, num_micro_batches: int):
     """A ProbeRuntime over a DeepSpeed ZeRO-3 engine: each rank holds only its partition of every weight.
 
@@ -87,7 +107,6 @@ def zero3_probe_runtime(model_dir, family, with_grad: bool, micro_batch: int, nu
     SGD with lr=0 over the decoder-layer parameters and never call step(), so no weight changes.
     """
     import deepspeed
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
@@ -122,7 +141,7 @@ def zero3_probe_runtime(model_dir, family, with_grad: bool, micro_batch: int, nu
         rank=dist.get_rank(),
         world_size=world_size,
         backward=backward,
-        local_param_grad=lambda param: (safe_get_local_fp32_param(param), safe_get_local_grad(param)),
+        local_param_grad=lambda param: (local_share(param, 3), local_share(param, 3, grad=True)),
         all_reduce_sum=all_reduce_sum,
         forward=engine,
     )

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from adept_ds.config import RunConfig
 from adept_ds.data import load_blocks, sample_order
-from adept_ds.distributed import all_reduce_sum, init_distributed, on_cpu, rank_zero_first, shutdown_distributed
+from adept_ds.distributed import all_reduce_sum, init_distributed, local_share, on_cpu, rank_zero_first, shutdown_distributed
 from adept_ds.families import get_family
 from adept_ds.importance import AbsGradAccumulator, unit_importance
 from adept_ds.lr import ScaledScheduler, build_base_scheduler, lr_scales
@@ -111,24 +111,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-
-
-def _local_share(param, stage: int, rank: int, world_size: int, grad: bool) -> torch.Tensor | None:
-    """This rank's share (fp32) of a parameter, or of its gradient when `grad`.
-
-    ZeRO-3: the rank's own partition. ZeRO-1/2 keep whole parameters on every rank (only optimizer
-    state and gradients are partitioned), and DeepSpeed hands them out whole; each rank then takes
-    its 1/world slice so the all-reduced sums count every element once.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_get_local_fp32_param, safe_get_local_grad
-
-    if stage == 3:
-        return safe_get_local_grad(param) if grad else safe_get_local_fp32_param(param)
-    whole = safe_get_full_grad(param) if grad else safe_get_full_fp32_param(param)
-    if whole is None:
-        return None
-    chunk = math.ceil(whole.numel() / world_size)
-    return whole.flatten()[rank * chunk : (rank + 1) * chunk]
 
 
 class Trainer:
@@ -249,7 +231,7 @@ class Trainer:
         trainable = [name for unit in self.units for name in unit.param_names]
 
         def share(name: str, grad: bool):
-            return _local_share(self.params[name], self.stage, self.rank, self.world_size, grad)
+            return local_share(self.params[name], self.stage, grad)
 
         for batch_index in range(cfg.batches):
             batch = self._batch(general, self._rank_slice(order, batch_index, cfg.batch_size))

@@ -54,12 +54,16 @@ def read_probe_result(path: str | Path) -> dict:
     return result
 
 
+def rank_layers(scores: list[float]) -> list[int]:
+    """Layer indices from least to most important; ties go to the lower index (stable sort)."""
+    return sorted(range(len(scores)), key=scores.__getitem__)
+
+
 def least_important_layers(scores: list[float], k: int) -> list[int]:
-    """Indices of the k lowest-scoring layers, ascending; ties go to the lower index (stable sort)."""
+    """Indices of the k lowest-scoring layers, ascending."""
     if not isinstance(k, int) or not 1 <= k <= len(scores):
         raise ValueError(f"k={k} is out of range: choose between 1 and the number of layers ({len(scores)})")
-    ranked = sorted(range(len(scores)), key=lambda layer: scores[layer])
-    return sorted(ranked[:k])
+    return sorted(rank_layers(scores)[:k])
 
 
 def layers_from_probe(path: str | Path, k: int, model_fingerprint: str, num_layers: int) -> list[int]:
@@ -349,7 +353,8 @@ def probe_model(
     rank, world_size = init_distributed() if distributed else (0, 1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cache = cache_root() / "blocks"
-    blocks = rank_zero_first(lambda: load_blocks(data, tokenizer, block_size, cache, text_field))
+    data_fingerprint = blocks_fingerprint(data, tokenizer, block_size, text_field)  # hashes the corpus once
+    blocks = rank_zero_first(lambda: load_blocks(data, tokenizer, block_size, cache, text_field, data_fingerprint))
     num_blocks = min(len(blocks), max_tokens // block_size)
     blocks = blocks[:num_blocks]["input_ids"]
     batches = shard_batches(blocks, rank, world_size, batch_size)
@@ -363,18 +368,17 @@ def probe_model(
     else:
         runtime = plain_runtime(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), family, with_grad)
     scores, base_loss = probe_scores(family, runtime, batches, method, total_tokens, show_progress)
-    ranking = sorted(range(len(scores)), key=lambda layer: scores[layer])
     result = {
         "format": PROBE_FORMAT,
         "method": method,
         "num_layers": len(scores),
         "scores": scores,
-        "least_important": ranking,
+        "least_important": rank_layers(scores),
         "base_loss": base_loss,
         "model": str(Path(model_dir).absolute()),
         "model_fingerprint": fingerprint_checkpoint(checkpoint),
         "data": str(Path(data).absolute()),
-        "data_fingerprint": blocks_fingerprint(data, tokenizer, block_size, text_field),
+        "data_fingerprint": data_fingerprint,
         "num_blocks": num_blocks,
         "block_size": block_size,
         "num_tokens": num_blocks * block_size,
