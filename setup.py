@@ -26,6 +26,6 @@ setup(
     package_data={"adept_ds": ["assets/*.jsonl", "assets/*.md"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
     entry_points={"console_scripts": ["adept-ds=adept_ds.cli:main"]},
 )

@@ -27,9 +27,11 @@ def init_distributed() -> tuple[int, int]:
     """
     import deepspeed
 
+    discover_ranks()
     cpu = on_cpu()
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _without_shm_all_reduce()
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain `python` run: be a world of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
@@ -42,6 +44,103 @@ def init_distributed() -> tuple[int, int]:
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
+
+
+# Where each launcher puts (rank, world size, local rank, local world size). The DeepSpeed launcher and
+# torchrun set RANK/WORLD_SIZE themselves; mpirun sets only its own names.
+_MPI_RANK_VARS = [
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),  # Open MPI
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),  # MPICH / Intel MPI (Hydra)
+    ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK", "PMIX_LOCAL_SIZE"),  # PMIx launchers
+]
+_MPI_ENV_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "HYDRA_", "MV2_", "I_MPI_")
+DEFAULT_MASTER_PORT = 29500
+
+
+def discover_ranks() -> None:
+    """Set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT for any launcher.
+
+    The DeepSpeed launcher (local, hostfile or no-ssh multi-node) and torchrun already set the ranks;
+    mpirun/mpiexec set them under their own names, read here, with mpi4py as the fallback for MPIs
+    whose names we do not know. The master address and port come from the environment when given
+    (`mpirun -x MASTER_ADDR=... -x MASTER_PORT=...`); otherwise rank 0 broadcasts them over MPI:
+    127.0.0.1 when every rank is on one node, else its host name, and a port it found free. Setting
+    all of them here also stops DeepSpeed's own MPI discovery, which guesses the address from
+    `hostname -I` (often the wrong interface) and always takes port 29500. A plain `python` run
+    (no launcher) is left alone.
+    """
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        names = next((names for names in _MPI_RANK_VARS if names[0] in env and names[1] in env), None)
+        if names is not None:
+            for ours, theirs in zip(("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"), names):
+                if theirs in env:
+                    env[ours] = env[theirs]
+        elif any(key.startswith(_MPI_ENV_PREFIXES) for key in env):
+            _ranks_from_mpi4py()
+        else:
+            return
+    env.setdefault("LOCAL_RANK", "0" if env["WORLD_SIZE"] == "1" else env.get("LOCAL_RANK", ""))
+    if not env["LOCAL_RANK"]:
+        raise ValueError(f"rank {env['RANK']} of {env['WORLD_SIZE']}: the launcher gave no local rank; set LOCAL_RANK")
+    env.setdefault("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env["WORLD_SIZE"]))  # DeepSpeed's launcher: LOCAL_SIZE
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        addr, port = _master_from_rank_zero()
+        env.setdefault("MASTER_ADDR", addr)
+        env.setdefault("MASTER_PORT", str(port))
+
+
+def _mpi_comm():
+    try:
+        from mpi4py import MPI
+    except ImportError as err:  # the wheel has no MPI inside; it needs one installed (openmpi-bin, mpich)
+        raise RuntimeError(
+            f"started by an MPI launcher that adept_ds does not know, and mpi4py cannot load ({err}); "
+            "set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT yourself"
+        ) from err
+    return MPI, MPI.COMM_WORLD
+
+
+def _ranks_from_mpi4py() -> None:
+    MPI, comm = _mpi_comm()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node's memory
+    os.environ.update(
+        RANK=str(comm.Get_rank()),
+        WORLD_SIZE=str(comm.Get_size()),
+        LOCAL_RANK=str(node.Get_rank()),
+        LOCAL_WORLD_SIZE=str(node.Get_size()),
+    )
+    node.Free()
+
+
+def _master_from_rank_zero() -> tuple[str, int]:
+    """Rank 0's address and a free port, known to every rank (over MPI when there are several)."""
+    import socket
+
+    env = os.environ
+    one_node = env["LOCAL_WORLD_SIZE"] == env["WORLD_SIZE"]
+    if env["WORLD_SIZE"] == "1":
+        return "127.0.0.1", int(env.get("MASTER_PORT", _free_port()))
+    _, comm = _mpi_comm()
+    mine = None
+    if comm.Get_rank() == 0:
+        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if one_node else socket.getfqdn())
+        port = int(env.get("MASTER_PORT") or (_free_port() if one_node else DEFAULT_MASTER_PORT))
+        mine = (addr, port)
+    return comm.bcast(mine, root=0)
+
+
+def _without_shm_all_reduce() -> None:
+    """Keep DeepSpeed on plain gloo on CPU: no shared-memory all-reduce op.
+
+    DeepSpeed 0.19 JIT-compiles that op on first use (1-10+ min on 2 cores, under a file lock that a
+    killed build leaves behind and every later run then waits on forever) and never unlinks its
+    /dev/shm buffers (69 MB per rank per run, held in RAM until reboot). Its op table is a cached
+    dict that DeepSpeed documents edits to as persisting, which is how we switch the op off.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def shutdown_distributed() -> None:
