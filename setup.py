@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "gguf>=0.10",  # reads the offline demo model
     "accelerate>=1.0",
+    "psutil>=5.9",  # which peer rank died (faults.py)
 ]
 
 setup(

@@ -87,7 +87,44 @@ def cmd_export(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.run} has no run_config.yaml; pass --model (the model training started from)")
         model = yaml.safe_load(config_file.read_text())["model"]
     output = export_checkpoint(checkpoints, args.tag, model, args.output, overwrite=args.overwrite)
-    print(f"exported {checkpoints}/{args.tag or 'latest'} -> {output}")
+    print(f"exported {checkpoints}/{args.tag or '(newest complete checkpoint)'} -> {output}")
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    import torch
+
+    from adept_ds.config import load_run_config
+    from adept_ds.data import load_blocks
+    from adept_ds.demo_model import cache_root
+    from adept_ds.preflight import check_corpus_size, preflight, read_hostfile
+
+    config = load_run_config(args.config, args.overrides)
+    if args.hostfile:
+        hosts = read_hostfile(args.hostfile)
+        world_size = sum(min(slots, args.num_gpus or slots) for slots in hosts.values())
+        where = f"{len(hosts)} hosts in {args.hostfile}"
+    else:
+        world_size, where = (args.num_gpus or 1) * args.num_nodes, f"{args.num_nodes} node(s) x {args.num_gpus or 1}"
+    gpu = {"gpu": True, "cpu": False}.get(args.device, torch.cuda.is_available())
+    checked = preflight(config, world_size, gpu)
+    ds = checked.ds_config
+    print(f"config: {args.config or '(overrides only)'}: method {config.method}, model {config.model} ({checked.family.name})")
+    print(
+        f"world: {world_size} ranks ({where}); global batch {ds['train_batch_size']} = micro {ds['train_micro_batch_size_per_gpu']} "
+        f"x accumulation {ds['gradient_accumulation_steps']} x {world_size} ranks; ZeRO stage "
+        f"{ds.get('zero_optimization', {}).get('stage', 0)}, {'bf16' if ds.get('bf16', {}).get('enabled') else 'fp32'}"
+    )
+    if not args.skip_data:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        cache = Path(config.data.cache_dir) if config.data.cache_dir else cache_root() / "blocks"
+        corpora = {"domain": config.data.domain, **({"general": config.data.general} if config.adaptive_lr else {})}
+        for name, path in corpora.items():
+            blocks = load_blocks(path, tokenizer, config.data.block_size, cache, config.data.text_field)
+            check_corpus_size(name, path, len(blocks), config, world_size)
+            print(f"data: {name} {path}: {len(blocks)} blocks of {config.data.block_size} tokens (cached in {cache})")
+    print("ok: nothing wrong found")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -155,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="directory for the HF checkpoint")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     export.set_defaults(func=cmd_export)
+
+    check = commands.add_parser("check", help="validate a run's inputs (config, paths, model, DeepSpeed batch arithmetic, hostfile, data)")
+    check.add_argument("--config", help="run config YAML")
+    check.add_argument("--hostfile", help="DeepSpeed/MPI hostfile ('HOST slots=N' lines): its slots give the world size")
+    check.add_argument("--num-gpus", type=int, help="ranks per node (as deepspeed --num_gpus; caps hostfile slots)")
+    check.add_argument("--num-nodes", type=int, default=1, help="nodes, without a hostfile (default 1)")
+    check.add_argument("--device", choices=("gpu", "cpu"), help="where the run will train (default: this machine's)")
+    check.add_argument("--skip-data", action="store_true", help="do not tokenise the corpora (they are cached for the run otherwise)")
+    check.add_argument("overrides", nargs="*", help="key.sub=value overrides, as given to launch/train.py")
+    check.set_defaults(func=cmd_check)
 
     evaluate = commands.add_parser("eval", help="perplexity on held-out corpora and QA exact-match accuracy")
     evaluate.add_argument("--model", help="HF checkpoint directory (default: the demo model)")

@@ -38,6 +38,7 @@ METHOD_SPECS = {
 METHODS = tuple(METHOD_SPECS)
 SCHEDULERS = ("WarmupCosineLR", "WarmupLR", "WarmupDecayLR", "constant")
 LR_MAPPINGS = ("linear", "power", "uniform")
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -76,6 +77,11 @@ class TrainConfig:
     log_interval: int = 1
     export: bool = True
     """Write a consolidated HF checkpoint to `<output_dir>/final` at the end."""
+    nonfinite: str = "skip"
+    """On a non-finite loss (checked before backward, so the weights never see it): skip drops that global
+    batch and goes on; stop saves a checkpoint of the state before it and exits."""
+    max_skipped_steps: int = 10
+    """With nonfinite=skip, stop (after saving) once this many batches were dropped: the run is diverging."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_interval"):
@@ -83,6 +89,11 @@ class TrainConfig:
             _check(isinstance(value, int) and value >= 1, f"train.{name}={value!r}: need an int >= 1")
         _check(
             isinstance(self.save_interval, int) and self.save_interval >= 0, f"train.save_interval={self.save_interval!r}: need an int >= 0"
+        )
+        _check(self.nonfinite in NONFINITE_POLICIES, f"train.nonfinite={self.nonfinite!r}: choose one of {', '.join(NONFINITE_POLICIES)}")
+        _check(
+            isinstance(self.max_skipped_steps, int) and self.max_skipped_steps >= 0,
+            f"train.max_skipped_steps={self.max_skipped_steps!r}: need an int >= 0",
         )
         _check(self.gradient_clipping >= 0, f"train.gradient_clipping={self.gradient_clipping!r}: need >= 0 (0 disables)")
 

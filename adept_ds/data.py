@@ -37,6 +37,18 @@ def _corpus_files(path: Path) -> list[Path]:
     return files
 
 
+def _check_utf8(file: Path) -> None:
+    with open(file, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"corpus file {file} line {number}: byte {err.start} ({line[err.start : err.start + 1]!r}) is not UTF-8 "
+                    f"in {line[max(0, err.start - 20) : err.start + 20]!r}; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+
+
 def read_corpus(path: str | Path, text_field: str = "text") -> Dataset:
     """Load a corpus as a Dataset with one string column, `text_field`."""
     path = Path(path)
@@ -52,6 +64,8 @@ def read_corpus(path: str | Path, text_field: str = "text") -> Dataset:
         for file in files:
             if file.stat().st_size == 0:
                 raise ValueError(f"corpus file {file} is empty")
+            if builder != "parquet":  # Arrow's JSON reader keeps bad bytes and fails later, deep inside tokenisation
+                _check_utf8(file)
         try:
             dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
         except Exception as err:  # pyarrow/json errors deep inside datasets: name the corpus and the cause

@@ -4,7 +4,10 @@
 the trainable units, builds one named param group per unit, and every `importance.interval` steps
 measures unit importance on general probe batches (from each rank's local partitions) and rescales
 the groups' learning rates. Checkpoints are DeepSpeed's own, plus the trainer state
-(step, data positions, importance, scales, RNG), so `--resume` continues exactly.
+(step, data positions, importance, scales, RNG), sealed as complete only once every rank has
+written (train_checkpoints.py), so `--resume` continues exactly from the newest complete one.
+A non-finite loss is caught before its backward pass and handled by `train.nonfinite`; SIGTERM
+checkpoints at the next step boundary (faults.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import gc
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,60 +30,22 @@ from tqdm import tqdm
 from adept_ds.config import RunConfig
 from adept_ds.data import load_blocks, sample_order
 from adept_ds.distributed import all_reduce_sum, init_distributed, local_share, on_cpu, rank_zero_first, shutdown_distributed
-from adept_ds.families import get_family
+from adept_ds.faults import EXIT_STOPPED, RankRegistry, StopRequest, exit_if_a_peer_died, fault_point
 from adept_ds.importance import AbsGradAccumulator, unit_importance
 from adept_ds.lr import ScaledScheduler, build_base_scheduler, lr_scales
+from adept_ds.preflight import check_corpus_size, launched_world_size, preflight
+from adept_ds.train_checkpoints import CHECKPOINT_DIR, checkpoint_info, incomplete_reason, mark_complete, newest_complete, tag_for
 from adept_ds.units import Unit, adept_units, build_param_groups, full_model_units, set_trainable
 
-CHECKPOINT_DIR = "checkpoints"
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped (after saving) on a non-finite loss, per `train.nonfinite`."""
 
 
-# ---------------------------------------------------------------------------------------------
-# DeepSpeed config: "auto" values come from the run config, so one file serves any world size.
+class Stopped(RuntimeError):
+    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint."""
 
-
-def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu: bool) -> dict:
-    ds = json.loads(Path(path).read_text())
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ValueError(
-                f"{path}: remove the '{section}' section; adept_ds builds the {section} from the run config "
-                f"('{section}:' keys) so that it can give every unit its own learning rate"
-            )
-    micro, gas = config.train.micro_batch_size, config.train.gradient_accumulation_steps
-    auto = {
-        ("train_micro_batch_size_per_gpu",): micro,
-        ("gradient_accumulation_steps",): gas,
-        ("train_batch_size",): micro * gas * world_size,
-        ("gradient_clipping",): config.train.gradient_clipping,
-        ("bf16", "enabled"): gpu,
-        ("fp16", "enabled"): False,
-        ("zero_optimization", "offload_optimizer", "pin_memory"): gpu,
-        ("zero_optimization", "offload_param", "pin_memory"): gpu,
-    }
-
-    def fill(node, keys):
-        for key, value in list(node.items()):
-            here = (*keys, key)
-            if isinstance(value, dict):
-                fill(value, here)
-            elif value == "auto":
-                if here not in auto:
-                    raise ValueError(f"{path}: '{'.'.join(here)}' is \"auto\" but adept_ds has no value for it; set it explicitly")
-                node[key] = auto[here]
-
-    fill(ds, ())
-    for keys in [("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",), ("train_batch_size",), ("gradient_clipping",)]:
-        ds.setdefault(keys[0], auto[keys])
-    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size:
-        raise ValueError(
-            f"{path}: train_batch_size={ds['train_batch_size']} != micro batch {ds['train_micro_batch_size_per_gpu']} x "
-            f'accumulation {ds["gradient_accumulation_steps"]} x world size {world_size}; set them to "auto"'
-        )
-    if not gpu and ds.get("bf16", {}).get("enabled"):
-        raise ValueError(f'{path}: bf16 is enabled but this run is on CPU; use "auto" (fp32 on CPU, bf16 on GPU)')
-    ds.setdefault("steps_per_print", 1 << 30)
-    return ds
+    exit_code = EXIT_STOPPED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +61,8 @@ class TrainState:
     probe_samples_seen: int = 0
     importance: list[float] | None = None
     scales: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    """Global batches dropped for a non-finite loss (they do not count as steps)."""
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -119,27 +87,19 @@ class Trainer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-        from adept_ds.checkpoint import open_checkpoint
         from adept_ds.demo_model import cache_root
-        from adept_ds.expand import read_manifest
 
-        config.validate_paths()
         self.config = config
         self.show_progress = show_progress
         self.output_dir = Path(config.output_dir)
-        checkpoint = open_checkpoint(config.model)
-        self.family = get_family(checkpoint.config.get("model_type"))
-        self.manifest = read_manifest(config.model) if config.spec.expanded else None
-        if self.manifest and self.manifest["num_layers"] != checkpoint.config["num_hidden_layers"]:
-            raise ValueError(
-                f"{config.model}: the manifest describes {self.manifest['num_layers']} layers but the model has "
-                f"{checkpoint.config['num_hidden_layers']}"
-            )
+        self.gpu = not on_cpu()
+        # Every input is checked before the process group exists: a bad value fails fast on every rank.
+        checked = preflight(config, launched_world_size(), self.gpu)
+        self.family, self.manifest, self.probe_layers = checked.family, checked.manifest, checked.probe_layers
+        self.ds_config = checked.ds_config
 
         self.rank, self.world_size = init_distributed()
-        self.gpu = not on_cpu()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
-        self.ds_config = resolve_ds_config(config.deepspeed, config, self.world_size, self.gpu)
         self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         random.seed(config.train.seed)
         np.random.seed(config.train.seed)
@@ -156,18 +116,14 @@ class Trainer:
             for name, path in corpora.items()
         }
         self.global_batch = config.train.micro_batch_size * config.train.gradient_accumulation_steps * self.world_size
-        if len(self.blocks["domain"]) < self.global_batch:
-            raise ValueError(
-                f"domain corpus {config.data.domain} has {len(self.blocks['domain'])} blocks of {config.data.block_size} tokens, "
-                f"fewer than one global batch ({self.global_batch}); add data or lower train.micro_batch_size"
-            )
+        check_corpus_size("domain", config.data.domain, len(self.blocks["domain"]), config, self.world_size)
 
         # Model: with ZeRO-3 the HfDeepSpeedConfig makes from_pretrained load straight into partitions.
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
         dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
         model.config.use_cache = False
-        self.units: list[Unit] = self._units(model, checkpoint)
+        self.units: list[Unit] = self._units(model)
         set_trainable(model, self.units)
         groups = build_param_groups(model, self.units, config.optimizer.lr, config.optimizer.weight_decay)
         self.numels = {name: getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters()}
@@ -186,8 +142,10 @@ class Trainer:
         self.params = dict(self.engine.module.named_parameters())
         self.state = TrainState(scales=[1.0] * len(self.units))
         self.writer = None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.registry = RankRegistry(self.output_dir, self.rank, self.world_size)
+        self.stop_request = StopRequest(self.registry)
         if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
             from torch.utils.tensorboard import SummaryWriter
@@ -196,18 +154,12 @@ class Trainer:
         if resume:
             self.load_checkpoint()
 
-    def _units(self, model, checkpoint) -> list[Unit]:
+    def _units(self, model) -> list[Unit]:
         trains = self.config.spec.trains
         if trains == "copies":
             return adept_units(model, self.family, self.manifest["copied_layers"])
         if trains == "probe_layers":
-            from adept_ds.checkpoint import fingerprint_checkpoint
-            from adept_ds.probe import layers_from_probe
-
-            layers = layers_from_probe(
-                self.config.probe, self.config.k, fingerprint_checkpoint(checkpoint), checkpoint.config["num_hidden_layers"]
-            )
-            return adept_units(model, self.family, layers)
+            return adept_units(model, self.family, self.probe_layers)
         return full_model_units(model)
 
     # -- data ---------------------------------------------------------------------------------
@@ -271,20 +223,58 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
 
-    def train_step(self) -> float:
+    def train_step(self) -> float | None:
+        """One optimizer step over the next global batch; None when the batch was dropped (non-finite loss)."""
         train = self.config.train
         order = sample_order(len(self.blocks["domain"]), train.seed, self.state.samples_seen, self.global_batch)
         losses = []
         for micro in range(train.gradient_accumulation_steps):
-            batch = self._batch(self.blocks["domain"], self._rank_slice(order, micro, train.micro_batch_size))
+            indices = self._rank_slice(order, micro, train.micro_batch_size)
+            batch = self._batch(self.blocks["domain"], indices)
             loss = self.engine(input_ids=batch, labels=batch).loss
+            # Before backward, so a NaN never reaches the weights; every rank must take the same branch.
+            bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], dtype=torch.float64)
+            if all_reduce_sum(bad).item() > 0:
+                self._drop_batch(loss, micro, indices)
+                return None
+            self.engine.set_gradient_accumulation_boundary(micro == train.gradient_accumulation_steps - 1)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().float())
         self.state.samples_seen += self.global_batch
         self.state.step += 1
-        mean = all_reduce_sum(torch.stack(losses).mean().reshape(1).double()) / self.world_size
-        return mean.item()
+        # One all-reduce carries the mean loss and whether any rank was asked to stop.
+        totals = all_reduce_sum(torch.stack([torch.stack(losses).mean().double(), torch.tensor(float(self.stop_request.requested))]))
+        if totals[1] > 0 and not self.stop_request.requested:
+            self.stop_request.signal_name = "a peer's stop request"
+        return (totals[0] / self.world_size).item()
+
+    def _drop_batch(self, loss: torch.Tensor, micro: int, indices: list[int]) -> None:
+        """Discard this global batch: no update, gradients of its earlier micro-batches thrown away."""
+        self.engine.optimizer.zero_grad()
+        self.engine.zero_grad()
+        if not torch.isfinite(loss).item():
+            tqdm.write(
+                f"rank {self.rank}: non-finite loss {loss.item()} at step {self.state.step + 1}, micro-batch {micro}, "
+                f"domain blocks {indices} (sample stream position {self.state.samples_seen})"
+            )
+        if self.config.train.nonfinite == "stop" or self.state.skipped_steps >= self.config.train.max_skipped_steps:
+            saved = self.save_checkpoint()  # the state before this batch: weights never saw it
+            reason = (
+                "train.nonfinite=stop"
+                if self.config.train.nonfinite == "stop"
+                else f"{self.state.skipped_steps} batches already skipped (train.max_skipped_steps)"
+            )
+            raise NonFiniteLoss(
+                f"non-finite loss at step {self.state.step + 1} (sample stream position {self.state.samples_seen}); "
+                f"stopped ({reason}) after saving {saved}. Fix the data or resume with train.nonfinite=skip"
+            )
+        if self.rank == 0:
+            record = {"step": self.state.step + 1, "skipped": True, "position": self.state.samples_seen}
+            with open(self.output_dir / "metrics.jsonl", "a") as metrics:
+                metrics.write(json.dumps(record) + "\n")
+        self.state.samples_seen += self.global_batch
+        self.state.skipped_steps += 1
 
     def train(self) -> list[float]:
         cfg = self.config
@@ -302,19 +292,21 @@ class Trainer:
                 self.update_learning_rates()
             started = time.perf_counter()
             loss = self.train_step()
+            if loss is None:
+                continue
             elapsed = time.perf_counter() - started
             losses.append(loss)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss {loss} at step {self.state.step}")
             if self.rank == 0:
                 self._log(loss, tokens_per_step / elapsed)
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / elapsed:.0f}")
+            if self.stop_request.requested:
+                saved = self.save_checkpoint()
+                raise Stopped(f"stopped by {self.stop_request.signal_name} at step {self.state.step} after saving {saved}")
             if cfg.train.save_interval and self.state.step % cfg.train.save_interval == 0:
                 self.save_checkpoint()
         progress.close()
-        if not (cfg.train.save_interval and self.state.step % cfg.train.save_interval == 0):
-            self.save_checkpoint()
+        self.save_checkpoint()
         return losses
 
     def _log(self, loss: float, tokens_per_s: float) -> None:
@@ -332,36 +324,54 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        """DeepSpeed's checkpoint plus our state and RNG; sealed (and `latest` moved) only once every rank wrote."""
         directory = self.output_dir / CHECKPOINT_DIR
-        tag = f"step{self.state.step:08d}"
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"trainer": self.state.state_dict()})
-        torch.save(_rng_state(), directory / tag / f"rng_rank{self.rank}.pt")
+        path = directory / tag_for(self.state.step)
+        if incomplete_reason(path) is None:
+            return path  # this very state is already saved (e.g. resumed at the end)
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # the remains of a write that was killed
         dist.barrier()
-        return directory / tag
+        self.engine.save_checkpoint(str(directory), tag=path.name, client_state={"trainer": self.state.state_dict()}, save_latest=False)
+        torch.save(_rng_state(), path / f"rng_rank{self.rank}.pt")
+        fault_point("checkpoint_written", self.state.step, self.rank)
+        dist.barrier()
+        if self.rank == 0:
+            mark_complete(path, self.state.step, self.world_size)
+        dist.barrier()
+        return path
 
     def load_checkpoint(self) -> None:
         directory = self.output_dir / CHECKPOINT_DIR
-        if not (directory / "latest").is_file():
-            raise ValueError(f"--resume: no checkpoint in {directory} (nothing to resume from)")
-        tag = (directory / "latest").read_text().strip()
-        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
+        path, skipped = newest_complete(directory)
+        if self.rank == 0:
+            for incomplete, reason in skipped:
+                tqdm.write(f"resume: ignoring incomplete checkpoint {incomplete} ({reason})")
         if path is None:
-            raise ValueError(f"--resume: DeepSpeed could not load checkpoint {directory / tag}")
+            raise ValueError(f"--resume: no complete checkpoint in {directory} (nothing to resume from)")
+        written_by = checkpoint_info(path)["world_size"]
+        if written_by != self.world_size:
+            raise ValueError(
+                f"--resume: {path} was written by {written_by} ranks but this run has {self.world_size}; ZeRO partitions "
+                f"only load at the same world size (export it with `adept-ds export` and start a new run from the export)"
+            )
+        loaded, client_state = self.engine.load_checkpoint(str(directory), tag=path.name)
+        if loaded is None:
+            raise ValueError(f"--resume: DeepSpeed could not load checkpoint {path}")
         self.state.load_state_dict(client_state["trainer"])
         self.scheduler.set_scales(self.state.scales)
-        rng_file = directory / tag / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
         if self.rank == 0:
-            tqdm.write(f"resumed from {directory / tag} at step {self.state.step}")
+            tqdm.write(f"resumed from {path} (the newest complete checkpoint) at step {self.state.step}")
 
     def latest_tag(self) -> str:
-        return (self.output_dir / CHECKPOINT_DIR / "latest").read_text().strip()
+        return newest_complete(self.output_dir / CHECKPOINT_DIR)[0].name
 
     def close(self, shutdown: bool = True) -> None:
         """Drop the engine (before the process group: see shutdown_distributed) and optionally end the group."""
         if self.writer is not None:
             self.writer.close()
+        self.stop_request.restore()
         del self.engine, self.optimizer, self.scheduler, self.params, self._hf_ds_config
         gc.collect()
         if shutdown:
@@ -374,8 +384,13 @@ def run_training(config: RunConfig, resume: bool = False, show_progress: bool = 
 
     trainer = Trainer(config, resume=resume, show_progress=show_progress)
     try:
-        losses = trainer.train()
+        try:
+            losses = trainer.train()
+        except (RuntimeError, dist.DistBackendError):
+            exit_if_a_peer_died(trainer.registry)  # a collective failed because a peer is gone: say which
+            raise
         tag, rank = trainer.latest_tag(), trainer.rank
+        trainer.registry.finished()  # from here on, this rank exiting is not a failure its peers must report
     finally:
         trainer.close()
     summary = {"losses": losses, "checkpoint": str(Path(config.output_dir) / CHECKPOINT_DIR / tag)}

@@ -15,6 +15,7 @@ import torch
 
 from adept_ds.checkpoint import CONFIG_NAME, INDEX_NAME
 from adept_ds.outputs import atomic_output_dir, check_output_dir
+from adept_ds.train_checkpoints import incomplete_reason, newest_complete
 
 _SKIP = {CONFIG_NAME, INDEX_NAME}
 
@@ -29,12 +30,15 @@ def export_checkpoint(
     checkpoint_dir = Path(checkpoint_dir)
     check_output_dir(output, overwrite)
     if tag is None:
-        latest = checkpoint_dir / "latest"
-        if not latest.is_file():
-            raise ValueError(f"{checkpoint_dir} has no 'latest' file; name the checkpoint tag to export")
-        tag = latest.read_text().strip()
+        newest, _ = newest_complete(checkpoint_dir)
+        if newest is None:
+            raise ValueError(f"{checkpoint_dir} holds no complete checkpoint; name the checkpoint tag to export")
+        tag = newest.name
     if not (checkpoint_dir / tag).is_dir():
         raise ValueError(f"checkpoint {checkpoint_dir / tag} does not exist")
+    reason = incomplete_reason(checkpoint_dir / tag)
+    if reason is not None:
+        raise ValueError(f"checkpoint {checkpoint_dir / tag} is incomplete ({reason}); export a complete one")
     trained = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, exclude_frozen_parameters=True)
     base_model = Path(base_model)
     dtype = getattr(AutoConfig.from_pretrained(base_model), "dtype", None) or torch.float32

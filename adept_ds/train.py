@@ -1,31 +1,53 @@
-"""`deepspeed launch/train.py --config RUN.yaml [key.sub=value ...] [--resume]` (also `deepspeed --module adept_ds.train`).
+"""`deepspeed launch/train.py --config RUN.yaml [key.sub=value ...] [--resume | --auto-resume]` (also `deepspeed --module adept_ds.train`).
 
 Parses, validates (before any process group starts), trains, exports.
+Exit codes: 0 done; 2 bad input; 143 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (rerun
+with --resume or --auto-resume); 1 any other failure (a non-finite loss under train.nonfinite=stop).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def _say(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # the same collective outcome on every rank: say it once
+        print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     from adept_ds.config import load_run_config
-    from adept_ds.engine import run_training
+    from adept_ds.engine import NonFiniteLoss, Stopped, run_training
+    from adept_ds.train_checkpoints import CHECKPOINT_DIR, newest_complete
 
     parser = argparse.ArgumentParser(prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (launch/configs/*.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    resume.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint if there is one, else start (requeued jobs)",
+    )
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by launchers without --no_local_rank
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
     args = parser.parse_args(argv)
     try:
         config = load_run_config(args.config, args.overrides)
         config.validate_paths()
+        resuming = args.resume or (args.auto_resume and newest_complete(os.path.join(config.output_dir, CHECKPOINT_DIR))[0] is not None)
+        summary = run_training(config, resume=resuming)
     except ValueError as err:
-        print(f"train: error: {err}", file=sys.stderr)
+        print(f"train: error: {err}", file=sys.stderr, flush=True)
         return 2
-    summary = run_training(config, resume=args.resume)
+    except Stopped as stop:
+        _say(f"train: {stop}; rerun with --resume (or --auto-resume) to continue")
+        return stop.exit_code
+    except NonFiniteLoss as err:
+        _say(f"train: error: {err}")
+        return 1
     if "export" in summary:
         print(f"exported {summary['export']}")
     return 0

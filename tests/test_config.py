@@ -3,7 +3,7 @@ import json
 import pytest
 
 from adept_ds.config import load_run_config
-from adept_ds.engine import resolve_ds_config
+from adept_ds.preflight import resolve_ds_config
 
 
 def test_yaml_with_overrides(tmp_path):

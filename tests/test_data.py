@@ -59,12 +59,22 @@ def test_sample_order_is_resumable_at_any_position():
         (b'{"body": "x"}\n', "has no text field 'text'"),
         (b'{"text": 5}\n', "not text"),
         (b"{not json\n", "cannot read corpus"),
+        (b'{"text": "fine"}\n{"text": "caf\xe9 latin-1"}\n', r"bad.jsonl line 2: byte 13 \(b'\\xe9'\) is not UTF-8"),
     ],
 )
 def test_bad_corpora(tmp_path, content, message):
+    """Each names the file and what is wrong; non-UTF-8 bytes would otherwise pass Arrow's JSON reader and
+    fail later inside tokenisation."""
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
     with pytest.raises(ValueError, match=message):
+        read_corpus(path)
+
+
+def test_non_utf8_text_file_names_the_line(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"one\ntwo \xff three\n")
+    with pytest.raises(ValueError, match=r"bad.txt line 2: byte 4 .* is not UTF-8"):
         read_corpus(path)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from adept_ds.config import load_run_config
-from adept_ds.engine import resolve_ds_config
+from adept_ds.preflight import resolve_ds_config
 
 REPO = Path(__file__).parent.parent
 RUN_CONFIGS = sorted((REPO / "launch" / "configs").glob("*.yaml"))

@@ -1,0 +1,140 @@
+"""Everything about a run's inputs that can be checked before any process group starts.
+
+`preflight()` runs on every rank before `init_distributed`, and in `adept-ds check` on the login
+node before a job is submitted: config values and paths, the model and its expansion manifest, a
+probe result's model fingerprint, the DeepSpeed config (with its "auto" values filled from the
+run config and its batch arithmetic checked against the world size), and a hostfile.
+Each error names the bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from adept_ds.config import RunConfig
+
+
+@dataclass
+class Preflight:
+    checkpoint: object
+    """The model checkpoint (adept_ds.checkpoint.Checkpoint)."""
+    family: object
+    manifest: dict | None
+    probe_layers: list[int] | None
+    ds_config: dict
+
+
+def preflight(config: RunConfig, world_size: int, gpu: bool) -> Preflight:
+    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.expand import read_manifest
+    from adept_ds.families import get_family
+    from adept_ds.probe import layers_from_probe
+
+    config.validate_paths()
+    checkpoint = open_checkpoint(config.model)
+    family = get_family(checkpoint.config.get("model_type"))
+    num_layers = checkpoint.config["num_hidden_layers"]
+    manifest = read_manifest(config.model) if config.spec.expanded else None
+    if manifest and manifest["num_layers"] != num_layers:
+        raise ValueError(
+            f"{config.model}: its expansion manifest describes {manifest['num_layers']} layers but the model has {num_layers}; "
+            "the manifest belongs to another model: re-run `adept-ds expand`"
+        )
+    probe_layers = None
+    if config.spec.trains == "probe_layers":
+        probe_layers = layers_from_probe(config.probe, config.k, fingerprint_checkpoint(checkpoint), num_layers)
+    ds_config = resolve_ds_config(config.deepspeed, config, world_size, gpu)
+    return Preflight(checkpoint, family, manifest, probe_layers, ds_config)
+
+
+def check_corpus_size(name: str, path: str, num_blocks: int, config: RunConfig, world_size: int) -> None:
+    """A corpus must fill at least one global batch (micro batch x accumulation x ranks)."""
+    train = config.train
+    global_batch = train.micro_batch_size * train.gradient_accumulation_steps * world_size
+    if num_blocks < global_batch:
+        raise ValueError(
+            f"{name} corpus {path} has {num_blocks} blocks of {config.data.block_size} tokens, fewer than one global batch "
+            f"({global_batch} = micro {train.micro_batch_size} x accumulation {train.gradient_accumulation_steps} x {world_size} ranks); "
+            "add data or lower train.micro_batch_size / data.block_size"
+        )
+
+
+def launched_world_size() -> int:
+    from adept_ds.distributed import discover_ranks
+
+    discover_ranks()  # mpirun sets only its own names (OMPI_COMM_WORLD_SIZE, PMI_SIZE): read them first
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu: bool) -> dict:
+    try:
+        ds = json.loads(Path(path).read_text())
+    except ValueError as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ValueError(
+                f"{path}: remove the '{section}' section; adept_ds builds the {section} from the run config "
+                f"('{section}:' keys) so that it can give every unit its own learning rate"
+            )
+    micro, gas = config.train.micro_batch_size, config.train.gradient_accumulation_steps
+    auto = {
+        ("train_micro_batch_size_per_gpu",): micro,
+        ("gradient_accumulation_steps",): gas,
+        ("train_batch_size",): micro * gas * world_size,
+        ("gradient_clipping",): config.train.gradient_clipping,
+        ("bf16", "enabled"): gpu,
+        ("fp16", "enabled"): False,
+        ("zero_optimization", "offload_optimizer", "pin_memory"): gpu,
+        ("zero_optimization", "offload_param", "pin_memory"): gpu,
+    }
+
+    def fill(node, keys):
+        for key, value in list(node.items()):
+            here = (*keys, key)
+            if isinstance(value, dict):
+                fill(value, here)
+            elif value == "auto":
+                if here not in auto:
+                    raise ValueError(f"{path}: '{'.'.join(here)}' is \"auto\" but adept_ds has no value for it; set it explicitly")
+                node[key] = auto[here]
+
+    fill(ds, ())
+    for keys in [("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",), ("train_batch_size",), ("gradient_clipping",)]:
+        ds.setdefault(keys[0], auto[keys])
+    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size:
+        raise ValueError(
+            f"{path}: train_batch_size={ds['train_batch_size']} != micro batch {ds['train_micro_batch_size_per_gpu']} x "
+            f'accumulation {ds["gradient_accumulation_steps"]} x world size {world_size}; set them to "auto"'
+        )
+    if not gpu and ds.get("bf16", {}).get("enabled"):
+        raise ValueError(f'{path}: bf16 is enabled but this run is on CPU; use "auto" (fp32 on CPU, bf16 on GPU)')
+    ds.setdefault("steps_per_print", 1 << 30)
+    return ds
+
+
+def read_hostfile(path: str | Path) -> dict[str, int]:
+    """Hosts and their slots from a DeepSpeed/MPI hostfile (`host slots=N` lines, # comments)."""
+    from deepspeed.launcher.runner import _parse_hostfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"hostfile {path} does not exist (DeepSpeed would silently fall back to this machine alone)")
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        host, _, rest = text.partition(" ")
+        slots = rest.strip()
+        if not host or not slots.startswith("slots=") or not slots[6:].isdigit() or " " in slots:
+            raise ValueError(f"hostfile {path} line {number}: {line!r} is not 'HOSTNAME slots=N' (e.g. 'worker-1 slots=8')")
+        if int(slots[6:]) < 1:
+            raise ValueError(f"hostfile {path} line {number}: {line!r} gives {host} no slots; need slots >= 1")
+    try:
+        return dict(_parse_hostfile(lines))  # DeepSpeed's own reading: what its launcher will see
+    except ValueError as err:
+        raise ValueError(f"hostfile {path}: {err}") from None

@@ -1,0 +1,226 @@
+"""Faults injected for real into 2-rank DeepSpeed ZeRO-3 training runs on CPU (`launch/train.py`).
+
+A rank is SIGKILLed mid-run, a checkpoint write is interrupted by killing a rank inside it, the job
+gets SIGTERM as Slurm preemption would deliver it, and NaN flows through the real model from
+poisoned embedding rows. Each run is then resumed and must reach the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from corpora import sentences, write_jsonl
+from distributed import cpu_env, free_port, run_deepspeed
+from model_checks import load_state
+from safetensors.torch import load_file, save_file
+from train_setup import REPO, make_training_inputs, overrides
+from transformers import AutoTokenizer
+
+from adept_ds.data import load_blocks, sample_order
+from adept_ds.train_checkpoints import COMPLETE_MARKER, incomplete_reason
+
+pytestmark = pytest.mark.dist
+
+TRAIN = REPO / "launch" / "train.py"
+STEPS = {"train.max_steps": 24, "train.save_interval": 4}
+
+
+def launch(args: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """`deepspeed launch/train.py args` in the background, in its own process group, output to `log`."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher), "--no_local_rank", "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN), *args]
+    with open(log, "w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=cpu_env(**env), start_new_session=True)
+
+
+def group_alive(process: subprocess.Popen) -> bool:
+    process.poll()  # reap the launcher: a zombie still counts as a member of its process group
+    try:
+        os.killpg(process.pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def wait_until(condition, timeout: float, process: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def logged_steps(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
+def rank_pid(run_dir: Path, rank: int) -> int:
+    return json.loads((run_dir / "ranks" / f"rank{rank}.json").read_text())["pid"]
+
+
+def assert_same_weights(left: Path, right: Path) -> None:
+    a, b = load_state(left), load_state(right)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 24-step run; `--auto-resume` in an empty output_dir simply starts it."""
+    root = tmp_path_factory.mktemp("faults")
+    inputs = make_training_inputs(root)
+    run_dir = root / "reference"
+    run_deepspeed(TRAIN, "--auto-resume", *overrides(inputs, run_dir, **STEPS))
+    return inputs, run_dir
+
+
+def test_a_killed_rank_ends_the_job_promptly_naming_it_and_resume_reaches_the_same_weights(reference, tmp_path):
+    inputs, reference_dir = reference
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    args = overrides(inputs, run_dir, **STEPS)
+    process = launch(args, log)
+    wait_until(lambda: logged_steps(run_dir) >= 6, 300, process, "step 6")
+    pid = rank_pid(run_dir, 1)
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: not group_alive(process), 90, process, "the job to end after rank 1 was killed")
+    assert time.monotonic() - killed < 30
+    assert process.wait() != 0
+    output = log.read_text()
+    assert f"rank 1 (pid {pid} on" in output and "died" in output, output[-3000:]
+
+    resumed = run_deepspeed(TRAIN, "--resume", *args)
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    assert_same_weights(run_dir / "final", reference_dir / "final")
+
+
+def test_a_checkpoint_interrupted_while_written_is_ignored_and_never_becomes_latest(reference, tmp_path):
+    inputs, reference_dir = reference
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    args = overrides(inputs, run_dir, **STEPS)
+    # Rank 1 is SIGKILLed after writing its part of the step-8 checkpoint, before the checkpoint is sealed.
+    process = launch(args, log, ADEPT_DS_FAULT="checkpoint_written:8:1")
+    wait_until(lambda: not group_alive(process), 300, process, "the job to end")
+    assert process.wait() != 0
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step00000004"
+    assert (checkpoints / "step00000008").is_dir() and not (checkpoints / "step00000008" / COMPLETE_MARKER).exists()
+    assert incomplete_reason(checkpoints / "step00000004") is None
+
+    resumed = run_deepspeed(TRAIN, "--resume", *args)
+    output = resumed.stderr + resumed.stdout
+    assert f"ignoring incomplete checkpoint {checkpoints / 'step00000008'}" in output
+    assert f"resumed from {checkpoints / 'step00000004'}" in output
+    assert_same_weights(run_dir / "final", reference_dir / "final")
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_auto_resume_continues(reference, tmp_path):
+    inputs, reference_dir = reference
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    args = overrides(inputs, run_dir, **{**STEPS, "train.save_interval": 0})  # no periodic checkpoints: only the one SIGTERM forces
+    process = launch(args, log)
+    wait_until(lambda: logged_steps(run_dir) >= 5, 300, process, "step 5")
+    os.killpg(process.pid, signal.SIGTERM)  # as Slurm signals every process of a job step
+    wait_until(lambda: not group_alive(process), 90, process, "the job to stop")
+    output = log.read_text()
+    stopped = [line for line in output.splitlines() if "stopped by SIGTERM at step" in line]
+    assert stopped, output[-3000:]
+    step = int(stopped[0].split("at step ")[1].split()[0])
+    assert 5 <= step < 24
+    checkpoint = run_dir / "checkpoints" / f"step{step:08d}"
+    assert incomplete_reason(checkpoint) is None
+    assert (run_dir / "checkpoints" / "latest").read_text() == checkpoint.name
+
+    resumed = run_deepspeed(TRAIN, "--auto-resume", *args)
+    assert f"resumed from {checkpoint}" in resumed.stderr + resumed.stdout
+    assert_same_weights(run_dir / "final", reference_dir / "final")
+
+
+# -- non-finite values --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory):
+    """NaN embedding rows for '#' (in some domain documents) and '~' (in every general document)."""
+    root = tmp_path_factory.mktemp("nan")
+    inputs = make_training_inputs(root)
+    domain = [text + (" #" if i % 12 == 5 else "") for i, text in enumerate(sentences(240, seed=1))]
+    inputs["domain"] = write_jsonl(root / "poisoned_domain.jsonl", domain)
+    inputs["general"] = write_jsonl(root / "poisoned_general.jsonl", [t + " ~" for t in sentences(160, seed=2)])
+    tokenizer = AutoTokenizer.from_pretrained(inputs["expanded"])
+    bad_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "#~"]
+    for file in inputs["expanded"].glob("*.safetensors"):
+        tensors = load_file(file)
+        if "model.embed_tokens.weight" in tensors:
+            tensors["model.embed_tokens.weight"][bad_ids] = float("nan")
+            save_file(tensors, file, metadata={"format": "pt"})
+    return inputs, root, bad_ids[0], tokenizer
+
+
+NAN_RUN = {"train.max_steps": 8, "train.save_interval": 0, "train.gradient_accumulation_steps": 2}
+
+
+def expected_skips(inputs, root, bad_id, tokenizer) -> tuple[list[int], list[int]]:
+    """Stream positions of the global batches holding a '#' block, and the step each would have been."""
+    blocks = load_blocks(inputs["domain"], tokenizer, 32, root / "blocks")
+    poisoned_blocks = {i for i, ids in enumerate(blocks["input_ids"]) if bad_id in ids.tolist()}
+    global_batch = 2 * 2 * 2
+    position, step, skipped, steps = 0, 0, [], []
+    while step < NAN_RUN["train.max_steps"]:
+        if poisoned_blocks & set(sample_order(len(blocks), 0, position, global_batch)):
+            skipped.append(position)
+            steps.append(step + 1)
+        else:
+            step += 1
+        position += global_batch
+    return skipped, steps
+
+
+def test_nonfinite_losses_skip_their_batch_and_nan_importance_keeps_finite_lrs(poisoned, tmp_path):
+    inputs, root, bad_id, tokenizer = poisoned
+    run_dir = tmp_path / "run"
+    result = run_deepspeed(TRAIN, *overrides(inputs, run_dir, **NAN_RUN, **{"data.cache_dir": root / "blocks"}))
+    skipped_positions, skipped_steps = expected_skips(inputs, root, bad_id, tokenizer)
+    assert 1 <= len(skipped_positions) <= 6  # the corpus is built so that some batches, not all, are poisoned
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["position"] for r in records if r.get("skipped")] == skipped_positions
+    assert [r["step"] for r in records if not r.get("skipped")] == list(range(1, 9))
+    assert all(math.isfinite(r["loss"]) for r in records if not r.get("skipped"))
+    output = result.stderr + result.stdout
+    assert f"non-finite loss nan at step {skipped_steps[0]}" in output and "domain blocks [" in output
+
+    history = [json.loads(line) for line in (run_dir / "importance_history.jsonl").read_text().splitlines()]
+    assert history and all(math.isnan(v) for record in history for v in record["importance"].values())
+    assert all(scale == 1.0 for record in history for scale in record["scales"].values())
+    final = load_state(run_dir / "final")
+    assert all(torch.isfinite(t).all() for name, t in final.items() if name != "model.embed_tokens.weight")
+    copied = [name for name in final if name.startswith("model.layers.2.")]
+    assert any(not torch.equal(final[name], load_state(inputs["expanded"])[name]) for name in copied)  # it did train
+
+
+def test_nonfinite_loss_with_stop_policy_saves_the_state_before_it_and_exits(poisoned, tmp_path):
+    inputs, root, bad_id, tokenizer = poisoned
+    run_dir = tmp_path / "run"
+    args = overrides(inputs, run_dir, **NAN_RUN, **{"data.cache_dir": root / "blocks", "train.nonfinite": "stop"})
+    result = run_deepspeed(TRAIN, *args, check=False)
+    _, skipped_steps = expected_skips(inputs, root, bad_id, tokenizer)
+    first_bad = skipped_steps[0]
+    assert result.returncode != 0
+    output = result.stderr + result.stdout
+    saved = run_dir / "checkpoints" / f"step{first_bad - 1:08d}"
+    assert f"non-finite loss at step {first_bad}" in output and f"after saving {saved}" in output
+    assert incomplete_reason(saved) is None
+    assert not (run_dir / "final").exists()

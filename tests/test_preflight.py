@@ -1,0 +1,109 @@
+"""`adept-ds check` and the pre-flight checks every rank runs before a process group exists."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from train_setup import REPO, make_training_inputs, overrides
+
+from adept_ds.cli import main as cli_main
+from adept_ds.expand import MANIFEST_NAME
+from adept_ds.preflight import read_hostfile
+from adept_ds.train import main as train_main
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_training_inputs(tmp_path_factory.mktemp("preflight"))
+
+
+def check(capsys, *args) -> tuple[int, str]:
+    code = cli_main(["check", "--device", "cpu", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_check_accepts_a_good_run_and_reports_the_batch_arithmetic(inputs, tmp_path, capsys):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two workers\nworker-0 slots=4\n\nworker-1 slots=4\n")
+    code, output = check(capsys, "--hostfile", hostfile, "--num-gpus", 2, *overrides(inputs, tmp_path / "run"))
+    assert code == 0, output
+    assert "world: 4 ranks (2 hosts" in output and "global batch 8 = micro 2 x accumulation 1 x 4 ranks" in output
+    assert "ok: nothing wrong found" in output
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("worker-0 slots=4\nworker-1 4\n", r"line 2: 'worker-1 4' is not 'HOSTNAME slots=N'"),
+        ("worker-0 slots=four\n", r"line 1: 'worker-0 slots=four' is not 'HOSTNAME slots=N'"),
+        ("worker-0 slots=0\n", r"line 1: 'worker-0 slots=0' gives worker-0 no slots"),
+        ("worker-0 slots=2\nworker-0 slots=2\n", "multiple entries for worker-0"),
+        ("# only a comment\n", "empty"),
+    ],
+)
+def test_bad_hostfiles_name_the_line(tmp_path, text, message):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_hostfile(hostfile)
+
+
+def test_a_missing_hostfile_is_an_error_not_a_silent_single_node_run(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        read_hostfile(tmp_path / "nope")
+
+
+def test_batch_arithmetic_is_checked_against_the_hostfile_world_size(inputs, tmp_path, capsys):
+    ds_config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds_config["train_batch_size"] = 8
+    path = tmp_path / "fixed_batch.json"
+    path.write_text(json.dumps(ds_config))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("a slots=3\n")
+    code, output = check(capsys, "--hostfile", hostfile, *overrides(inputs, tmp_path / "run", deepspeed=path))
+    assert code == 2
+    assert "train_batch_size=8 != micro batch 2 x accumulation 1 x world size 3" in output
+
+
+def test_a_manifest_from_another_model_is_refused(inputs, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(inputs["expanded"], model)
+    manifest = json.loads((model / MANIFEST_NAME).read_text())
+    manifest["num_layers"] += 2
+    (model / MANIFEST_NAME).write_text(json.dumps(manifest))
+    code, output = check(capsys, "--skip-data", *overrides(inputs, tmp_path / "run", model=model))
+    assert code == 2
+    assert "manifest describes 8 layers but the model has 6" in output
+
+
+def test_a_probe_file_from_another_model_is_refused(inputs, tmp_path, capsys):
+    from adept_ds.probe import write_probe_result
+
+    probe = tmp_path / "probe.json"
+    result = {"format": "adept_ds.probe/1", "method": "mask", "scores": [0.1, 0.2, 0.3, 0.4], "base_loss": 5.0}
+    write_probe_result(probe, {**result, "model_fingerprint": "0123abcd"})
+    args = overrides(inputs, tmp_path / "run", model=inputs["original"], method="adept_no_stage1", probe=probe, k=2)
+    code, output = check(capsys, "--skip-data", *args)
+    assert code == 2
+    assert "was measured on a different model (fingerprint 0123abcd" in output
+
+
+def test_a_corpus_smaller_than_one_global_batch_is_refused(inputs, tmp_path, capsys):
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text(json.dumps({"text": "x" * 100}) + "\n")  # 101 tokens with EOS: 3 blocks of 32
+    code, output = check(capsys, "--num-gpus", 2, *overrides(inputs, tmp_path / "run", **{"data.domain": tiny}))
+    assert code == 2
+    assert "fewer than one global batch (4 = micro 2 x accumulation 1 x 2 ranks)" in output
+
+
+def test_train_rejects_bad_input_before_any_process_group(inputs, tmp_path, capsys):
+    code = train_main(overrides(inputs, tmp_path / "run", **{"train.nonfinite": "ignore"}))
+    assert code == 2
+    assert "train.nonfinite='ignore': choose one of skip, stop" in capsys.readouterr().err
+    import torch.distributed
+
+    assert not torch.distributed.is_initialized()
