@@ -224,3 +224,55 @@ def test_nonfinite_loss_with_stop_policy_saves_the_state_before_it_and_exits(poi
     assert f"non-finite loss at step {first_bad}" in output and f"after saving {saved}" in output
     assert incomplete_reason(saved) is None
     assert not (run_dir / "final").exists()
+
+
+# -- checkpoints and exports on disk -------------------------------------------------------------
+
+
+def test_a_truncated_checkpoint_file_makes_it_incomplete(reference, tmp_path):
+    import shutil
+
+    from adept_ds.train_checkpoints import newest_complete
+
+    _, reference_dir = reference
+    checkpoints = tmp_path / "checkpoints"
+    for tag in ("step00000020", "step00000024"):
+        shutil.copytree(reference_dir / "checkpoints" / tag, checkpoints / tag)
+    victim = next((checkpoints / "step00000024").glob("*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    newest, skipped = newest_complete(checkpoints)
+    assert newest == checkpoints / "step00000020"
+    assert [(path, reason.split(",")[0]) for path, reason in skipped] == [(checkpoints / "step00000024", f"{victim.name} has 100 bytes")]
+
+
+def test_resume_at_another_world_size_is_refused(reference, tmp_path):
+    import shutil
+
+    inputs, reference_dir = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_dir / "checkpoints", run_dir / "checkpoints")
+    result = run_deepspeed(TRAIN, "--resume", *overrides(inputs, run_dir, **STEPS), num_procs=1, check=False)
+    assert result.returncode == 2
+    assert "step00000024 was written by 2 ranks but this run has 1" in result.stderr
+
+
+def test_a_failed_export_leaves_the_previous_export_untouched(reference, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    from adept_ds.export import export_checkpoint
+
+    inputs, reference_dir = reference
+    output = tmp_path / "export"
+    export_checkpoint(reference_dir / "checkpoints", "step00000020", inputs["expanded"], output)
+    before = load_state(output)
+
+    def disk_full(self, directory, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_checkpoint(reference_dir / "checkpoints", "step00000024", inputs["expanded"], output)
+    after = load_state(output)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no partial directory left behind
