@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 
 def launched_distributed() -> bool:
-    """True under a launcher (deepspeed, torchrun, mpirun with our env) that started several ranks."""
+    """True under a launcher (deepspeed, torchrun, mpirun, mpiexec) that started several ranks."""
+    discover_ranks()
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -46,15 +47,14 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-# Where each launcher puts (rank, world size, local rank, local world size). The DeepSpeed launcher and
-# torchrun set RANK/WORLD_SIZE themselves; mpirun sets only its own names.
+# Where mpirun/mpiexec put (rank, world size, local rank, local world size). The DeepSpeed launcher and
+# torchrun set RANK/WORLD_SIZE/LOCAL_RANK themselves.
 _MPI_RANK_VARS = [
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),  # Open MPI
-    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),  # MPICH / Intel MPI (Hydra)
-    ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK", "PMIX_LOCAL_SIZE"),  # PMIx launchers
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),  # MPICH, Intel MPI, MVAPICH (Hydra)
 ]
-_MPI_ENV_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "HYDRA_", "MV2_", "I_MPI_")
-DEFAULT_MASTER_PORT = 29500
+# Signs that an MPI launcher started us under names we do not read (PMIx, MVAPICH's mpirun_rsh): ask mpi4py.
+_MPI_MARKERS = ("OMPI_COMM_WORLD_", "PMI_", "PMIX_RANK", "MV2_COMM_WORLD_")
 
 
 def discover_ranks() -> None:
@@ -63,26 +63,25 @@ def discover_ranks() -> None:
     The DeepSpeed launcher (local, hostfile or no-ssh multi-node) and torchrun already set the ranks;
     mpirun/mpiexec set them under their own names, read here, with mpi4py as the fallback for MPIs
     whose names we do not know. The master address and port come from the environment when given
-    (`mpirun -x MASTER_ADDR=... -x MASTER_PORT=...`); otherwise rank 0 broadcasts them over MPI:
-    127.0.0.1 when every rank is on one node, else its host name, and a port it found free. Setting
-    all of them here also stops DeepSpeed's own MPI discovery, which guesses the address from
-    `hostname -I` (often the wrong interface) and always takes port 29500. A plain `python` run
-    (no launcher) is left alone.
+    (`mpirun -x MASTER_ADDR=... -x MASTER_PORT=...`); otherwise rank 0 broadcasts them over MPI
+    (127.0.0.1 when every rank is on its node, else its host name; a port it found free). Setting all
+    of them also stops DeepSpeed's own MPI discovery, which takes the first address of `hostname -I`
+    (often the wrong interface) and always port 29500. A plain `python` run is left alone.
     """
     env = os.environ
     if "RANK" not in env or "WORLD_SIZE" not in env:
-        names = next((names for names in _MPI_RANK_VARS if names[0] in env and names[1] in env), None)
+        names = next((names for names in _MPI_RANK_VARS if all(name in env for name in names[:3])), None)
         if names is not None:
-            for ours, theirs in zip(("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"), names):
-                if theirs in env:
-                    env[ours] = env[theirs]
-        elif any(key.startswith(_MPI_ENV_PREFIXES) for key in env):
+            rank, size, local_rank, local_size = names
+            env.update(RANK=env[rank], WORLD_SIZE=env[size], LOCAL_RANK=env[local_rank])
+            if local_size in env:
+                env["LOCAL_WORLD_SIZE"] = env[local_size]
+        elif any(key.startswith(_MPI_MARKERS) for key in env):
             _ranks_from_mpi4py()
         else:
             return
-    env.setdefault("LOCAL_RANK", "0" if env["WORLD_SIZE"] == "1" else env.get("LOCAL_RANK", ""))
-    if not env["LOCAL_RANK"]:
-        raise ValueError(f"rank {env['RANK']} of {env['WORLD_SIZE']}: the launcher gave no local rank; set LOCAL_RANK")
+    if "LOCAL_RANK" not in env:
+        raise RuntimeError(f"rank {env['RANK']} of {env['WORLD_SIZE']}: the launcher set no LOCAL_RANK; set it")
     env.setdefault("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env["WORLD_SIZE"]))  # DeepSpeed's launcher: LOCAL_SIZE
     if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
         addr, port = _master_from_rank_zero()
@@ -90,23 +89,23 @@ def discover_ranks() -> None:
         env.setdefault("MASTER_PORT", str(port))
 
 
-def _mpi_comm():
+def _mpi_world():
     try:
         from mpi4py import MPI
-    except ImportError as err:  # the wheel has no MPI inside; it needs one installed (openmpi-bin, mpich)
+    except ImportError as err:  # the mpi4py wheel holds no MPI: it needs one installed (openmpi-bin, mpich)
         raise RuntimeError(
-            f"started by an MPI launcher that adept_ds does not know, and mpi4py cannot load ({err}); "
-            "set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT yourself"
+            f"an MPI launcher started this process but mpi4py cannot load ({err}); "
+            "set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, or install an MPI"
         ) from err
     return MPI, MPI.COMM_WORLD
 
 
 def _ranks_from_mpi4py() -> None:
-    MPI, comm = _mpi_comm()
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node's memory
+    MPI, world = _mpi_world()
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks that share this node's memory
     os.environ.update(
-        RANK=str(comm.Get_rank()),
-        WORLD_SIZE=str(comm.Get_size()),
+        RANK=str(world.Get_rank()),
+        WORLD_SIZE=str(world.Get_size()),
         LOCAL_RANK=str(node.Get_rank()),
         LOCAL_WORLD_SIZE=str(node.Get_size()),
     )
@@ -114,20 +113,19 @@ def _ranks_from_mpi4py() -> None:
 
 
 def _master_from_rank_zero() -> tuple[str, int]:
-    """Rank 0's address and a free port, known to every rank (over MPI when there are several)."""
+    """MASTER_ADDR/MASTER_PORT where the environment has them, else rank 0's choice broadcast over MPI."""
     import socket
 
     env = os.environ
-    one_node = env["LOCAL_WORLD_SIZE"] == env["WORLD_SIZE"]
     if env["WORLD_SIZE"] == "1":
-        return "127.0.0.1", int(env.get("MASTER_PORT", _free_port()))
-    _, comm = _mpi_comm()
-    mine = None
-    if comm.Get_rank() == 0:
-        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if one_node else socket.getfqdn())
-        port = int(env.get("MASTER_PORT") or (_free_port() if one_node else DEFAULT_MASTER_PORT))
-        mine = (addr, port)
-    return comm.bcast(mine, root=0)
+        return env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or _free_port())
+    _, world = _mpi_world()
+    chosen = None
+    if world.Get_rank() == 0:
+        # Other nodes resolve rank 0's host name themselves; the rendezvous listens on every interface.
+        one_node = env["LOCAL_WORLD_SIZE"] == env["WORLD_SIZE"]
+        chosen = env.get("MASTER_ADDR") or ("127.0.0.1" if one_node else socket.gethostname()), int(env.get("MASTER_PORT") or _free_port())
+    return world.bcast(chosen, root=0)
 
 
 def _without_shm_all_reduce() -> None:

@@ -110,8 +110,9 @@ def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu:
             f"{path}: train_batch_size={ds['train_batch_size']} != micro batch {ds['train_micro_batch_size_per_gpu']} x "
             f'accumulation {ds["gradient_accumulation_steps"]} x world size {world_size}; set them to "auto"'
         )
-    if not gpu and ds.get("bf16", {}).get("enabled"):
-        raise ValueError(f'{path}: bf16 is enabled but this run is on CPU; use "auto" (fp32 on CPU, bf16 on GPU)')
+    for precision in ("bf16", "fp16"):
+        if not gpu and ds.get(precision, {}).get("enabled"):
+            raise ValueError(f'{path}: {precision} is enabled but this run is on CPU; use zero3.json ("auto": fp32 on CPU, bf16 on GPU)')
     ds.setdefault("steps_per_print", 1 << 30)
     return ds
 

@@ -27,8 +27,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# What a launcher sets for its ranks. A test that ran a world of one in-process leaves them in our
+# environment; passed on, they would make every rank of a launched job think it is rank 0 of 1.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARS}
     env.update(
         DS_ACCELERATOR="cpu",
         PYTHONWARNINGS="ignore::FutureWarning",

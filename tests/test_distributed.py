@@ -42,7 +42,8 @@ def test_two_rank_zero3_run_matches_single_process_training(tmp_path):
 
 def test_single_process_world_of_one(monkeypatch):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # so that monkeypatch restores each afterwards, also the ones we set
+        monkeypatch.delenv(var)
     assert init_distributed() == (0, 1)
     shutdown_distributed()
     assert not torch.distributed.is_initialized()

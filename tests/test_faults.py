@@ -34,10 +34,10 @@ TRAIN = REPO / "launch" / "train.py"
 STEPS = {"train.max_steps": 24, "train.save_interval": 4}
 
 
-def launch(args: list[str], log: Path, **env: str) -> subprocess.Popen:
-    """`deepspeed launch/train.py args` in the background, in its own process group, output to `log`."""
+def launch(args: list[str], log: Path, wrapper: list[str] = (), **env: str) -> subprocess.Popen:
+    """`[wrapper] deepspeed launch/train.py args` in the background, in its own process group, output to `log`."""
     launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--no_local_rank", "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN), *args]
+    command = [*wrapper, str(launcher), "--no_local_rank", "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN), *args]
     with open(log, "w") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=cpu_env(**env), start_new_session=True)
 
@@ -126,14 +126,21 @@ def test_a_checkpoint_interrupted_while_written_is_ignored_and_never_becomes_lat
     assert_same_weights(run_dir / "final", reference_dir / "final")
 
 
-def test_sigterm_checkpoints_at_the_next_step_and_auto_resume_continues(reference, tmp_path):
+@pytest.mark.parametrize("delivery", ["every process (Slurm)", "main process of run_session.sh (docker stop)"])
+def test_sigterm_checkpoints_at_the_next_step_and_auto_resume_continues(reference, tmp_path, delivery):
     inputs, reference_dir = reference
     run_dir, log = tmp_path / "run", tmp_path / "log.txt"
     args = overrides(inputs, run_dir, **{**STEPS, "train.save_interval": 0})  # no periodic checkpoints: only the one SIGTERM forces
-    process = launch(args, log)
+    docker = "docker" in delivery
+    process = launch(args, log, wrapper=[str(REPO / "launch" / "run_session.sh")] if docker else [])
     wait_until(lambda: logged_steps(run_dir) >= 5, 300, process, "step 5")
-    os.killpg(process.pid, signal.SIGTERM)  # as Slurm signals every process of a job step
-    wait_until(lambda: not group_alive(process), 90, process, "the job to stop")
+    if docker:
+        process.send_signal(signal.SIGTERM)  # docker stop signals only the container's main process
+        assert process.wait(timeout=90) == 143  # ...which returns once every rank has saved and exited
+        assert not group_alive(process)
+    else:
+        os.killpg(process.pid, signal.SIGTERM)  # as Slurm signals every process of a job step
+        wait_until(lambda: not group_alive(process), 90, process, "the job to stop")
     output = log.read_text()
     stopped = [line for line in output.splitlines() if "stopped by SIGTERM at step" in line]
     assert stopped, output[-3000:]

@@ -1,8 +1,12 @@
 """Every shipped run config and DeepSpeed config loads, resolves and points at real files."""
 
+import contextlib
+import json
 from pathlib import Path
 
 import pytest
+from distributed import read_rank_results, run_deepspeed
+from train_setup import make_training_inputs, overrides
 
 from adept_ds.config import load_run_config
 from adept_ds.preflight import resolve_ds_config
@@ -10,6 +14,8 @@ from adept_ds.preflight import resolve_ds_config
 REPO = Path(__file__).parent.parent
 RUN_CONFIGS = sorted((REPO / "launch" / "configs").glob("*.yaml"))
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+# Configs that force bf16 or fp16 are for GPUs; every other one must also run on CPU (fp32).
+CPU_DS_CONFIGS = [p for p in DS_CONFIGS if not any(json.loads(p.read_text()).get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))]
 
 
 def test_configs_are_shipped():
@@ -25,12 +31,42 @@ def test_run_config_loads_and_names_real_files(path):
             assert (REPO / corpus).is_file(), corpus
 
 
-@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+# Every config on GPU; on CPU only those that do not force bf16/fp16 (those are refused there, tested below).
+RESOLVE_CASES = [(path, gpu) for path in DS_CONFIGS for gpu in (False, True) if gpu or path in CPU_DS_CONFIGS]
+
+
+@pytest.mark.parametrize("path,gpu", RESOLVE_CASES, ids=lambda v: v.name if isinstance(v, Path) else ("gpu" if v else "cpu"))
 @pytest.mark.parametrize("world_size", [1, 2, 16])
-@pytest.mark.parametrize("gpu", [False, True])
 def test_ds_config_resolves_for_any_world_size(path, world_size, gpu):
     config = load_run_config(RUN_CONFIGS[0])
     resolved = resolve_ds_config(path, config, world_size, gpu)
     assert resolved["train_batch_size"] == config.train.micro_batch_size * config.train.gradient_accumulation_steps * world_size
     assert "auto" not in str(resolved)
     assert resolved["zero_optimization"]["stage"] in (1, 2, 3)
+
+
+def test_gpu_precision_variants_are_shipped():
+    gpu_only = {p.name: json.loads(p.read_text()) for p in DS_CONFIGS if p not in CPU_DS_CONFIGS}
+    assert gpu_only["zero3_bf16.json"]["bf16"]["enabled"] is True and gpu_only["zero3_fp16.json"]["fp16"]["enabled"] is True
+    assert {config["zero_optimization"]["stage"] for config in gpu_only.values()} == {2, 3}
+    for path in DS_CONFIGS:
+        refused = path.name.endswith(("_bf16.json", "_fp16.json"))
+        with pytest.raises(ValueError, match="(bf16|fp16) is enabled but this run is on CPU") if refused else contextlib.nullcontext():
+            resolve_ds_config(path, load_run_config(RUN_CONFIGS[0]), 2, gpu=False)
+
+
+@pytest.mark.dist
+def test_every_cpu_ds_config_trains_a_step(tmp_path):
+    """Each ZeRO stage (1, 2, 3, 3 with CPU offload) takes a real step on 2 CPU ranks, from the same start
+    to the same first loss."""
+    inputs = make_training_inputs(tmp_path)
+    names = ",".join(str(p) for p in CPU_DS_CONFIGS)
+    run_deepspeed(
+        "each_ds_config.py", tmp_path, names, *overrides(inputs, tmp_path / "unused", **{"train.max_steps": 1, "train.save_interval": 0})
+    )
+    results = read_rank_results(tmp_path, world_size=2)
+    first = results[0]["first_loss"]
+    assert {v["stage"] for v in first.values()} == {1, 2, 3} and "zero3_offload" in first
+    assert results[1]["first_loss"] == first
+    losses = [v["loss"] for v in first.values()]
+    assert losses == pytest.approx([losses[0]] * len(losses), rel=1e-5)

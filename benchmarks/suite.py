@@ -1,0 +1,226 @@
+"""The benchmark suite: ADEPT's step time against its FLOP limit, importance overhead, memory, probe cost.
+
+    python benchmarks/suite.py [--output benchmarks/results] [--timed-steps 4] [--block-size 256]
+
+On the demo model (SmolLM2-135M, 30 layers), side by side in one run, under the same DeepSpeed
+ZeRO-3 config, batch and sequence length, with real launcher processes:
+1. step time of `adept` (k=4 copies) versus `pt_full`, for the probe's placement (the least
+   important layers, mid-network on this model) and for copies in the top third, each beside the
+   limit a FLOP count gives (benchmarks/flop_model.py);
+2. the cost of one unit-importance recompute, as a share of training time at interval 500;
+3. peak memory per rank (RSS on CPU, max allocated on GPU) of adept versus pt_full;
+4. mask probing with activation reuse versus the naive way (benchmarks/probe_cost.py);
+5. tokens per second per rank (and model FLOPs utilisation on GPU, given --peak-tflops).
+Writes `<output>/suite-<device>.json` and `.md`, and prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).parent
+REPO = BENCHMARKS.parent
+TARGETS = {"step_ratio_over_limit": 1.10, "importance_overhead": 0.03, "memory_ratio": 0.5, "probe_ratio": 0.6}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    import deepspeed
+
+    info["deepspeed"] = deepspeed.__version__
+    return info
+
+
+def placements(original: Path, output: Path, probe_tokens: int, k: int) -> tuple[dict, dict]:
+    """The probe's k least important layers, and the k least important within the top third."""
+    from adept_ds.checkpoint import open_checkpoint
+    from adept_ds.pipeline import GENERAL
+    from adept_ds.probe import probe_model, rank_layers, read_probe_result
+
+    probe_file = output / "probe.json"
+    started = time.perf_counter()
+    probe_model(original, GENERAL, probe_file, method="mask", max_tokens=probe_tokens, block_size=128, batch_size=4, show_progress=False)
+    probe_seconds = time.perf_counter() - started
+    scores = read_probe_result(probe_file)["scores"]
+    num_layers = open_checkpoint(original).config["num_hidden_layers"]
+    ranked = rank_layers(scores)  # least important first
+    top_third = [layer for layer in ranked if layer >= num_layers * 2 // 3]
+    layers = {"middle (probe)": sorted(ranked[:k]), "top third": sorted(top_third[:k])}
+    return layers, {"tokens": probe_tokens, "seconds": probe_seconds, "scores": scores}
+
+
+def run_ranks(name: str, method: str, model: Path, output: Path, args) -> list[dict]:
+    from adept_ds.pipeline import DOMAIN_TRAIN, GENERAL
+
+    result_dir = output / "runs" / name
+    result_dir.mkdir(parents=True, exist_ok=True)
+    overrides = {
+        "model": model,
+        "method": method,
+        "deepspeed": REPO / "ds_configs" / "zero3.json",
+        "output_dir": result_dir / "run",
+        "data.domain": DOMAIN_TRAIN,
+        "data.general": GENERAL,
+        "data.block_size": args.block_size,
+        "train.micro_batch_size": args.micro_batch_size,
+        "train.max_steps": 1000,
+        "scheduler.type": "constant",
+        "importance.interval": 500,
+    }
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher), "--no_local_rank", "--num_gpus", str(args.num_procs), "--master_port", str(args.port)]
+    command += [str(BENCHMARKS / "train_step.py"), str(result_dir), str(args.warmup_steps), str(args.timed_steps), "2"]
+    command += [f"{key}={value}" for key, value in overrides.items()]
+    env = dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning")
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    print(f"[suite] {name}: {method} on {model.name}, {args.warmup_steps} + {args.timed_steps} steps", flush=True)
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
+    return [json.loads((result_dir / f"rank{rank}.json").read_text()) for rank in range(args.num_procs)]
+
+
+def summarise(ranks: list[dict]) -> dict:
+    # Ranks step in lockstep (collectives): the slowest rank's median is the job's step time.
+    step = max(statistics.median(r["step_seconds"]) for r in ranks)
+    importance = max(statistics.median(r["importance_seconds"]) for r in ranks) if ranks[0]["importance_seconds"] else None
+    peak = "peak_gpu_mb" if ranks[0]["peak_gpu_mb"] is not None else "peak_rss_mb"
+    return {
+        "step_seconds": step,
+        "importance_seconds": importance,
+        "peak_memory_mb": max(r[peak] for r in ranks),
+        "memory_kind": "GPU max allocated" if peak == "peak_gpu_mb" else "RSS",
+        "tokens_per_second_per_rank": ranks[0]["tokens_per_step_per_rank"] / step,
+        "trainable_parameters": ranks[0]["trainable_parameters"],
+        "parameters": ranks[0]["parameters"],
+    }
+
+
+def markdown(result: dict) -> str:
+    base = result["runs"]["pt_full"]
+    lines = [
+        f"Machine: {result['machine']['cpu']} ({result['machine']['cores']} cores)"
+        + (f", GPU {result['machine']['gpu']}" if "gpu" in result["machine"] else "")
+        + f"; {result['settings']['num_procs']} ranks, ZeRO-3, {result['settings']['micro_batch_size']} x {result['settings']['block_size']} "
+        f"tokens per rank per step; {result['date']}; {result['seconds']:.0f} s in all.",
+        "",
+        "| run | trainable / all params | step s | vs pt_full | FLOP limit | ratio / limit | tokens/s/rank | peak MB | memory vs pt_full |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in result["runs"].items():
+        ratio = run["step_seconds"] / base["step_seconds"]
+        limit = run.get("flop_limit")
+        lines.append(
+            f"| {name}{' layers ' + str(run['layers']) if 'layers' in run else ''} | "
+            f"{run['trainable_parameters'] / 1e6:.1f}M / {run['parameters'] / 1e6:.1f}M | {run['step_seconds']:.2f} | {ratio:.3f} | "
+            f"{f'{limit:.3f}' if limit else '1'} | {f'{ratio / limit:.3f}' if limit else '-'} | {run['tokens_per_second_per_rank']:.0f} | "
+            f"{run['peak_memory_mb']:.0f} | {run['peak_memory_mb'] / base['peak_memory_mb']:.3f} |"
+        )
+    lines += ["", "| measure | value | target |", "|---|---|---|"]
+    for check in result["checks"]:
+        lines.append(f"| {check['measure']} | {check['value']:.4f} | {check['target']} ({'met' if check['met'] else 'NOT met'}) |")
+    lines += ["", "| probe model | naive s | reuse s | reuse / naive | predicted from unit costs |", "|---|---|---|---|---|"]
+    for probe in result["probe_cost"]:
+        lines.append(
+            f"| {probe['model']} | {probe['naive_s']:.2f} | {probe['reuse_s']:.2f} | {probe['ratio']:.3f} | {probe['floor']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=str(BENCHMARKS / "results"))
+    parser.add_argument("--num-procs", type=int, default=2)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--timed-steps", type=int, default=4)
+    parser.add_argument("--probe-tokens", type=int, default=1024, help="tokens for the probe that picks the placement")
+    parser.add_argument("--probe-models", default="demo,llama-30L", help="models for the probe-cost measurement")
+    parser.add_argument("--peak-tflops", type=float, help="the accelerator's peak dense TFLOP/s, for model FLOPs utilisation")
+    parser.add_argument("--port", type=int, default=29731)
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from flop_model import adept_limit, full_step_flops
+    from probe_cost import measure, random_llama_30l
+    from transformers import AutoModelForCausalLM
+
+    from adept_ds.demo_model import fetch_demo_model
+    from adept_ds.expand import expand_checkpoint, read_manifest
+
+    started = time.time()
+    output = Path(args.output)
+    work = output / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    original = fetch_demo_model()
+    config = json.loads((original / "config.json").read_text())
+
+    layers, probe = placements(original, work, args.probe_tokens, k=4)
+    runs = {"pt_full": summarise(run_ranks("pt_full", "pt_full", original, work, args))}
+    for label, chosen in layers.items():
+        expanded = work / "models" / label.split()[0]
+        if not (expanded / "adept_expansion.json").is_file() or read_manifest(expanded)["expanded_layers"] != chosen:
+            expand_checkpoint(original, expanded, chosen, overwrite=True, show_progress=False)
+        manifest = read_manifest(expanded)
+        run = summarise(run_ranks(f"adept_{label.split()[0]}", "adept", expanded, work, args))
+        run["layers"] = chosen
+        run["flop_limit"] = adept_limit(config, args.block_size, manifest["copied_layers"], manifest["num_layers"])
+        runs[f"adept {label}"] = run
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    probe_models = {"demo": lambda: AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32), "llama-30L": random_llama_30l}
+    probe_cost = [measure(name, probe_models[name](), 1, 256, 1, device) for name in args.probe_models.split(",") if name]
+
+    base = runs["pt_full"]
+    checks = []
+    for name, run in runs.items():
+        if "flop_limit" in run:
+            ratio = run["step_seconds"] / base["step_seconds"]
+            checks.append({"measure": f"{name}: step ratio / FLOP limit", "value": ratio / run["flop_limit"], "target": "<= 1.10"})
+            overhead = run["importance_seconds"] / (run["importance_seconds"] + 500 * run["step_seconds"])
+            checks.append({"measure": f"{name}: importance overhead at interval 500", "value": overhead, "target": "<= 0.03"})
+            checks.append(
+                {"measure": f"{name}: peak memory vs pt_full", "value": run["peak_memory_mb"] / base["peak_memory_mb"], "target": "<= 0.5"}
+            )
+    for probe_run in probe_cost:
+        checks.append({"measure": f"probe reuse / naive ({probe_run['model']})", "value": probe_run["ratio"], "target": "<= 0.6"})
+    for check in checks:
+        check["met"] = check["value"] <= float(check["target"].split()[-1])
+    if args.peak_tflops and torch.cuda.is_available():
+        tokens = base["tokens_per_second_per_rank"]
+        base["mfu"] = tokens * full_step_flops(config, args.block_size) / (args.peak_tflops * 1e12)
+
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "settings": vars(args),
+        "placement_probe": probe,
+        "runs": runs,
+        "probe_cost": probe_cost,
+        "checks": checks,
+        "seconds": time.time() - started,
+    }
+    tag = "gpu" if torch.cuda.is_available() else "cpu"
+    (output / f"suite-{tag}.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (output / f"suite-{tag}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

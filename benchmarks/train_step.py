@@ -1,0 +1,76 @@
+"""One rank of a step-time / memory measurement (run by benchmarks/suite.py under the DeepSpeed launcher).
+
+argv: RESULT_DIR WARMUP_STEPS TIMED_STEPS IMPORTANCE_REPEATS key=value overrides...
+Writes RESULT_DIR/rank{R}.json: per-step seconds, unit-importance recompute seconds, peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from adept_ds.config import load_run_config
+from adept_ds.engine import Trainer
+
+
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    result_dir, warmup, timed, importance_repeats, *overrides = sys.argv[1:]
+    config = load_run_config(None, overrides)
+    rss_mb = {"imports": _rss_mb()}
+    trainer = Trainer(config, show_progress=False)
+    rss_mb["engine_ready"], rss_mb["peak_to_engine_ready"] = _rss_mb(), _peak_rss_mb()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    step_seconds = []
+    for index in range(int(warmup) + int(timed)):
+        synchronize()
+        started = time.perf_counter()
+        trainer.train_step()
+        synchronize()
+        if index >= int(warmup):
+            step_seconds.append(time.perf_counter() - started)
+        rss_mb.setdefault("after_first_step", _rss_mb())
+    importance_seconds = []
+    for _ in range(int(importance_repeats) if trainer.uses_importance else 0):
+        synchronize()
+        started = time.perf_counter()
+        trainer.update_learning_rates()
+        synchronize()
+        importance_seconds.append(time.perf_counter() - started)
+    record = {
+        "rank": trainer.rank,
+        "world_size": trainer.world_size,
+        "step_seconds": step_seconds,
+        "importance_seconds": importance_seconds,
+        "tokens_per_step_per_rank": config.train.micro_batch_size * config.train.gradient_accumulation_steps * config.data.block_size,
+        "trainable_parameters": sum(trainer.numels[name] for unit in trainer.units for name in unit.param_names),
+        "parameters": sum(trainer.numels.values()),
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_mb": rss_mb,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+    }
+    Path(result_dir, f"rank{trainer.rank}.json").write_text(json.dumps(record))
+    trainer.close()
+
+
+if __name__ == "__main__":
+    main()

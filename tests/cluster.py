@@ -1,0 +1,172 @@
+"""Cluster software for the launch tests: Debian packages installed on demand, and a real one-node Slurm.
+
+`ensure_packages` installs what a test needs with apt when its binary is missing and fails loudly
+(never skips) when it cannot. `SlurmCluster` starts munged, slurmctld and slurmd under a temp dir as
+root without systemd (facts: ../shared/notes/slurm-one-node.md) and stops them by their pid files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from distributed import free_port, run_command
+
+APT_ENV = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+
+
+def ensure_packages(binaries: dict[str, str]) -> None:
+    """`binaries` maps a command to the Debian package that provides it; install the missing ones."""
+    missing = sorted({package for binary, package in binaries.items() if shutil.which(binary) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise AssertionError(f"these tests need {missing} and cannot install them (needs root and apt-get)")
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    if run_command(install, timeout=600, env=APT_ENV, check=False).returncode != 0:
+        run_command(["apt-get", "update"], timeout=600, env=APT_ENV)
+        run_command(install, timeout=600, env=APT_ENV)
+    still_missing = [binary for binary in binaries if shutil.which(binary) is None]
+    assert not still_missing, f"installed {missing} but {still_missing} are still not on PATH"
+
+
+SLURM_PACKAGES = {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client", "munged": "munge"}
+
+
+class SlurmCluster:
+    """A one-node Slurm (this machine) for real `sbatch` submissions; clients need `self.env`."""
+
+    def __init__(self, root: Path):
+        ensure_packages(SLURM_PACKAGES)
+        self.root = root
+        for sub in ("munge", "state", "spool", "log"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        # munged wants every directory above its socket open to all (pytest's temp dirs are 700).
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="adept_ds_munge."))
+        self.socket_dir.chmod(0o755)
+        self.socket = self.socket_dir / "munge.socket"
+        self.conf = root / "slurm.conf"
+        self.conf.write_text(self._slurm_conf())
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.pid_files = [root / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]
+
+    def _slurm_conf(self) -> str:
+        node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()[0]
+        r = self.root
+        return "\n".join(
+            [
+                "ClusterName=adepttest",
+                f"SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)",
+                # cred_expire: a requeued job may start again this many seconds after it ended (default 120)
+                f"AuthInfo=socket={self.socket},cred_expire=5",
+                "SlurmUser=root",
+                f"StateSaveLocation={r / 'state'}",
+                f"SlurmdSpoolDir={r / 'spool'}",
+                f"SlurmctldPidFile={r / 'slurmctld.pid'}",
+                f"SlurmdPidFile={r / 'slurmd.pid'}",
+                f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
+                f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
+                f"SlurmctldPort={free_port()}",
+                f"SlurmdPort={free_port()}",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core",
+                "MpiDefault=none",
+                "MailProg=/bin/true",
+                "SchedulerParameters=sched_interval=1",  # a requeued job starts again within seconds, not a minute
+                "ReturnToService=2",
+                "EnforcePartLimits=ALL",
+                "MinJobAge=600",  # keep finished jobs visible to `scontrol show job` (no accounting DB here)
+                f"{node} NodeAddr=127.0.0.1 State=UNKNOWN",
+                f"PartitionName=test Nodes={node.split()[0].split('=')[1]} Default=YES MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
+
+    def start(self) -> SlurmCluster:
+        key = self.root / "munge" / "munge.key"
+        run_command(["mungekey", "--create", f"--keyfile={key}"], timeout=60, env=self.env)
+        key.chmod(0o600)
+        munge = self.root / "munge"
+        run_command(
+            ["munged", f"--socket={self.socket}", f"--key-file={key}", f"--pid-file={self.pid_files[0]}",
+             f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"],
+            timeout=60, env=self.env,
+        )  # fmt: skip
+        run_command(["slurmctld", "-f", str(self.conf)], timeout=60, env=self.env)
+        run_command(["slurmd", "-f", str(self.conf)], timeout=60, env=self.env)
+        deadline = time.monotonic() + 60
+        while self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() != "idle":
+            assert time.monotonic() < deadline, f"Slurm did not come up:\n{self.logs()}"
+            time.sleep(0.3)
+        return self
+
+    def stop(self) -> None:
+        for pid_file in reversed(self.pid_files):
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+                except (ProcessLookupError, ValueError):
+                    pass
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    def run(self, *command: str, check: bool = True, timeout: float = 60):
+        return run_command(list(command), timeout=timeout, env=self.env, check=check)
+
+    def submit(self, *args: str, env: dict[str, str]) -> str:
+        """`sbatch --parsable args...` with the caller's environment; returns the job id."""
+        out = run_command(["sbatch", "--parsable", *args], timeout=60, env={**env, "SLURM_CONF": str(self.conf)})
+        return out.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...)."""
+        text = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+    def wait(self, job_id: str, timeout: float, until=None) -> dict[str, str]:
+        """Poll until the job has ended (or `until(job)` holds); fail with its output on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if until(job) if until else job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+                return job
+            if time.monotonic() > deadline:
+                output = Path(job.get("StdOut", "")).read_text() if Path(job.get("StdOut", "/")).is_file() else ""
+                raise AssertionError(f"job {job_id} still {job['JobState']} after {timeout}s\n{output[-4000:]}\n{self.logs()}")
+            time.sleep(0.3)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((self.root / "log").glob("*.log")))
+
+
+def run_together(commands: list[list[str]], timeout: float, env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+    """Start several launchers at once (say, one per "node"), wait for all, kill every one on timeout."""
+    processes = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) for c in commands
+    ]
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for command, process in zip(commands, processes):
+            stdout, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        results = None
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    outputs = [(p.args, *p.communicate()) for p in processes] if results is None else [(r.args, r.stdout, r.stderr) for r in results]
+    failed = results is None or any(r.returncode != 0 for r in results)
+    assert not failed, "\n".join(
+        f"{'timed out' if results is None else f'exit {results[i].returncode}'}: {' '.join(args)}\n{out[-3000:]}\n{err[-4000:]}"
+        for i, (args, out, err) in enumerate(outputs)
+    )
+    return results
