@@ -37,7 +37,7 @@ def init_distributed() -> tuple[int, int]:
         if "RANK" not in os.environ:  # a plain `python` run: be a world of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", verbose=False)
     if cpu:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
@@ -118,13 +118,13 @@ def _master_from_rank_zero() -> tuple[str, int]:
 
     env = os.environ
     if env["WORLD_SIZE"] == "1":
-        return env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or _free_port())
+        return env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT") or free_port())
     _, world = _mpi_world()
     chosen = None
     if world.Get_rank() == 0:
         # Other nodes resolve rank 0's host name themselves; the rendezvous listens on every interface.
         one_node = env["LOCAL_WORLD_SIZE"] == env["WORLD_SIZE"]
-        chosen = env.get("MASTER_ADDR") or ("127.0.0.1" if one_node else socket.gethostname()), int(env.get("MASTER_PORT") or _free_port())
+        chosen = env.get("MASTER_ADDR") or ("127.0.0.1" if one_node else socket.gethostname()), int(env.get("MASTER_PORT") or free_port())
     return world.bcast(chosen, root=0)
 
 
@@ -153,7 +153,8 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now, for a rendezvous (never a fixed default two jobs would share)."""
     import socket
 
     with socket.socket() as sock:

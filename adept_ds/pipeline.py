@@ -37,6 +37,8 @@ def train_method(method: str, model: Path, output: Path, probe: Path, steps: int
     """One training run under the DeepSpeed launcher (real processes), skipped if already exported."""
     if (output / "final" / "config.json").is_file():
         return output
+    from adept_ds.distributed import free_port
+
     launcher = Path(sys.executable).parent / "deepspeed"
     overrides = {
         "model": model,
@@ -66,6 +68,8 @@ def train_method(method: str, model: Path, output: Path, probe: Path, steps: int
         "--no_local_rank",
         "--num_gpus",
         str(num_procs),
+        "--master_port",  # not DeepSpeed's fixed 29500: two demos (or a demo beside a job) must not collide
+        str(free_port()),
         "--module",
         "adept_ds.train",
         *[f"{key}={value}" for key, value in overrides.items()],

@@ -14,3 +14,13 @@ def demo_model_dir():
     from adept_ds.demo_model import fetch_demo_model
 
     return fetch_demo_model()
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Code under test sets launcher variables (RANK, WORLD_SIZE, MASTER_PORT, ...) in os.environ, as a
+    real rank must; left behind, they would make a later in-process run wait for peers forever."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
