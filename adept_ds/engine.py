@@ -287,9 +287,11 @@ class Trainer:
             unit="step",
             disable=not self.show_progress or self.rank != 0,
         )
+        measured_at = None  # a dropped batch retries the same step: measure importance once per step
         while self.state.step < cfg.train.max_steps:
-            if self.uses_importance and self.state.step % cfg.importance.interval == 0:
+            if self.uses_importance and self.state.step % cfg.importance.interval == 0 and measured_at != self.state.step:
                 self.update_learning_rates()
+                measured_at = self.state.step
             started = time.perf_counter()
             loss = self.train_step()
             if loss is None:
