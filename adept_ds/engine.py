@@ -145,6 +145,8 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.registry = RankRegistry(self.output_dir, self.rank, self.world_size)
         self.stop_request = StopRequest(self.registry)
+        self.stop_agreed = False
+        dist.barrier()  # every rank's record is written before any rank may look for dead peers
         if self.rank == 0:
             (self.output_dir / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
@@ -153,6 +155,11 @@ class Trainer:
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
         if resume:
             self.load_checkpoint()
+        elif any((self.output_dir / CHECKPOINT_DIR).glob("step*")):
+            raise ValueError(
+                f"{self.output_dir / CHECKPOINT_DIR} holds checkpoints of an earlier run; pass --resume (or --auto-resume) "
+                "to continue it, or choose a new output_dir"
+            )
 
     def _units(self, model) -> list[Unit]:
         trains = self.config.spec.trains
@@ -243,10 +250,13 @@ class Trainer:
             losses.append(loss.detach().float())
         self.state.samples_seen += self.global_batch
         self.state.step += 1
-        # One all-reduce carries the mean loss and whether any rank was asked to stop.
-        totals = all_reduce_sum(torch.stack([torch.stack(losses).mean().double(), torch.tensor(float(self.stop_request.requested))]))
-        if totals[1] > 0 and not self.stop_request.requested:
-            self.stop_request.signal_name = "a peer's stop request"
+        # One all-reduce carries the mean loss and whether any rank was asked to stop. Every rank acts on
+        # this agreed value, never on its own flag, which a signal may set after the all-reduce.
+        mean = torch.stack(losses).mean().double()
+        totals = all_reduce_sum(
+            torch.stack([mean, torch.tensor(float(self.stop_request.requested), dtype=torch.float64, device=mean.device)])
+        )
+        self.stop_agreed = bool(totals[1] > 0)
         return (totals[0] / self.world_size).item()
 
     def _drop_batch(self, loss: torch.Tensor, micro: int, indices: list[int]) -> None:
@@ -302,9 +312,10 @@ class Trainer:
                 self._log(loss, tokens_per_step / elapsed)
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / elapsed:.0f}")
-            if self.stop_request.requested:
+            if self.stop_agreed:
                 saved = self.save_checkpoint()
-                raise Stopped(f"stopped by {self.stop_request.signal_name} at step {self.state.step} after saving {saved}")
+                signal_name = self.stop_request.signal_name or "a peer's stop request"
+                raise Stopped(f"stopped by {signal_name} at step {self.state.step} after saving {saved}")
             if cfg.train.save_interval and self.state.step % cfg.train.save_interval == 0:
                 self.save_checkpoint()
         progress.close()

@@ -72,6 +72,7 @@ def train_method(method: str, model: Path, output: Path, probe: Path, steps: int
         str(free_port()),
         "--module",
         "adept_ds.train",
+        "--auto-resume",  # an interrupted demo continues where it stopped
         *[f"{key}={value}" for key, value in overrides.items()],
     ]
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONWARNINGS": "ignore"}

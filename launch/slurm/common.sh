@@ -5,11 +5,12 @@ ADEPT_DS_REPO=${ADEPT_DS_REPO:-$SLURM_SUBMIT_DIR}
 
 # run_requeueable CMD...: run CMD (an srun job step) and wait for it. On SIGTERM (sent ahead of the
 # time limit by `#SBATCH --signal=B:TERM@...`, or by `scancel --batch --signal=TERM`) pass the signal
-# to every process of the job's steps (the ranks then save a checkpoint at the next step boundary and
-# exit), wait for them, and put the job back in the queue; the rerun continues with --auto-resume.
+# to every process of the job's steps as SIGUSR1 (the ranks then save a checkpoint at the next step
+# boundary and exit; DeepSpeed's launcher would SIGKILL them 30 s after a SIGTERM), wait for them,
+# and put the job back in the queue; the rerun continues with --auto-resume.
 run_requeueable() {
     local preempted=0 status=0 pid
-    trap 'preempted=1; echo "adept_ds: SIGTERM: checkpointing, then requeueing job $SLURM_JOB_ID"; scancel --signal=TERM "$SLURM_JOB_ID"' TERM
+    trap 'preempted=1; echo "adept_ds: SIGTERM: checkpointing, then requeueing job $SLURM_JOB_ID"; scancel --signal=USR1 "$SLURM_JOB_ID"' TERM
     "$@" &
     pid=$!
     wait "$pid" || status=$?
