@@ -285,3 +285,16 @@ def test_a_failed_export_leaves_the_previous_export_untouched(reference, tmp_pat
     after = load_state(output)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no partial directory left behind
+
+
+def test_a_fresh_run_into_a_used_output_dir_is_refused(reference, tmp_path):
+    """Without --resume, an earlier run's higher-step checkpoint would pass for this run's newest one."""
+    import shutil
+
+    inputs, reference_dir = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_dir / "checkpoints", run_dir / "checkpoints")
+    result = run_deepspeed(TRAIN, *overrides(inputs, run_dir, **STEPS), check=False)
+    assert result.returncode == 2
+    assert "holds checkpoints of an earlier run; pass --resume (or --auto-resume)" in result.stderr
+    assert not (run_dir / "final").exists()
