@@ -95,7 +95,6 @@ def cmd_check(args: argparse.Namespace) -> None:
 
     from adept_ds.config import load_run_config
     from adept_ds.data import load_blocks
-    from adept_ds.demo_model import cache_root
     from adept_ds.preflight import check_corpus_size, preflight, read_hostfile
 
     config = load_run_config(args.config, args.overrides)
@@ -118,9 +117,8 @@ def cmd_check(args: argparse.Namespace) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(config.model)
-        cache = Path(config.data.cache_dir) if config.data.cache_dir else cache_root() / "blocks"
-        corpora = {"domain": config.data.domain, **({"general": config.data.general} if config.adaptive_lr else {})}
-        for name, path in corpora.items():
+        cache = config.block_cache()
+        for name, path in config.corpora().items():
             blocks = load_blocks(path, tokenizer, config.data.block_size, cache, config.data.text_field)
             check_corpus_size(name, path, len(blocks), config, world_size)
             print(f"data: {name} {path}: {len(blocks)} blocks of {config.data.block_size} tokens (cached in {cache})")

@@ -202,6 +202,16 @@ class RunConfig:
                 f"data.general={self.data.general!r} does not exist (needed for unit importance)",
             )
 
+    def corpora(self) -> dict[str, str]:
+        """What a run tokenises: the domain corpus, and the general one when unit importance is measured."""
+        return {"domain": self.data.domain, **({"general": self.data.general} if self.adaptive_lr else {})}
+
+    def block_cache(self) -> Path:
+        """Where tokenised blocks are cached (shared by `adept-ds check` and the training run)."""
+        from adept_ds.demo_model import cache_root
+
+        return Path(self.data.cache_dir) if self.data.cache_dir else cache_root() / "blocks"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -87,8 +87,6 @@ class Trainer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-        from adept_ds.demo_model import cache_root
-
         self.config = config
         self.show_progress = show_progress
         self.output_dir = Path(config.output_dir)
@@ -107,13 +105,12 @@ class Trainer:
 
         # Data: rank 0 tokenises and fills the Arrow cache; the others then read it.
         tokenizer = AutoTokenizer.from_pretrained(config.model)
-        cache = Path(config.data.cache_dir) if config.data.cache_dir else cache_root() / "blocks"
+        cache = config.block_cache()
         self.uses_importance = config.adaptive_lr
-        corpora = {"domain": config.data.domain, **({"general": config.data.general} if self.uses_importance else {})}
         # Arrow-backed and memory-mapped: batches are read on demand, never the whole corpus.
         self.blocks = {
             name: rank_zero_first(lambda path=path: load_blocks(path, tokenizer, config.data.block_size, cache, config.data.text_field))
-            for name, path in corpora.items()
+            for name, path in config.corpora().items()
         }
         self.global_batch = config.train.micro_batch_size * config.train.gradient_accumulation_steps * self.world_size
         check_corpus_size("domain", config.data.domain, len(self.blocks["domain"]), config, self.world_size)

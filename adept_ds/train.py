@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
     args = parser.parse_args(argv)
     try:
-        config = load_run_config(args.config, args.overrides)
-        config.validate_paths()
+        config = load_run_config(args.config, args.overrides)  # the rest is checked by the engine's preflight
         resuming = args.resume or (args.auto_resume and newest_complete(os.path.join(config.output_dir, CHECKPOINT_DIR))[0] is not None)
         summary = run_training(config, resume=resuming)
     except ValueError as err:
