@@ -82,6 +82,9 @@ class TrainConfig:
     batch and goes on; stop saves a checkpoint of the state before it and exits."""
     max_skipped_steps: int = 10
     """With nonfinite=skip, stop (after saving) once this many batches were dropped: the run is diverging."""
+    chunked_loss: bool = True
+    """Compute the LM head and cross-entropy a chunk of tokens at a time (torch's linear_cross_entropy): the
+    same loss without the vocab-wide logits, their log-softmax and gradient in memory (adept_ds/lm_loss.py)."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_interval"):

@@ -32,6 +32,7 @@ from adept_ds.data import load_blocks, sample_order
 from adept_ds.distributed import all_reduce_sum, init_distributed, local_share, on_cpu, rank_zero_first, shutdown_distributed
 from adept_ds.faults import EXIT_STOPPED, RankRegistry, StopRequest, exit_if_a_peer_died, fault_point
 from adept_ds.importance import AbsGradAccumulator, unit_importance
+from adept_ds.lm_loss import use_chunked_loss
 from adept_ds.lr import ScaledScheduler, build_base_scheduler, lr_scales
 from adept_ds.preflight import check_corpus_size, launched_world_size, preflight
 from adept_ds.train_checkpoints import CHECKPOINT_DIR, checkpoint_info, incomplete_reason, mark_complete, newest_complete, tag_for
@@ -120,6 +121,8 @@ class Trainer:
         dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
         model.config.use_cache = False
+        if config.train.chunked_loss:
+            use_chunked_loss(model, self.family)
         self.units: list[Unit] = self._units(model)
         set_trainable(model, self.units)
         groups = build_param_groups(model, self.units, config.optimizer.lr, config.optimizer.weight_decay)

@@ -74,6 +74,14 @@ class Family:
         return model.get_submodule(self.head_path)(model.get_submodule(self.final_norm_path)(hidden))
 
 
+def decoder_layer_numel(config: dict) -> int:
+    """Parameters in one decoder layer, from `config.json` (every supported family has Llama's shape)."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    attention = hidden * head_dim * 2 * (heads + config.get("num_key_value_heads", heads))  # q, o; k, v
+    return attention + 3 * hidden * config["intermediate_size"] + 2 * hidden  # gate, up, down; two norms
+
+
 def family_of(model: nn.Module) -> Family:
     return get_family(getattr(model.config, "model_type", None))
 

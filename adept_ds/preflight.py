@@ -46,7 +46,7 @@ def preflight(config: RunConfig, world_size: int, gpu: bool) -> Preflight:
     probe_layers = None
     if config.spec.trains == "probe_layers":
         probe_layers = layers_from_probe(config.probe, config.k, fingerprint_checkpoint(checkpoint), num_layers)
-    ds_config = resolve_ds_config(config.deepspeed, config, world_size, gpu)
+    ds_config = resolve_ds_config(config.deepspeed, config, world_size, gpu, checkpoint.config)
     return Preflight(checkpoint, family, manifest, probe_layers, ds_config)
 
 
@@ -69,7 +69,15 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu: bool) -> dict:
+def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu: bool, model_config: dict) -> dict:
+    """The DeepSpeed config with every "auto" filled from the run config, the world size, the device and the model.
+
+    ZeRO-3's parameter window is sized in decoder layers (`model_config`'s shape): prefetch one layer ahead,
+    at most three layers gathered, and a gathered layer released once used unless it is needed again within
+    a layer. DeepSpeed's defaults (5e7 / 1e9 / 1e9 parameters) gather a small model whole: its prefetch runs
+    ahead without bound and every layer stays gathered from forward to backward (for SmolLM2-135M, ~400 MB
+    of fp32 weights per rank that the step never needs at once).
+    """
     try:
         ds = json.loads(Path(path).read_text())
     except ValueError as err:
@@ -91,6 +99,12 @@ def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu:
         ("zero_optimization", "offload_optimizer", "pin_memory"): gpu,
         ("zero_optimization", "offload_param", "pin_memory"): gpu,
     }
+    from adept_ds.families import decoder_layer_numel
+
+    layer = decoder_layer_numel(model_config)
+    auto[("zero_optimization", "stage3_prefetch_bucket_size")] = layer
+    auto[("zero_optimization", "stage3_max_live_parameters")] = 3 * layer
+    auto[("zero_optimization", "stage3_max_reuse_distance")] = layer
 
     def fill(node, keys):
         for key, value in list(node.items()):

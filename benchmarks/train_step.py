@@ -49,6 +49,7 @@ def main() -> None:
         if index >= int(warmup):
             step_seconds.append(time.perf_counter() - started)
         rss_mb.setdefault("after_first_step", _rss_mb())
+    rss_mb["peak_to_steps_end"] = _peak_rss_mb()
     importance_seconds = []
     for _ in range(int(importance_repeats) if trainer.uses_importance else 0):
         synchronize()
@@ -56,6 +57,7 @@ def main() -> None:
         trainer.update_learning_rates()
         synchronize()
         importance_seconds.append(time.perf_counter() - started)
+    rss_mb["peak_to_importance_end"] = _peak_rss_mb()
     record = {
         "rank": trainer.rank,
         "world_size": trainer.world_size,

@@ -5,6 +5,8 @@ import pytest
 from adept_ds.config import load_run_config
 from adept_ds.preflight import resolve_ds_config
 
+MODEL_CONFIG = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128}
+
 
 def test_yaml_with_overrides(tmp_path):
     path = tmp_path / "run.yaml"
@@ -59,20 +61,35 @@ def test_auto_values_are_filled_from_the_run_config(tmp_path):
         "train_batch_size": "auto",
         "gradient_clipping": "auto",
         "bf16": {"enabled": "auto"},
-        "zero_optimization": {"stage": 3},
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_max_live_parameters": "auto",
+            "stage3_max_reuse_distance": "auto",
+        },
     }
-    resolved = resolve_ds_config(write(tmp_path, auto), config, world_size=4, gpu=False)
+    resolved = resolve_ds_config(write(tmp_path, auto), config, world_size=4, gpu=False, model_config=MODEL_CONFIG)
     assert resolved["train_batch_size"] == 24 and resolved["train_micro_batch_size_per_gpu"] == 3
     assert resolved["gradient_accumulation_steps"] == 2 and resolved["gradient_clipping"] == 0.5
     assert resolved["bf16"]["enabled"] is False
-    assert resolve_ds_config(write(tmp_path, auto), config, world_size=4, gpu=True)["bf16"]["enabled"] is True
+    assert resolve_ds_config(write(tmp_path, auto), config, world_size=4, gpu=True, model_config=MODEL_CONFIG)["bf16"]["enabled"] is True
+    # ZeRO-3's window in decoder layers: q, o 64x(4x16); k, v 64x(2x16); MLP 3x64x128; two norms: 36,992.
+    zero = resolved["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == zero["stage3_max_reuse_distance"] == 36_992
+    assert zero["stage3_max_live_parameters"] == 3 * 36_992
 
 
 def test_ds_config_errors(tmp_path):
     config = load_run_config(None, [])
     with pytest.raises(ValueError, match=r"train_batch_size=7 != micro batch 2 x accumulation 1 x world size 2"):
-        resolve_ds_config(write(tmp_path, {"train_batch_size": 7}), config, world_size=2, gpu=False)
+        resolve_ds_config(write(tmp_path, {"train_batch_size": 7}), config, world_size=2, gpu=False, model_config=MODEL_CONFIG)
     with pytest.raises(ValueError, match=r"remove the 'optimizer' section"):
-        resolve_ds_config(write(tmp_path, {"optimizer": {"type": "Adam"}}), config, world_size=1, gpu=False)
+        resolve_ds_config(write(tmp_path, {"optimizer": {"type": "Adam"}}), config, world_size=1, gpu=False, model_config=MODEL_CONFIG)
     with pytest.raises(ValueError, match=r"'zero_optimization.reduce_bucket_size' is \"auto\""):
-        resolve_ds_config(write(tmp_path, {"zero_optimization": {"reduce_bucket_size": "auto"}}), config, world_size=1, gpu=False)
+        resolve_ds_config(
+            write(tmp_path, {"zero_optimization": {"reduce_bucket_size": "auto"}}),
+            config,
+            world_size=1,
+            gpu=False,
+            model_config=MODEL_CONFIG,
+        )

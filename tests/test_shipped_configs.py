@@ -11,6 +11,8 @@ from train_setup import make_training_inputs, overrides
 from adept_ds.config import load_run_config
 from adept_ds.preflight import resolve_ds_config
 
+MODEL_CONFIG = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}  # SmolLM2-135M
+
 REPO = Path(__file__).parent.parent
 RUN_CONFIGS = sorted((REPO / "launch" / "configs").glob("*.yaml"))
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -39,7 +41,7 @@ RESOLVE_CASES = [(path, gpu) for path in DS_CONFIGS for gpu in (False, True) if 
 @pytest.mark.parametrize("world_size", [1, 2, 16])
 def test_ds_config_resolves_for_any_world_size(path, world_size, gpu):
     config = load_run_config(RUN_CONFIGS[0])
-    resolved = resolve_ds_config(path, config, world_size, gpu)
+    resolved = resolve_ds_config(path, config, world_size, gpu, MODEL_CONFIG)
     assert resolved["train_batch_size"] == config.train.micro_batch_size * config.train.gradient_accumulation_steps * world_size
     assert "auto" not in str(resolved)
     assert resolved["zero_optimization"]["stage"] in (1, 2, 3)
@@ -52,7 +54,7 @@ def test_gpu_precision_variants_are_shipped():
     for path in DS_CONFIGS:
         refused = path.name.endswith(("_bf16.json", "_fp16.json"))
         with pytest.raises(ValueError, match="(bf16|fp16) is enabled but this run is on CPU") if refused else contextlib.nullcontext():
-            resolve_ds_config(path, load_run_config(RUN_CONFIGS[0]), 2, gpu=False)
+            resolve_ds_config(path, load_run_config(RUN_CONFIGS[0]), 2, False, MODEL_CONFIG)
 
 
 @pytest.mark.dist

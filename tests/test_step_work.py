@@ -1,7 +1,11 @@
-"""What an ADEPT step computes, checked structurally (timings are the benchmark suite's job):
-backward stops at the lowest trainable layer, and only trainable tensors carry gradients and
-optimizer state. A regression here (say, `enable_input_require_grads` for gradient checkpointing)
-would make every step run backward through the whole network."""
+"""What an ADEPT step computes and holds, checked structurally (timings and memory figures are the
+benchmark suite's job): backward stops at the lowest trainable layer, only trainable tensors carry
+gradients and optimizer state, and ZeRO-3 keeps only a few layers' weights gathered at once. A
+regression here (say, `enable_input_require_grads` for gradient checkpointing) would make every step
+run backward through the whole network."""
+
+import json
+from pathlib import Path
 
 import pytest
 from distributed import read_rank_results, run_deepspeed
@@ -10,16 +14,28 @@ from train_setup import make_training_inputs, overrides
 from adept_ds.expand import expand_checkpoint
 
 pytestmark = pytest.mark.dist
+REPO = Path(__file__).parent.parent
+DEEPSPEED_DEFAULTS = {"stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9}
 
 
-def test_backward_stops_at_the_lowest_copy_and_frozen_tensors_have_no_optimizer_state(tmp_path):
+def two_steps(tmp_path, name: str, inputs: dict, zero_settings: dict) -> list[dict]:
+    # The tiny model's tensors are all below the shipped persistence threshold (always gathered): use 0.
+    ds_config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds_config["zero_optimization"].update({"stage3_param_persistence_threshold": 0, **zero_settings})
+    (tmp_path / f"{name}.json").write_text(json.dumps(ds_config))
+    out = tmp_path / name
+    out.mkdir()
+    extra = {"train.max_steps": 2, "deepspeed": tmp_path / f"{name}.json"}
+    run_deepspeed("backward_reach.py", out, *overrides(inputs, tmp_path / f"run_{name}", **extra))
+    return read_rank_results(out, world_size=2)
+
+
+def test_backward_stops_at_the_lowest_copy_frozen_tensors_have_no_optimizer_state_and_few_layers_are_gathered(tmp_path):
     inputs = make_training_inputs(tmp_path)
     expanded = tmp_path / "top_expanded"  # copies after layers 2 and 3 of 4: new layers 3 and 5 of 6
     expand_checkpoint(inputs["original"], expanded, [2, 3], show_progress=False)
-    out = tmp_path / "out"
-    out.mkdir()
-    run_deepspeed("backward_reach.py", out, *overrides({**inputs, "expanded": expanded}, tmp_path / "run", **{"train.max_steps": 1}))
-    results = read_rank_results(out, world_size=2)
+    inputs = {**inputs, "expanded": expanded}
+    results = two_steps(tmp_path, "auto_window", inputs, {})
     for result in results:
         assert result["copied_layers"] == [3, 5]
         assert result["backward_layers"] == [3, 4, 5]  # layers 0-2 lie below every copy: no backward at all
@@ -28,3 +44,12 @@ def test_backward_stops_at_the_lowest_copy_and_frozen_tensors_have_no_optimizer_
     partition = sum(r["optimizer_partition_elements"] for r in results)
     trainable = results[0]["trainable_elements"]
     assert trainable <= partition <= trainable + 2 * 64  # padding to the ranks' alignment at most
+
+    # ZeRO-3's window ("auto": prefetch one layer, at most three live, release once used) bounds what is
+    # gathered at once: three layers, plus the embedding (its fetch is never deferred). DeepSpeed's own
+    # defaults gather this model whole and keep every layer above the lowest copy from forward to backward.
+    first = results[0]
+    window = 3 * first["layer_elements"] + first["embedding_elements"]
+    defaults = two_steps(tmp_path, "deepspeed_defaults", inputs, DEEPSPEED_DEFAULTS)
+    assert all(r["max_live_gathered_elements"] <= window for r in results)
+    assert all(r["max_live_gathered_elements"] > window for r in defaults)

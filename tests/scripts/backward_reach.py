@@ -1,21 +1,38 @@
-"""One training step through the engine, recording which decoder layers backward reaches and what
-the optimizer holds state for. argv: out_dir overrides..."""
+"""Two training steps through the engine, recording which decoder layers backward reaches, what the
+optimizer holds state for, and how many ZeRO-3-gathered parameter elements are live at once.
+argv: out_dir overrides..."""
 
 import json
 import sys
 from pathlib import Path
 
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
 from adept_ds.config import load_run_config
 from adept_ds.engine import Trainer
+from adept_ds.families import decoder_layer_numel
 
 out_dir, *overrides = sys.argv[1:]
 config = load_run_config(None, overrides)
 trainer = Trainer(config, show_progress=False)
 reached = set()
-layers = trainer.family.decoder_layers(trainer.engine.module)
+model = trainer.engine.module
+layers = trainer.family.decoder_layers(model)
+gathered = [p for p in model.parameters() if not p.ds_persist]
+live = [0]
+
+
+def count_live(*_):
+    live[0] = max(live[0], sum(p.ds_numel for p in gathered if p.ds_status == ZeroParamStatus.AVAILABLE))
+
+
 for index, layer in enumerate(layers):
     layer.register_full_backward_hook(lambda module, grad_in, grad_out, index=index: reached.add(index))
+    layer.register_forward_pre_hook(count_live)
+    layer.register_forward_hook(count_live)
+    layer.register_full_backward_pre_hook(count_live)
 trainer.train_step()
+trainer.train_step()  # ZeRO-3 prefetches and keeps parameters by the trace it records in the first step
 optimizer = trainer.engine.optimizer
 state_elements = sum(t.numel() for t in optimizer.fp32_partitioned_groups_flat)  # this rank's master weights
 report = {
@@ -27,6 +44,10 @@ report = {
     "optimizer_partition_elements": state_elements,
     "trainable_elements": sum(trainer.numels[n] for unit in trainer.units for n in unit.param_names),
     "world_size": trainer.world_size,
+    "max_live_gathered_elements": live[0],
+    "layer_elements": decoder_layer_numel(model.config.to_dict()),
+    "embedding_elements": model.get_input_embeddings().weight.ds_numel,
+    "persistent_elements": sum(p.ds_numel for p in model.parameters() if p.ds_persist),
 }
 Path(out_dir, f"rank{trainer.rank}.json").write_text(json.dumps(report))
 trainer.close()
