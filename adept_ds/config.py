@@ -83,8 +83,9 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """With nonfinite=skip, stop (after saving) once this many batches were dropped: the run is diverging."""
     chunked_loss: bool = True
-    """Compute the LM head and cross-entropy a chunk of tokens at a time (torch's linear_cross_entropy): the
-    same loss without the vocab-wide logits, their log-softmax and gradient in memory (adept_ds/lm_loss.py)."""
+    """fp32 runs: compute the LM head and cross-entropy a chunk of tokens at a time (torch's linear_cross_entropy):
+    the same loss without the vocab-wide logits, their log-softmax and gradient in memory (adept_ds/lm_loss.py).
+    bf16/fp16 runs always use HF's loss (torch's op keeps the loss in the low precision)."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_interval"):

@@ -121,8 +121,8 @@ class Trainer:
         dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
         model.config.use_cache = False
-        if config.train.chunked_loss:
-            use_chunked_loss(model, self.family)
+        if config.train.chunked_loss and not any(self.ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
+            use_chunked_loss(model, self.family)  # fp32 only: see adept_ds/lm_loss.py
         self.units: list[Unit] = self._units(model)
         set_trainable(model, self.units)
         groups = build_param_groups(model, self.units, config.optimizer.lr, config.optimizer.weight_decay)

@@ -78,7 +78,7 @@ def decoder_layer_numel(config: dict) -> int:
     """Parameters in one decoder layer, from `config.json` (every supported family has Llama's shape)."""
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
-    attention = hidden * head_dim * 2 * (heads + config.get("num_key_value_heads", heads))  # q, o; k, v
+    attention = hidden * head_dim * 2 * (heads + (config.get("num_key_value_heads") or heads))  # q, o; k, v
     return attention + 3 * hidden * config["intermediate_size"] + 2 * hidden  # gate, up, down; two norms
 
 

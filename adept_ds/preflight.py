@@ -72,11 +72,11 @@ def launched_world_size() -> int:
 def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu: bool, model_config: dict) -> dict:
     """The DeepSpeed config with every "auto" filled from the run config, the world size, the device and the model.
 
-    ZeRO-3's parameter window is sized in decoder layers (`model_config`'s shape): prefetch one layer ahead,
-    at most three layers gathered, and a gathered layer released once used unless it is needed again within
-    a layer. DeepSpeed's defaults (5e7 / 1e9 / 1e9 parameters) gather a small model whole: its prefetch runs
-    ahead without bound and every layer stays gathered from forward to backward (for SmolLM2-135M, ~400 MB
-    of fp32 weights per rank that the step never needs at once).
+    ZeRO-3's parameter window is sized in decoder layers (`model_config`'s shape), capped at DeepSpeed's
+    defaults: prefetch one layer ahead, about three layers gathered, and a gathered layer released once
+    used unless it is needed again within a layer. The fixed defaults (5e7 / 1e9 / 1e9 parameters) gather
+    a small model whole: its prefetch runs ahead without bound and every layer stays gathered from
+    forward to backward (for SmolLM2-135M, ~400 MB of fp32 weights per rank the step never needs at once).
     """
     try:
         ds = json.loads(Path(path).read_text())
@@ -99,12 +99,14 @@ def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu:
         ("zero_optimization", "offload_optimizer", "pin_memory"): gpu,
         ("zero_optimization", "offload_param", "pin_memory"): gpu,
     }
-    from adept_ds.families import decoder_layer_numel
+    if ds.get("zero_optimization", {}).get("stage") == 3:
+        from adept_ds.families import decoder_layer_numel
 
-    layer = decoder_layer_numel(model_config)
-    auto[("zero_optimization", "stage3_prefetch_bucket_size")] = layer
-    auto[("zero_optimization", "stage3_max_live_parameters")] = 3 * layer
-    auto[("zero_optimization", "stage3_max_reuse_distance")] = layer
+        # Never above DeepSpeed's defaults: a model whose layers are that large already gets a window of layers.
+        layer = decoder_layer_numel(model_config)
+        auto[("zero_optimization", "stage3_prefetch_bucket_size")] = min(layer, 50_000_000)
+        auto[("zero_optimization", "stage3_max_live_parameters")] = min(3 * layer, 1_000_000_000)
+        auto[("zero_optimization", "stage3_max_reuse_distance")] = min(layer, 1_000_000_000)
 
     def fill(node, keys):
         for key, value in list(node.items()):

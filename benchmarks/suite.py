@@ -7,8 +7,8 @@ ZeRO-3 config, batch and sequence length, with real launcher processes:
 1. step time of `adept` (k=4 copies) versus `pt_full`, for the probe's placement (the least
    important layers, mid-network on this model) and for copies in the top third, each beside the
    limit a FLOP count gives (benchmarks/flop_model.py). pt_full also runs with DeepSpeed's default
-   parameter window (the whole small model stays gathered: no re-gathering for backward, more
-   memory); step ratios are taken to the faster of the two pt_full runs;
+   parameter window (the whole small model stays gathered: no re-gathering for backward); step
+   ratios are taken to the faster of the two pt_full runs;
 2. the cost of one unit-importance recompute, as a share of training time at interval 500;
 3. peak memory per rank (RSS on CPU, max allocated on GPU) of adept versus pt_full (same config);
 4. mask probing with activation reuse versus the naive way (benchmarks/probe_cost.py);
@@ -189,8 +189,8 @@ def main() -> None:
 
     layers, probe = placements(original, work, args.probe_tokens, k=4)
     runs = {"pt_full": summarise(run_ranks("pt_full", "pt_full", original, work, args))}
-    # With the whole small model gathered, pt_full never re-gathers a layer for backward: faster on CPU,
-    # more memory. Its step time is the baseline too, so ADEPT's ratio is not flattered by the window.
+    # With the whole small model gathered, pt_full never re-gathers a layer for backward. The faster of the
+    # two pt_full runs is the step-time baseline, so ADEPT's ratio is not flattered by the window.
     runs[REFERENCE] = summarise(run_ranks("pt_full_deepspeed_window", "pt_full", original, work, args, deepspeed_window_config(work)))
     for label, chosen in layers.items():
         expanded = work / "models" / label.split()[0]

@@ -77,6 +77,14 @@ def test_auto_values_are_filled_from_the_run_config(tmp_path):
     zero = resolved["zero_optimization"]
     assert zero["stage3_prefetch_bucket_size"] == zero["stage3_max_reuse_distance"] == 36_992
     assert zero["stage3_max_live_parameters"] == 3 * 36_992
+    # Never above DeepSpeed's defaults: Llama-70B (855,654,400 parameters per layer) gets 5e7 and 1e9, and a one-layer reuse distance.
+    llama_70b = {"hidden_size": 8192, "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672}
+    zero = resolve_ds_config(write(tmp_path, auto), config, world_size=4, gpu=True, model_config=llama_70b)["zero_optimization"]
+    assert (zero["stage3_prefetch_bucket_size"], zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"]) == (
+        5e7,
+        1e9,
+        855_654_400,
+    )
 
 
 def test_ds_config_errors(tmp_path):

@@ -13,12 +13,13 @@ from adept_ds.families import get_family
 from adept_ds.lm_loss import chunk_options, use_chunked_loss
 from tests.tiny_models import tiny_config
 
-VOCAB = 4096  # large enough that a CPU chunk (CPU_CHUNK_LOGITS values) holds fewer tokens than a batch
+VOCAB = 4096
+HIDDEN = 16  # the head weight (vocab x 16) is smaller than 32 tokens' logits
 
 
 def tiny(family: str, tie: bool, trainable: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers=3, tie=tie, vocab_size=VOCAB))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers=3, tie=tie, vocab_size=VOCAB, hidden_size=HIDDEN))
     for name, param in model.named_parameters():
         param.requires_grad_(trainable == "all" or name.startswith("model.layers.2."))
     return model
@@ -43,7 +44,7 @@ class LargestTensor(TorchDispatchMode):
 def test_chunked_loss_equals_hf_loss_and_gradients(monkeypatch, family, tie, trainable):
     import adept_ds.lm_loss as lm_loss
 
-    monkeypatch.setattr(lm_loss, "CPU_CHUNK_LOGITS", 16 * VOCAB)  # 16 tokens per chunk: 4 chunks per batch
+    monkeypatch.setattr(lm_loss, "CHUNK_LOGITS", 8 * VOCAB)  # 8 tokens per chunk: 8 chunks per batch
     reference = tiny(family, tie, trainable)
     chunked = copy.deepcopy(reference)
     use_chunked_loss(chunked, get_family(family))
@@ -63,23 +64,33 @@ def test_chunked_loss_equals_hf_loss_and_gradients(monkeypatch, family, tie, tra
         assert (a.grad is None) == (b.grad is None), name
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
-    # HF makes (64 tokens x vocab) logits; the chunked loss never holds more than the vocab x 32 head
-    # weight (or its gradient) or one 16-token chunk of logits.
+    # HF makes (64 tokens x vocab) logits; the chunked loss never holds more than the vocab x 16 head
+    # weight (or its gradient) or one 8-token chunk of logits.
     assert hf_largest.numel == ids.numel() * VOCAB
-    assert largest.numel <= max(16, 32) * VOCAB < ids.numel() * VOCAB
+    assert largest.numel <= HIDDEN * VOCAB
     # Without labels the model is unchanged: logits as before.
     with torch.no_grad():
         torch.testing.assert_close(chunked(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
-def test_cpu_chunks_hold_a_bounded_number_of_logits():
+def test_chunks_hold_a_bounded_number_of_logits():
     for vocab in (260, 49152, 128256):
-        rows = chunk_options(vocab, torch.device("cpu")).batch_chunk_size
+        rows = chunk_options(vocab).batch_chunk_size
         assert rows & (rows - 1) == 0 and rows * vocab <= 1 << 24 < 2 * rows * vocab
+
+
+def test_loss_arguments_it_cannot_honour_are_refused():
+    model = tiny("llama", tie=False, trainable="all")
+    use_chunked_loss(model, get_family("llama"))
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with pytest.raises(ValueError, match=r"does not take \['num_items_in_batch'\]"):
+        model(input_ids=ids, labels=ids, num_items_in_batch=8)
+    with pytest.raises(TypeError):
+        model(ids, ids)  # HF's second positional argument is the attention mask, never the labels
 
 
 def test_a_head_with_bias_is_refused():
     model = tiny("llama", tie=False, trainable="all")
-    model.lm_head = torch.nn.Linear(32, VOCAB, bias=True)
+    model.lm_head = torch.nn.Linear(HIDDEN, VOCAB, bias=True)
     with pytest.raises(ValueError, match="bias-free nn.Linear"):
         use_chunked_loss(model, get_family("llama"))

@@ -23,16 +23,18 @@ live = [0]
 
 
 def count_live(*_):
-    live[0] = max(live[0], sum(p.ds_numel for p in gathered if p.ds_status == ZeroParamStatus.AVAILABLE))
+    """Gathered or being gathered (prefetched), at every module's forward and backward."""
+    live[0] = max(live[0], sum(p.ds_numel for p in gathered if p.ds_status != ZeroParamStatus.NOT_AVAILABLE))
 
 
+for module in model.modules():
+    module.register_forward_pre_hook(count_live)
+    module.register_forward_hook(count_live)
+    module.register_full_backward_pre_hook(count_live)
 for index, layer in enumerate(layers):
     layer.register_full_backward_hook(lambda module, grad_in, grad_out, index=index: reached.add(index))
-    layer.register_forward_pre_hook(count_live)
-    layer.register_forward_hook(count_live)
-    layer.register_full_backward_pre_hook(count_live)
-trainer.train_step()
-trainer.train_step()  # ZeRO-3 prefetches and keeps parameters by the trace it records in the first step
+losses = [trainer.train_step()]
+losses.append(trainer.train_step())  # ZeRO-3 prefetches and keeps parameters by the trace it records in the first step
 optimizer = trainer.engine.optimizer
 state_elements = sum(t.numel() for t in optimizer.fp32_partitioned_groups_flat)  # this rank's master weights
 report = {
@@ -45,6 +47,7 @@ report = {
     "trainable_elements": sum(trainer.numels[n] for unit in trainer.units for n in unit.param_names),
     "world_size": trainer.world_size,
     "max_live_gathered_elements": live[0],
+    "losses": losses,
     "layer_elements": decoder_layer_numel(model.config.to_dict()),
     "embedding_elements": model.get_input_embeddings().weight.ds_numel,
     "persistent_elements": sum(p.ds_numel for p in model.parameters() if p.ds_persist),
