@@ -69,6 +69,16 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+DEEPSPEED_WINDOW = {
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+}
+"""DeepSpeed's defaults for ZeRO-3's parameter window, in parameters: the caps of adept_ds's "auto" values."""
+WINDOW_LAYERS = {"stage3_prefetch_bucket_size": 1, "stage3_max_live_parameters": 3, "stage3_max_reuse_distance": 1}
+"""The "auto" values in decoder layers: prefetch one ahead, about three gathered, release unless reused within one."""
+
+
 def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu: bool, model_config: dict) -> dict:
     """The DeepSpeed config with every "auto" filled from the run config, the world size, the device and the model.
 
@@ -104,9 +114,8 @@ def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu:
 
         # Never above DeepSpeed's defaults: a model whose layers are that large already gets a window of layers.
         layer = decoder_layer_numel(model_config)
-        auto[("zero_optimization", "stage3_prefetch_bucket_size")] = min(layer, 50_000_000)
-        auto[("zero_optimization", "stage3_max_live_parameters")] = min(3 * layer, 1_000_000_000)
-        auto[("zero_optimization", "stage3_max_reuse_distance")] = min(layer, 1_000_000_000)
+        for key, default in DEEPSPEED_WINDOW.items():
+            auto[("zero_optimization", key)] = min(WINDOW_LAYERS[key] * layer, default)
 
     def fill(node, keys):
         for key, value in list(node.items()):

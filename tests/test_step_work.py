@@ -12,10 +12,10 @@ from distributed import read_rank_results, run_deepspeed
 from train_setup import make_training_inputs, overrides
 
 from adept_ds.expand import expand_checkpoint
+from adept_ds.preflight import DEEPSPEED_WINDOW
 
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).parent.parent
-DEEPSPEED_DEFAULTS = {"stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9}
 
 
 def two_steps(tmp_path, name: str, inputs: dict, zero_settings: dict) -> list[dict]:
@@ -50,7 +50,7 @@ def test_backward_stops_at_the_lowest_copy_frozen_tensors_have_no_optimizer_stat
     # defaults gather this model whole and keep every layer above the lowest copy from forward to backward.
     first = results[0]
     window = 3 * first["layer_elements"] + first["embedding_elements"]
-    defaults = two_steps(tmp_path, "deepspeed_defaults", inputs, DEEPSPEED_DEFAULTS)
+    defaults = two_steps(tmp_path, "deepspeed_defaults", inputs, DEEPSPEED_WINDOW)
     assert all(r["max_live_gathered_elements"] <= window for r in results)
     assert all(r["max_live_gathered_elements"] > window for r in defaults)
     # The window changes what is gathered when, never the arithmetic (the head is gathered inside the chunked loss).
