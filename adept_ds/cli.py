@@ -74,6 +74,30 @@ def cmd_probe(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from adept_ds.token_store import is_store, open_store, prepare_store
+
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: need at least 1 worker process")
+    if args.max_tokens is not None and args.max_tokens < args.block_size:
+        raise ValueError(f"--max-tokens {args.max_tokens} is smaller than one block of {args.block_size} tokens")
+    tokenizer = AutoTokenizer.from_pretrained(_model_dir(args.model))
+    if is_store(args.output):
+        store = open_store(args.output)
+        store.check_compatible(tokenizer, args.block_size)
+        print(f"{args.output} is already a token store ({len(store)} blocks of {store.block_size} tokens); nothing to do")
+        return
+    store = prepare_store(args.data, args.output, tokenizer, args.block_size, args.text_field, args.workers, args.max_tokens)
+    manifest = store.manifest
+    print(
+        f"prepared {args.output}: {manifest['num_tokens']:,} tokens in {manifest['num_blocks']:,} blocks of {manifest['block_size']} "
+        f"({manifest['dtype']}) from {manifest['num_documents']:,} documents in {manifest['seconds']} s "
+        f"({manifest['tokens_read'] / max(manifest['seconds'], 1e-9):,.0f} tokens/s, {manifest['workers']} workers)"
+    )
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from adept_ds.export import export_checkpoint
 
@@ -117,11 +141,18 @@ def cmd_check(args: argparse.Namespace) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(config.model)
-        cache = config.block_cache()
+        cache, vocab_size = config.block_cache(), checked.checkpoint.config.get("vocab_size")
+        domain_blocks = 0
         for name, path in config.corpora().items():
-            blocks = load_blocks(path, tokenizer, config.data.block_size, cache, config.data.text_field)
-            check_corpus_size(name, path, len(blocks), config, world_size)
-            print(f"data: {name} {path}: {len(blocks)} blocks of {config.data.block_size} tokens (cached in {cache})")
+            max_tokens = config.importance.max_tokens if name == "general" else None
+            blocks = len(
+                load_blocks(
+                    path, tokenizer, config.data.block_size, cache, config.data.text_field, max_tokens, vocab_size, show_progress=True
+                )
+            )
+            domain_blocks += blocks if name != "general" else 0
+            print(f"data: {name} {path}: {blocks} blocks of {config.data.block_size} tokens (token store in {cache} unless prepared)")
+        check_corpus_size("domain", config.data.domain, domain_blocks, config, world_size)
     print("ok: nothing wrong found")
 
 
@@ -183,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--text-field", default="text", help="name of the text field in JSONL/Parquet (default text)")
     probe.set_defaults(func=cmd_probe)
 
+    prepare = commands.add_parser("prepare-data", help="tokenise and pack a corpus once into a memory-mapped token store")
+    prepare.add_argument("--model", help="model (its tokenizer) the store is for (default: the demo model)")
+    prepare.add_argument("--data", required=True, help="corpus: JSONL/JSON/text/Parquet file or directory, or a datasets dir")
+    prepare.add_argument("--output", required=True, help="directory for the store (tokens.bin + manifest.json)")
+    prepare.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256; the run's data.block_size)")
+    prepare.add_argument("--text-field", default="text", help="name of the text field in JSONL/Parquet (default text)")
+    prepare.add_argument("--workers", type=int, help="tokenising processes (default: every core)")
+    prepare.add_argument("--max-tokens", type=int, help="stop after this many tokens (default: the whole corpus)")
+    prepare.set_defaults(func=cmd_prepare_data)
+
     export = commands.add_parser("export", help="write a training checkpoint as a plain HF safetensors checkpoint")
     export.add_argument("--run", required=True, help="training output_dir (holds checkpoints/ and run_config.yaml)")
     export.add_argument("--tag", help="checkpoint tag, e.g. step00000500 (default: latest)")
@@ -216,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the built-in end-to-end run on the demo model")
     demo.add_argument("--output", default="runs/demo", help="where the demo writes its artifacts (default runs/demo)")
-    demo.add_argument("--compare", action="store_true", help="also train pt_full, llama_pro, adept_no_stage1, adept_no_stage2")
+    demo.add_argument(
+        "--compare",
+        action="store_true",
+        help="also train pt_full, pt_full with general replay, llama_pro, adept_no_stage1, adept_no_stage2",
+    )
     demo.add_argument("--steps", type=int, default=40, help="training steps per method (default 40)")
     demo.add_argument("--num-procs", type=int, default=2, help="training ranks (default 2)")
     demo.set_defaults(func=cmd_demo)

@@ -46,10 +46,21 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """One corpus of the training stream and its share of the samples."""
+
+    name: str
+    path: str
+    weight: float
+
+
 @dataclass(kw_only=True)
 class DataConfig:
-    domain: str = ""
-    """Domain corpus for continual pretraining: JSONL/JSON, text or Parquet file or directory, or a `datasets` dir."""
+    domain: str | list = ""
+    """Domain corpus for continual pretraining: a token store (`adept-ds prepare-data`), a JSONL/JSON, text or Parquet
+    file or directory, or a `datasets` dir. Or a mixture: a list of sources, each `{path: P, weight: W}` (optionally
+    `name: N`) or a plain path (weight 1), e.g. the domain corpus plus general replay. Weights are shares of samples."""
     general: str = ""
     """General-competence probe corpus, used for unit importance."""
     text_field: str = "text"
@@ -61,6 +72,32 @@ class DataConfig:
 
     def __post_init__(self):
         _check(isinstance(self.block_size, int) and self.block_size >= 2, f"data.block_size={self.block_size!r}: need an int >= 2")
+        self.domain_sources()  # a malformed mixture fails here, with the source named
+
+    def domain_sources(self) -> list[DataSource]:
+        """The training stream's sources: one (weight 1) for a plain path, else the mixture's."""
+        from adept_ds.sampler import check_weights
+
+        entries = self.domain if isinstance(self.domain, list) else [self.domain]
+        _check(bool(entries), "data.domain=[]: give a corpus or a list of {path, weight} sources")
+        sources = []
+        for index, entry in enumerate(entries):
+            if isinstance(entry, str):
+                entry = {"path": entry}
+            _check(
+                isinstance(entry, dict) and isinstance(entry.get("path"), str) and set(entry) <= {"path", "weight", "name"},
+                f"data.domain[{index}]={entry!r}: a source is a path or a mapping with path, weight and optionally name",
+            )
+            path = entry["path"]
+            name = str(entry.get("name") or (Path(path).stem if path else "domain"))
+            sources.append(DataSource(name=name, path=path, weight=entry.get("weight", 1.0)))
+        try:
+            check_weights([source.weight for source in sources])
+        except ValueError as err:
+            raise ValueError(f"data.domain: {err}") from None
+        names = [source.name for source in sources]
+        _check(len(set(names)) == len(names), f"data.domain: source names {names} repeat; give each source a distinct name")
+        return sources
 
 
 @dataclass(kw_only=True)
@@ -82,6 +119,9 @@ class TrainConfig:
     batch and goes on; stop saves a checkpoint of the state before it and exits."""
     max_skipped_steps: int = 10
     """With nonfinite=skip, stop (after saving) once this many batches were dropped: the run is diverging."""
+    timeout_minutes: float = 30.0
+    """Process-group timeout: how long a collective may wait for a slow rank before the job fails (DeepSpeed's
+    default is 10). Data preparation happens before the process group starts, so it never counts against it."""
     chunked_loss: bool = True
     """fp32 runs: compute the LM head and cross-entropy a chunk of tokens at a time (torch's linear_cross_entropy):
     the same loss without the vocab-wide logits, their log-softmax and gradient in memory (adept_ds/lm_loss.py).
@@ -100,6 +140,7 @@ class TrainConfig:
             f"train.max_skipped_steps={self.max_skipped_steps!r}: need an int >= 0",
         )
         _check(self.gradient_clipping >= 0, f"train.gradient_clipping={self.gradient_clipping!r}: need >= 0 (0 disables)")
+        _check(self.timeout_minutes > 0, f"train.timeout_minutes={self.timeout_minutes!r}: need a number of minutes > 0")
 
 
 @dataclass(kw_only=True)
@@ -149,6 +190,8 @@ class ImportanceConfig:
     mapping: str = "linear"
     """linear: 2 * (1 - I_norm); power: 2 * (1 - I_norm) ** power; uniform: 1 (importance logged only)."""
     power: float = 2.0
+    max_tokens: int = 16_777_216
+    """Probe batches are drawn from the general corpus's first this many tokens (a raw corpus is tokenised that far)."""
 
     def __post_init__(self):
         _check(isinstance(self.interval, int) and self.interval >= 0, f"importance.interval={self.interval!r}: need an int >= 0")
@@ -156,6 +199,7 @@ class ImportanceConfig:
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"importance.batch_size={self.batch_size!r}: need an int >= 1")
         _check(self.mapping in LR_MAPPINGS, f"importance.mapping={self.mapping!r}: choose one of {', '.join(LR_MAPPINGS)}")
         _check(self.power > 0, f"importance.power={self.power!r}: need > 0")
+        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"importance.max_tokens={self.max_tokens!r}: need an int >= 1")
 
 
 @dataclass(kw_only=True)
@@ -197,7 +241,9 @@ class RunConfig:
         _check(bool(self.model), "model is not set: give the expanded model directory (model=DIR)")
         _check(Path(self.model).is_dir(), f"model={self.model!r} does not exist")
         _check(Path(self.deepspeed).is_file(), f"deepspeed={self.deepspeed!r}: no such DeepSpeed config file")
-        _check(bool(self.data.domain) and Path(self.data.domain).exists(), f"data.domain={self.data.domain!r} does not exist")
+        for source in self.data.domain_sources():
+            where = "data.domain" if isinstance(self.data.domain, str) else f"data.domain source '{source.name}'"
+            _check(bool(source.path) and Path(source.path).exists(), f"{where}={source.path!r} does not exist")
         if self.spec.trains == "probe_layers":
             _check(bool(self.probe) and Path(self.probe).is_file(), f"probe={self.probe!r}: method {self.method} needs a probe result file")
         if self.adaptive_lr:
@@ -207,8 +253,11 @@ class RunConfig:
             )
 
     def corpora(self) -> dict[str, str]:
-        """What a run tokenises: the domain corpus, and the general one when unit importance is measured."""
-        return {"domain": self.data.domain, **({"general": self.data.general} if self.adaptive_lr else {})}
+        """What a run tokenises: the domain corpus (each source of a mixture), and the general one when unit
+        importance is measured."""
+        sources = self.data.domain_sources()
+        domain = {"domain": sources[0].path} if len(sources) == 1 else {f"domain:{s.name}": s.path for s in sources}
+        return {**domain, **({"general": self.data.general} if self.adaptive_lr else {})}
 
     def block_cache(self) -> Path:
         """Where tokenised blocks are cached (shared by `adept-ds check` and the training run)."""

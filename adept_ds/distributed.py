@@ -20,12 +20,18 @@ def on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
 
 
-def init_distributed() -> tuple[int, int]:
+DEFAULT_TIMEOUT_MINUTES = 30.0
+"""The process-group timeout unless the run config sets `train.timeout_minutes` (DeepSpeed's own default is 10)."""
+
+
+def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> tuple[int, int]:
     """Start (or join) the process group DeepSpeed's launcher, torchrun or a single process set up.
 
     Returns (rank, world_size). gloo on CPU, nccl on GPU. On CPU the machine's cores are shared
     between the ranks of this node, so each rank takes its share of intra-op threads.
     """
+    from datetime import timedelta
+
     import deepspeed
 
     discover_ranks()
@@ -38,7 +44,7 @@ def init_distributed() -> tuple[int, int]:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", verbose=False)
+        deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", verbose=False, timeout=timedelta(minutes=timeout_minutes))
     if cpu:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
@@ -160,15 +166,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def rank_zero_first(build):
-    """`build()` on rank 0 first (say, to fill an on-disk cache), then on the other ranks, which find it filled."""
-    if not dist.is_initialized():
-        return build()
-    result = build() if dist.get_rank() == 0 else None
-    dist.barrier()
-    return result if dist.get_rank() == 0 else build()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

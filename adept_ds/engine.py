@@ -28,13 +28,14 @@ import yaml
 from tqdm import tqdm
 
 from adept_ds.config import RunConfig
-from adept_ds.data import load_blocks, sample_order
-from adept_ds.distributed import all_reduce_sum, init_distributed, local_share, on_cpu, rank_zero_first, shutdown_distributed
+from adept_ds.data import gather_blocks, load_blocks, usable_blocks
+from adept_ds.distributed import all_reduce_sum, init_distributed, local_share, on_cpu, shutdown_distributed
 from adept_ds.faults import EXIT_STOPPED, RankRegistry, StopRequest, exit_if_a_peer_died, fault_point
 from adept_ds.importance import AbsGradAccumulator, unit_importance
 from adept_ds.lm_loss import use_chunked_loss
 from adept_ds.lr import ScaledScheduler, build_base_scheduler, lr_scales
 from adept_ds.preflight import check_corpus_size, launched_world_size, preflight
+from adept_ds.sampler import Mixture, sample_order
 from adept_ds.train_checkpoints import CHECKPOINT_DIR, checkpoint_info, incomplete_reason, mark_complete, newest_complete, tag_for
 from adept_ds.units import Unit, adept_units, build_param_groups, full_model_units, set_trainable
 
@@ -58,7 +59,9 @@ class TrainState:
 
     step: int = 0
     samples_seen: int = 0
-    """Domain samples consumed (global), i.e. the position in the shuffled sample stream."""
+    """Domain samples consumed (global), i.e. the position in the sample stream."""
+    source_samples: list[int] = field(default_factory=list)
+    """Of those, how many came from each source of the domain mixture (the mixture's resumable state)."""
     probe_samples_seen: int = 0
     importance: list[float] | None = None
     scales: list[float] = field(default_factory=list)
@@ -97,24 +100,34 @@ class Trainer:
         self.family, self.manifest, self.probe_layers = checked.family, checked.manifest, checked.probe_layers
         self.ds_config = checked.ds_config
 
-        self.rank, self.world_size = init_distributed()
+        # Data, before the process group: a raw corpus is prepared once (one process prepares, the others
+        # wait on the filesystem), so no collective waits through tokenisation. Memory-mapped: a batch
+        # reads only its own blocks.
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        cache, data = config.block_cache(), config.data
+        vocab_size = checked.checkpoint.config.get("vocab_size")
+
+        def store(path, max_tokens=None):
+            return load_blocks(
+                path, tokenizer, data.block_size, cache, data.text_field, max_tokens, vocab_size, show_progress=show_progress
+            )
+
+        self.sources = data.domain_sources()
+        self.domain = [store(source.path) for source in self.sources]
+        self.uses_importance = config.adaptive_lr
+        if self.uses_importance:
+            self.general = store(data.general, config.importance.max_tokens)
+            self.general_blocks = usable_blocks(self.general, config.importance.max_tokens)
+
+        self.rank, self.world_size = init_distributed(config.train.timeout_minutes)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
         self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         random.seed(config.train.seed)
         np.random.seed(config.train.seed)
         torch.manual_seed(config.train.seed)
-
-        # Data: rank 0 tokenises and fills the Arrow cache; the others then read it.
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-        cache = config.block_cache()
-        self.uses_importance = config.adaptive_lr
-        # Arrow-backed and memory-mapped: batches are read on demand, never the whole corpus.
-        self.blocks = {
-            name: rank_zero_first(lambda path=path: load_blocks(path, tokenizer, config.data.block_size, cache, config.data.text_field))
-            for name, path in config.corpora().items()
-        }
         self.global_batch = config.train.micro_batch_size * config.train.gradient_accumulation_steps * self.world_size
-        check_corpus_size("domain", config.data.domain, len(self.blocks["domain"]), config, self.world_size)
+        check_corpus_size("domain", data.domain, sum(len(s) for s in self.domain), config, self.world_size)
+        self.mixture = Mixture([len(s) for s in self.domain], [source.weight for source in self.sources], config.train.seed)
 
         # Model: with ZeRO-3 the HfDeepSpeedConfig makes from_pretrained load straight into partitions.
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
@@ -140,7 +153,7 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=self.ds_config
         )
         self.params = dict(self.engine.module.named_parameters())
-        self.state = TrainState(scales=[1.0] * len(self.units))
+        self.state = TrainState(scales=[1.0] * len(self.units), source_samples=[0] * len(self.sources))
         self.writer = None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.registry = RankRegistry(self.output_dir, self.rank, self.world_size)
@@ -171,21 +184,18 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------------
 
-    def _rank_slice(self, indices: list[int], micro: int, size: int) -> list[int]:
+    def _rank_slice(self, indices: list, micro: int, size: int) -> list:
+        """This rank's part of micro-batch `micro` of a global batch: the ranks' parts are disjoint and cover it."""
         start = (micro * self.world_size + self.rank) * size
         return indices[start : start + size]
-
-    def _batch(self, blocks, indices: list[int]) -> torch.Tensor:
-        return blocks[indices]["input_ids"].to(self.device)
 
     # -- importance ---------------------------------------------------------------------------
 
     def recompute_importance(self) -> list[float]:
         """Unit importance on the next general probe batches; leaves no gradient behind."""
         cfg = self.config.importance
-        general = self.blocks["general"]
         per_batch = cfg.batch_size * self.world_size
-        order = sample_order(len(general), self.config.train.seed + 7919, self.state.probe_samples_seen, cfg.batches * per_batch)
+        order = sample_order(self.general_blocks, self.config.train.seed + 7919, self.state.probe_samples_seen, cfg.batches * per_batch)
         accumulator = AbsGradAccumulator()
         trainable = [name for unit in self.units for name in unit.param_names]
 
@@ -193,7 +203,7 @@ class Trainer:
             return local_share(self.params[name], self.stage, grad)
 
         for batch_index in range(cfg.batches):
-            batch = self._batch(general, self._rank_slice(order, batch_index, cfg.batch_size))
+            batch = self.general[self._rank_slice(order, batch_index, cfg.batch_size)].to(self.device)
             # Each probe batch is its own accumulation boundary: ZeRO reduces (averages over ranks)
             # the gradient of this global probe batch, which we read and then discard.
             self.engine.set_gradient_accumulation_boundary(True)
@@ -233,22 +243,24 @@ class Trainer:
     def train_step(self) -> float | None:
         """One optimizer step over the next global batch; None when the batch was dropped (non-finite loss)."""
         train = self.config.train
-        order = sample_order(len(self.blocks["domain"]), train.seed, self.state.samples_seen, self.global_batch)
+        # The same global batch on every rank (sources and blocks), of which each rank takes its slice.
+        pairs, source_samples = self.mixture.draw(self.state.source_samples, self.global_batch)
         losses = []
         for micro in range(train.gradient_accumulation_steps):
-            indices = self._rank_slice(order, micro, train.micro_batch_size)
-            batch = self._batch(self.blocks["domain"], indices)
+            mine = self._rank_slice(pairs, micro, train.micro_batch_size)
+            batch = gather_blocks(self.domain, mine).to(self.device)
             loss = self.engine(input_ids=batch, labels=batch).loss
             # Before backward, so a NaN never reaches the weights; every rank must take the same branch.
             bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], dtype=torch.float64)
             if all_reduce_sum(bad).item() > 0:
-                self._drop_batch(loss, micro, indices)
+                self._drop_batch(loss, micro, mine, source_samples)
                 return None
             self.engine.set_gradient_accumulation_boundary(micro == train.gradient_accumulation_steps - 1)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().float())
         self.state.samples_seen += self.global_batch
+        self.state.source_samples = source_samples
         self.state.step += 1
         # One all-reduce carries the mean loss and whether any rank was asked to stop. Every rank acts on
         # this agreed value, never on its own flag, which a signal may set after the all-reduce.
@@ -259,14 +271,14 @@ class Trainer:
         self.stop_agreed = bool(totals[1] > 0)
         return (totals[0] / self.world_size).item()
 
-    def _drop_batch(self, loss: torch.Tensor, micro: int, indices: list[int]) -> None:
+    def _drop_batch(self, loss: torch.Tensor, micro: int, pairs: list[tuple[int, int]], source_samples: list[int]) -> None:
         """Discard this global batch: no update, gradients of its earlier micro-batches thrown away."""
         self.engine.optimizer.zero_grad()
         self.engine.zero_grad()
         if not torch.isfinite(loss).item():
             tqdm.write(
                 f"rank {self.rank}: non-finite loss {loss.item()} at step {self.state.step + 1}, micro-batch {micro}, "
-                f"domain blocks {indices} (sample stream position {self.state.samples_seen})"
+                f"domain blocks {self._describe(pairs)} (sample stream position {self.state.samples_seen})"
             )
         if self.config.train.nonfinite == "stop" or self.state.skipped_steps >= self.config.train.max_skipped_steps:
             saved = self.save_checkpoint()  # the state before this batch: weights never saw it
@@ -284,7 +296,14 @@ class Trainer:
             with open(self.output_dir / "metrics.jsonl", "a") as metrics:
                 metrics.write(json.dumps(record) + "\n")
         self.state.samples_seen += self.global_batch
+        self.state.source_samples = source_samples
         self.state.skipped_steps += 1
+
+    def _describe(self, pairs: list[tuple[int, int]]) -> list:
+        """Block indices, prefixed with their source's name in a mixture."""
+        if len(self.sources) == 1:
+            return [index for _, index in pairs]
+        return [f"{self.sources[source].name}:{index}" for source, index in pairs]
 
     def train(self) -> list[float]:
         cfg = self.config
@@ -324,13 +343,16 @@ class Trainer:
 
     def _log(self, loss: float, tokens_per_s: float) -> None:
         step = self.state.step
-        record = {"step": step, "loss": loss, "tokens_per_s": tokens_per_s, "lr_base": self.scheduler.base_lr()}
+        tokens = {source.name: count * self.config.data.block_size for source, count in zip(self.sources, self.state.source_samples)}
+        record = {"step": step, "loss": loss, "tokens_per_s": tokens_per_s, "lr_base": self.scheduler.base_lr(), "tokens": tokens}
         with open(self.output_dir / "metrics.jsonl", "a") as metrics:
             metrics.write(json.dumps(record) + "\n")
         if step % self.config.train.log_interval == 0:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
             self.writer.add_scalar("lr/base", self.scheduler.base_lr(), step)
+            for name, count in tokens.items():
+                self.writer.add_scalar(f"data/tokens/{name}", count, step)
             for unit, group in zip(self.units, self.optimizer.param_groups):
                 self.writer.add_scalar(f"lr/{unit.name}", group["lr"], step)
 

@@ -125,8 +125,8 @@ def evaluate_model(
     cache = Path(cache_dir) if cache_dir else cache_root() / "blocks"
     results: dict = {"model": str(model_dir), "perplexity": {}}
     for name, path in (corpora or {}).items():
-        blocks = load_blocks(path, tokenizer, block_size, cache)
-        blocks = blocks[: min(len(blocks), max_blocks)]["input_ids"]
+        store = load_blocks(path, tokenizer, block_size, cache, max_tokens=max_blocks * block_size, vocab_size=model.config.vocab_size)
+        blocks = store[: min(len(store), max_blocks)]
         loss = corpus_loss(model, blocks, rank=rank, world_size=world_size, reduce=reduce)
         results["perplexity"][name] = {"loss": loss, "perplexity": math.exp(loss), "tokens": int(blocks.numel())}
     if qa:

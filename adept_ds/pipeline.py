@@ -7,6 +7,7 @@ With `compare=True` the paper's comparison points train too, on the same data an
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,10 @@ GENERAL_HELDOUT = ASSETS / "general_en_heldout.jsonl"
 DOMAIN_TRAIN = ASSETS / "math_train.jsonl"
 DOMAIN_TEST = ASSETS / "math_test.jsonl"
 DS_CONFIG = Path(__file__).parent.parent / "ds_configs" / "zero3.json"
-COMPARISON = ("pt_full", "llama_pro", "adept_no_stage1", "adept_no_stage2")
+COMPARISON = ("pt_full", "pt_full_replay", "llama_pro", "adept_no_stage1", "adept_no_stage2")
+REPLAY = {"pt_full_replay": ("pt_full", 0.25)}
+"""Comparison variants that replay general text: (method, share of general samples in the training stream).
+PT-Full with replay is the baseline most continual-pretraining users would otherwise pick."""
 
 
 def _step(message: str) -> None:
@@ -33,8 +37,10 @@ def _ds_config() -> Path:
     return DS_CONFIG
 
 
-def train_method(method: str, model: Path, output: Path, probe: Path, steps: int, num_procs: int) -> Path:
-    """One training run under the DeepSpeed launcher (real processes), skipped if already exported."""
+def train_method(method: str, model: Path, output: Path, probe: Path, steps: int, num_procs: int, replay: float = 0.0) -> Path:
+    """One training run under the DeepSpeed launcher (real processes), skipped if already exported.
+
+    `replay` > 0 mixes that share of general text into the domain stream (data.domain as a mixture)."""
     if (output / "final" / "config.json").is_file():
         return output
     from adept_ds.distributed import free_port
@@ -63,6 +69,9 @@ def train_method(method: str, model: Path, output: Path, probe: Path, steps: int
     }
     if method == "pt_full":
         overrides["optimizer.lr"] = 1e-4  # every weight moves: the usual smaller full-tuning LR
+    if replay:
+        sources = [{"path": str(DOMAIN_TRAIN), "weight": 1 - replay}, {"path": str(GENERAL), "weight": replay, "name": "replay"}]
+        overrides["data.domain"] = json.dumps(sources)  # YAML reads JSON: one key=value override
     command = [
         str(launcher),
         "--no_local_rank",
@@ -117,12 +126,14 @@ def run_demo(
         models["llama_pro"] = output / "models" / "llama_pro_expanded"
         if not (models["llama_pro"] / "adept_expansion.json").is_file():
             expand_checkpoint(original, models["llama_pro"], uniform_layers(num_layers, k), overwrite=True, show_progress=False)
-        models.update(pt_full=original, adept_no_stage1=original, adept_no_stage2=models["adept"])
+        models.update(pt_full=original, pt_full_replay=original, adept_no_stage1=original, adept_no_stage2=models["adept"])
 
     runs = {}
-    for method in methods:
-        _step(f"stage 2: training {method} for {steps} steps on {num_procs} ranks (DeepSpeed ZeRO-3)")
-        runs[method] = train_method(method, models[method], output / "runs" / method, probe_file, steps, num_procs)
+    for name in methods:
+        method, replay = REPLAY.get(name, (name, 0.0))
+        with_replay = f" with {replay:.0%} general replay" if replay else ""
+        _step(f"stage 2: training {name} for {steps} steps on {num_procs} ranks (DeepSpeed ZeRO-3){with_replay}")
+        runs[name] = train_method(method, models[name], output / "runs" / name, probe_file, steps, num_procs, replay)
 
     _step("evaluating before and after")
     corpora = {"general": GENERAL_HELDOUT, "domain": DOMAIN_TEST}

@@ -330,9 +330,9 @@ def probe_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
-    from adept_ds.data import blocks_fingerprint, load_blocks
+    from adept_ds.data import load_blocks, usable_blocks
     from adept_ds.demo_model import cache_root
-    from adept_ds.distributed import init_distributed, launched_distributed, rank_zero_first
+    from adept_ds.distributed import init_distributed, launched_distributed
     from adept_ds.families import get_family
 
     # Everything a user can get wrong is checked before any process group or model load.
@@ -349,14 +349,13 @@ def probe_model(
     if not Path(data).exists():
         raise ValueError(f"probe corpus {data} does not exist")
 
+    # The blocks before the process group (see data.py); a raw corpus is tokenised only as far as the budget.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    store = load_blocks(data, tokenizer, block_size, cache_root() / "blocks", text_field, max_tokens, checkpoint.config.get("vocab_size"))
+    num_blocks = usable_blocks(store, max_tokens)
+    blocks = store[:num_blocks]
     distributed = launched_distributed()
     rank, world_size = init_distributed() if distributed else (0, 1)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    cache = cache_root() / "blocks"
-    data_fingerprint = blocks_fingerprint(data, tokenizer, block_size, text_field)  # hashes the corpus once
-    blocks = rank_zero_first(lambda: load_blocks(data, tokenizer, block_size, cache, text_field, data_fingerprint))
-    num_blocks = min(len(blocks), max_tokens // block_size)
-    blocks = blocks[:num_blocks]["input_ids"]
     batches = shard_batches(blocks, rank, world_size, batch_size)
     total_tokens = num_blocks * (block_size - 1)  # predicted tokens: every position but the first of a block
 
@@ -378,7 +377,7 @@ def probe_model(
         "model": str(Path(model_dir).absolute()),
         "model_fingerprint": fingerprint_checkpoint(checkpoint),
         "data": str(Path(data).absolute()),
-        "data_fingerprint": data_fingerprint,
+        "data_fingerprint": store.fingerprint,
         "num_blocks": num_blocks,
         "block_size": block_size,
         "num_tokens": num_blocks * block_size,

@@ -10,10 +10,11 @@ from model_checks import load_state
 from train_setup import REPO, make_training_inputs, overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adept_ds.data import load_blocks, sample_order
+from adept_ds.data import load_blocks
 from adept_ds.expand import read_manifest
 from adept_ds.export import export_checkpoint
 from adept_ds.families import family_of
+from adept_ds.sampler import sample_order
 from adept_ds.units import adept_units
 
 pytestmark = pytest.mark.dist
@@ -75,7 +76,7 @@ def test_zero3_importance_equals_single_process_full_tensor_computation(trained)
     order = sample_order(len(blocks), 0 + 7919, 2 * batches * per_batch, batches * per_batch)
     abs_grad = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()}
     for b in range(batches):
-        batch = blocks[order[b * per_batch : (b + 1) * per_batch]]["input_ids"]
+        batch = blocks[order[b * per_batch : (b + 1) * per_batch]]
         model.zero_grad()
         model(input_ids=batch, labels=batch).loss.backward()
         for name, param in model.named_parameters():

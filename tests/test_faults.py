@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from train_setup import REPO, make_training_inputs, overrides
 from transformers import AutoTokenizer
 
-from adept_ds.data import load_blocks, sample_order
+from adept_ds.data import load_blocks
+from adept_ds.sampler import sample_order
 from adept_ds.train_checkpoints import COMPLETE_MARKER, incomplete_reason
 
 pytestmark = pytest.mark.dist
@@ -184,7 +185,7 @@ NAN_RUN = {"train.max_steps": 8, "train.save_interval": 0, "train.gradient_accum
 def expected_skips(inputs, root, bad_id, tokenizer) -> tuple[list[int], list[int]]:
     """Stream positions of the global batches holding a '#' block, and the step each would have been."""
     blocks = load_blocks(inputs["domain"], tokenizer, 32, root / "blocks")
-    poisoned_blocks = {i for i, ids in enumerate(blocks["input_ids"]) if bad_id in ids.tolist()}
+    poisoned_blocks = {i for i, ids in enumerate(blocks[:]) if bad_id in ids.tolist()}
     global_batch = 2 * 2 * 2
     position, step, skipped, steps = 0, 0, [], []
     while step < NAN_RUN["train.max_steps"]:

@@ -107,3 +107,13 @@ def test_train_rejects_bad_input_before_any_process_group(inputs, tmp_path, caps
     import torch.distributed
 
     assert not torch.distributed.is_initialized()
+
+
+def test_check_reports_each_source_of_a_mixture_and_refuses_a_missing_one(inputs, tmp_path, capsys):
+    sources = [{"path": str(inputs["domain"]), "weight": 3}, {"path": str(inputs["general"]), "weight": 1, "name": "replay"}]
+    code, output = check(capsys, "--num-gpus", 2, *overrides(inputs, tmp_path / "run", **{"data.domain": json.dumps(sources)}))
+    assert code == 0, output
+    assert "data: domain:domain " in output and "data: domain:replay " in output and "ok: nothing wrong found" in output
+    sources[1]["path"] = str(tmp_path / "gone.jsonl")
+    code, output = check(capsys, "--num-gpus", 2, *overrides(inputs, tmp_path / "run", **{"data.domain": json.dumps(sources)}))
+    assert code == 2 and "data.domain source 'replay'=" in output and "gone.jsonl' does not exist" in output

@@ -178,7 +178,7 @@ def test_probe_methods_write_results(tmp_path, corpus, model_dir, monkeypatch):
         ("no_text", {}, r"has no text field 'text' \(fields: \['body', 'id'\]\); set the text field name"),
         ("ok", {"method": "saliency"}, r"unknown probe method 'saliency': choose one of mask, grad, fisher"),
         ("ok", {"max_tokens": 32, "block_size": 64}, r"token budget --max-tokens 32 is smaller than one block of 64 tokens"),
-        ("tiny", {"block_size": 4096}, r"corpus has \d+ tokens, fewer than one block of 4096"),
+        ("tiny", {"block_size": 4096}, r"corpus .*tiny.jsonl has \d+ tokens, fewer than one block of 4096"),
         ("missing", {}, r"probe corpus .*nothing.jsonl does not exist"),
     ],
 )

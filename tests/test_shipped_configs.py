@@ -28,7 +28,7 @@ def test_configs_are_shipped():
 def test_run_config_loads_and_names_real_files(path):
     config = load_run_config(path)
     assert (REPO / config.deepspeed).is_file()
-    for corpus in (config.data.domain, config.data.general):
+    for corpus in [source.path for source in config.data.domain_sources()] + [config.data.general]:
         if corpus:
             assert (REPO / corpus).is_file(), corpus
 
