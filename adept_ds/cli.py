@@ -65,6 +65,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         batch_size=args.batch_size,
         text_field=args.text_field,
+        seed=args.seed,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         order = result["least_important"]
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256)")
     probe.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass and rank (default 4)")
     probe.add_argument("--text-field", default="text", help="name of the text field in JSONL/Parquet (default text)")
+    probe.add_argument("--seed", type=int, help="draw the blocks from the whole corpus by this seed (default: its first blocks)")
     probe.set_defaults(func=cmd_probe)
 
     prepare = commands.add_parser("prepare-data", help="tokenise and pack a corpus once into a memory-mapped token store")

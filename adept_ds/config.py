@@ -25,7 +25,9 @@ class MethodSpec:
     trains: str
     """copies: the manifest's copied layers; probe_layers: the k least important original layers; all."""
     adaptive_lr: bool
-    """Unit-wise importance-adaptive LR (else one uniform LR)."""
+    """Unit importance is measured and sets the LR (else one uniform LR)."""
+    matched_lr: bool = False
+    """With adaptive_lr: every unit gets the mean of the adaptive scales (the matched-LR ablation)."""
 
 
 METHOD_SPECS = {
@@ -34,10 +36,12 @@ METHOD_SPECS = {
     "llama_pro": MethodSpec(expanded=True, trains="copies", adaptive_lr=False),
     "adept_no_stage1": MethodSpec(expanded=False, trains="probe_layers", adaptive_lr=True),
     "adept_no_stage2": MethodSpec(expanded=True, trains="copies", adaptive_lr=False),
+    "adept_no_stage2_matched": MethodSpec(expanded=True, trains="copies", adaptive_lr=True, matched_lr=True),
 }
 METHODS = tuple(METHOD_SPECS)
 SCHEDULERS = ("WarmupCosineLR", "WarmupLR", "WarmupDecayLR", "constant")
 LR_MAPPINGS = ("linear", "power", "uniform")
+NORMALIZATIONS = ("global", "per_type", "rank")
 NONFINITE_POLICIES = ("skip", "stop")
 
 
@@ -190,6 +194,9 @@ class ImportanceConfig:
     mapping: str = "linear"
     """linear: 2 * (1 - I_norm); power: 2 * (1 - I_norm) ** power; uniform: 1 (importance logged only)."""
     power: float = 2.0
+    normalize: str = "global"
+    """How importance becomes I_norm in [0, 1]: global (min-max over all units, the paper's), per_type (min-max
+    within each unit type across the trained layers) or rank (ranks over all units); see adept_ds/lr.py."""
     max_tokens: int = 16_777_216
     """Probe batches are drawn from the general corpus's first this many tokens (a raw corpus is tokenised that far)."""
 
@@ -198,7 +205,8 @@ class ImportanceConfig:
         _check(isinstance(self.batches, int) and self.batches >= 1, f"importance.batches={self.batches!r}: need an int >= 1")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"importance.batch_size={self.batch_size!r}: need an int >= 1")
         _check(self.mapping in LR_MAPPINGS, f"importance.mapping={self.mapping!r}: choose one of {', '.join(LR_MAPPINGS)}")
-        _check(self.power > 0, f"importance.power={self.power!r}: need > 0")
+        _check(isinstance(self.power, (int, float)) and self.power > 0, f"importance.power={self.power!r}: need a number > 0 (e.g. 2.0)")
+        _check(self.normalize in NORMALIZATIONS, f"importance.normalize={self.normalize!r}: choose one of {', '.join(NORMALIZATIONS)}")
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"importance.max_tokens={self.max_tokens!r}: need an int >= 1")
 
 
@@ -210,7 +218,8 @@ class RunConfig:
     """adept: the manifest's copies, unit-wise adaptive LR (selective expansion); pt_full: every parameter of
     the original model, uniform LR; llama_pro: the copies of a uniformly expanded model, uniform LR;
     adept_no_stage1: the k least important original layers (from `probe`), adaptive LR; adept_no_stage2:
-    the copies of a selectively expanded model, uniform LR."""
+    the copies of a selectively expanded model, uniform LR; adept_no_stage2_matched: the same copies, one
+    uniform LR equal to the mean of the adaptive scales ADEPT would set, times lr_base(t)."""
     probe: str = ""
     """Probe result (`adept-ds probe`) choosing the layers adept_no_stage1 trains."""
     k: int = 4

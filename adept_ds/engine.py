@@ -33,7 +33,7 @@ from adept_ds.distributed import all_reduce_sum, init_distributed, local_share, 
 from adept_ds.faults import EXIT_STOPPED, RankRegistry, StopRequest, exit_if_a_peer_died, fault_point
 from adept_ds.importance import AbsGradAccumulator, unit_importance
 from adept_ds.lm_loss import use_chunked_loss
-from adept_ds.lr import ScaledScheduler, build_base_scheduler, lr_scales
+from adept_ds.lr import ScaledScheduler, build_base_scheduler, lr_scales, normalised_importance
 from adept_ds.preflight import check_corpus_size, launched_world_size, preflight
 from adept_ds.sampler import Mixture, sample_order
 from adept_ds.train_checkpoints import CHECKPOINT_DIR, checkpoint_info, incomplete_reason, mark_complete, newest_complete, tag_for
@@ -218,10 +218,15 @@ class Trainer:
         return unit_importance(self.units, local_params, accumulator, self.numels, all_reduce_sum)
 
     def update_learning_rates(self) -> None:
+        cfg, names = self.config.importance, [unit.name for unit in self.units]
         importance = self.recompute_importance()
-        if all(math.isfinite(value) for value in importance):
+        finite = all(math.isfinite(value) for value in importance)
+        normalised = normalised_importance(importance, cfg.normalize, names) if finite else None
+        if finite:
             self.state.importance = importance
-            self.state.scales = lr_scales(importance, self.config.importance.mapping, self.config.importance.power)
+            adaptive = lr_scales(importance, cfg.mapping, cfg.power, cfg.normalize, names)
+            # The matched-LR ablation: ADEPT's mean LR, without its adaptivity.
+            self.state.scales = [sum(adaptive) / len(adaptive)] * len(adaptive) if self.config.spec.matched_lr else adaptive
             self.scheduler.set_scales(self.state.scales)
         elif self.rank == 0:
             tqdm.write(f"step {self.state.step}: non-finite unit importance {importance}; keeping the previous learning rates")
@@ -229,14 +234,17 @@ class Trainer:
             record = {
                 "step": self.state.step,
                 "lr_base": self.scheduler.base_lr(),
-                "importance": dict(zip([u.name for u in self.units], importance)),
-                "scales": dict(zip([u.name for u in self.units], self.state.scales)),
+                "importance": dict(zip(names, importance)),
+                "normalized": dict(zip(names, normalised)) if normalised else None,
+                "scales": dict(zip(names, self.state.scales)),
             }
             with open(self.output_dir / "importance_history.jsonl", "a") as history:
                 history.write(json.dumps(record) + "\n")
-            for unit, value, scale in zip(self.units, importance, self.state.scales):
-                self.writer.add_scalar(f"importance/{unit.name}", value, self.state.step)
-                self.writer.add_scalar(f"lr_scale/{unit.name}", scale, self.state.step)
+            for index, (name, value, scale) in enumerate(zip(names, importance, self.state.scales)):
+                self.writer.add_scalar(f"importance/{name}", value, self.state.step)
+                self.writer.add_scalar(f"lr_scale/{name}", scale, self.state.step)
+                if normalised:
+                    self.writer.add_scalar(f"importance_normalized/{name}", normalised[index], self.state.step)
 
     # -- training -----------------------------------------------------------------------------
 

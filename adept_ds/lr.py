@@ -1,30 +1,88 @@
 """The unit-wise learning-rate rule, composed with DeepSpeed's schedulers.
 
-lr_U(t) = scale_U * lr_base(t), scale_U = 2 * (1 - I_norm_U) (linear, the paper's rule), where
-I_norm is min-max normalised importance over all units. DeepSpeed's schedulers rewrite every
-group's lr from scratch on each step, so a scale written once would be lost at the next step:
-`ScaledScheduler` wraps the scheduler and re-applies the scales after every step.
+lr_U(t) = scale_U * lr_base(t), scale_U = mapping(Î_U), where Î in [0, 1] is the unit's normalised
+importance (1 = most important) and the mapping is
+- linear (the paper's rule): 2 * (1 - Î);  power: 2 * (1 - Î) ** p;  uniform: 1 (importance only logged).
+The normalisation (`importance.normalize`):
+- global (the paper's): Î = (I - min I) / (max I - min I) over all units;
+- per_type: the same min-max, but within each unit type across the trained layers (every q_proj
+  together, every input_layernorm together, ...): norm weights (~1) and projection weights (~0.02)
+  differ by orders of magnitude in mean |theta * g|, which under `global` leaves every projection at
+  Î ~ 0 (scale ~ 2) and spreads only the norms;
+- rank: Î = (rank of I - 1) / (n - 1), ties sharing their mean rank: the units spread evenly over
+  [0, 1] whatever the gaps between them, so a few outliers cannot squash the rest.
+A group whose importances are all equal (a type under per_type, or every unit) gets Î = 1/2; when
+every unit's importance is equal (as right after expansion, where the zero output projections make
+every gradient zero) every scale is 1, whatever the mapping.
+
+DeepSpeed's schedulers rewrite every group's lr from scratch on each step, so a scale written once
+would be lost at the next step: `ScaledScheduler` wraps the scheduler and re-applies the scales after
+every step.
 """
 
 from __future__ import annotations
 
 import math
 
+from adept_ds.config import NORMALIZATIONS
 
-def lr_scales(importance: list[float], mapping: str = "linear", power: float = 2.0) -> list[float]:
-    """Per-unit LR multipliers from per-unit importance.
 
-    All-equal importance (e.g. right after expansion, when the zero output projections make every
-    gradient zero) gives uniform scales of 1; non-finite importance is refused by the caller.
-    """
+def unit_type(unit_name: str) -> str:
+    """`layer13.self_attn.q_proj` -> `self_attn.q_proj`: what the unit is, whichever layer holds it."""
+    return unit_name.split(".", 1)[1] if "." in unit_name else unit_name
+
+
+def _min_max(values: list[float]) -> list[float]:
+    low, high = min(values), max(values)
+    return [0.5] * len(values) if high == low else [(value - low) / (high - low) for value in values]
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """(rank - 1) / (n - 1) with ties at their mean rank; 1/2 for a single unit."""
+    if len(values) == 1:
+        return [0.5]
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 / (len(values) - 1)
+        start = end + 1
+    return ranks
+
+
+def normalised_importance(importance: list[float], normalize: str = "global", names: list[str] | None = None) -> list[float]:
+    """Î per unit, in [0, 1]; `names` (the units' names) give the unit types for per_type."""
+    if normalize == "global":
+        return _min_max(importance)
+    if normalize == "rank":
+        return _ranks(importance)
+    if normalize == "per_type":
+        if names is None or len(names) != len(importance):
+            raise ValueError("per_type normalisation needs one unit name per importance value")
+        normalised = [0.0] * len(importance)
+        for kind in dict.fromkeys(unit_type(name) for name in names):
+            members = [index for index, name in enumerate(names) if unit_type(name) == kind]
+            for index, value in zip(members, _min_max([importance[i] for i in members])):
+                normalised[index] = value
+        return normalised
+    raise ValueError(f"unknown importance normalisation {normalize!r}: choose {', '.join(NORMALIZATIONS)}")
+
+
+def lr_scales(
+    importance: list[float], mapping: str = "linear", power: float = 2.0, normalize: str = "global", names: list[str] | None = None
+) -> list[float]:
+    """Per-unit LR multipliers from per-unit importance; non-finite importance is refused."""
     if mapping == "uniform":
         return [1.0] * len(importance)
     if not importance or not all(math.isfinite(value) for value in importance):
         raise ValueError(f"importance must be finite numbers, got {importance}")
-    low, high = min(importance), max(importance)
-    if high == low:
+    if min(importance) == max(importance):
         return [1.0] * len(importance)
-    normalised = [(value - low) / (high - low) for value in importance]
+    normalised = normalised_importance(importance, normalize, names)
     if mapping == "linear":
         return [2.0 * (1.0 - value) for value in normalised]
     if mapping == "power":

@@ -37,10 +37,13 @@ def _ds_config() -> Path:
     return DS_CONFIG
 
 
-def train_method(method: str, model: Path, output: Path, probe: Path, steps: int, num_procs: int, replay: float = 0.0) -> Path:
+def train_method(
+    method: str, model: Path, output: Path, probe: Path, steps: int, num_procs: int, replay: float = 0.0, extra: dict | None = None
+) -> Path:
     """One training run under the DeepSpeed launcher (real processes), skipped if already exported.
 
-    `replay` > 0 mixes that share of general text into the domain stream (data.domain as a mixture)."""
+    `replay` > 0 mixes that share of general text into the domain stream (data.domain as a mixture);
+    `extra` holds more run-config overrides (say, train.seed or importance.normalize)."""
     if (output / "final" / "config.json").is_file():
         return output
     from adept_ds.distributed import free_port
@@ -72,6 +75,7 @@ def train_method(method: str, model: Path, output: Path, probe: Path, steps: int
     if replay:
         sources = [{"path": str(DOMAIN_TRAIN), "weight": 1 - replay}, {"path": str(GENERAL), "weight": replay, "name": "replay"}]
         overrides["data.domain"] = json.dumps(sources)  # YAML reads JSON: one key=value override
+    overrides.update(extra or {})
     command = [
         str(launcher),
         "--no_local_rank",

@@ -321,8 +321,12 @@ def probe_model(
     batch_size: int = 4,
     text_field: str = "text",
     show_progress: bool = True,
+    seed: int | None = None,
 ) -> dict:
     """`adept-ds probe`: score every decoder layer of `model_dir` on the general corpus `data`.
+
+    The probe uses the corpus's first `max_tokens` tokens, or with `seed` that many tokens of blocks drawn
+    from the whole corpus by a seeded shuffle (so repeated studies vary the probe batches).
 
     Launched under `deepspeed`/`torchrun` it shards the blocks across ranks and runs on ZeRO-3
     partitions; as a plain process it runs on whole weights. Rank 0 writes the result and chart.
@@ -334,6 +338,7 @@ def probe_model(
     from adept_ds.demo_model import cache_root
     from adept_ds.distributed import init_distributed, launched_distributed
     from adept_ds.families import get_family
+    from adept_ds.sampler import sample_order
 
     # Everything a user can get wrong is checked before any process group or model load.
     if method not in METHODS:
@@ -351,9 +356,10 @@ def probe_model(
 
     # The blocks before the process group (see data.py); a raw corpus is tokenised only as far as the budget.
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    store = load_blocks(data, tokenizer, block_size, cache_root() / "blocks", text_field, max_tokens, checkpoint.config.get("vocab_size"))
+    prefix = max_tokens if seed is None else None
+    store = load_blocks(data, tokenizer, block_size, cache_root() / "blocks", text_field, prefix, checkpoint.config.get("vocab_size"))
     num_blocks = usable_blocks(store, max_tokens)
-    blocks = store[:num_blocks]
+    blocks = store[:num_blocks] if seed is None else store[sample_order(len(store), seed, 0, num_blocks)]
     distributed = launched_distributed()
     rank, world_size = init_distributed() if distributed else (0, 1)
     batches = shard_batches(blocks, rank, world_size, batch_size)
@@ -381,6 +387,7 @@ def probe_model(
         "num_blocks": num_blocks,
         "block_size": block_size,
         "num_tokens": num_blocks * block_size,
+        "seed": seed,
         "world_size": world_size,
     }
     if rank == 0:

@@ -145,6 +145,57 @@ def test_group_lrs_follow_the_rule_under_every_scheduler(trained, tmp_path):
         assert min(records[-1]["group_lrs"]) == 0.0  # the most important unit is frozen by the linear rule
 
 
+def expected_scales(method: str, normalize: str, names: list[str], importance: list[float]) -> list[float]:
+    """The documented rule, written out again here: Î by the normalisation, scale = 2 (1 - Î), matched = their mean."""
+    if max(importance) == min(importance):
+        return [1.0] * len(importance)
+
+    def min_max(values):
+        low, high = min(values), max(values)
+        return [0.5 if high == low else (v - low) / (high - low) for v in values]
+
+    if normalize == "global":
+        normalised = min_max(importance)
+    elif normalize == "rank":
+        n = len(importance)
+        normalised = [(sum(o < v for o in importance) + (sum(o == v for o in importance) - 1) / 2) / (n - 1) for v in importance]
+    else:
+        kinds = [name.split(".", 1)[1] for name in names]
+        normalised = [0.0] * len(importance)
+        for kind in set(kinds):
+            members = [i for i, k in enumerate(kinds) if k == kind]
+            for i, value in zip(members, min_max([importance[i] for i in members])):
+                normalised[i] = value
+    scales = [2 * (1 - value) for value in normalised]
+    return [sum(scales) / len(scales)] * len(scales) if method == "adept_no_stage2_matched" else scales
+
+
+@pytest.mark.parametrize("method,normalize", [("adept", "per_type"), ("adept", "rank"), ("adept_no_stage2_matched", "global")])
+def test_group_lrs_follow_the_chosen_normalisation_and_the_matched_ablation(trained, tmp_path, method, normalize):
+    from deepspeed.runtime import lr_schedules
+
+    inputs, _, _ = trained
+    out = tmp_path / "lr"
+    out.mkdir()
+    settings = {"method": method, "importance.normalize": normalize, "train.save_interval": 0, "train.max_steps": 7}
+    args = overrides(inputs, out / "unused", **settings, **{"importance.interval": 3, "scheduler.warmup_steps": 3})
+    run_deepspeed("lr_readback.py", out, *args, SCHEDULERS="WarmupCosineLR")
+    records = json.loads((out / "rank0.json").read_text())["report"]["WarmupCosineLR"]
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    base = lr_schedules.WarmupCosineLR(
+        dummy, total_num_steps=7, warmup_min_ratio=0.0, cos_min_ratio=0.1, warmup_num_steps=3, warmup_type="linear"
+    )
+    non_uniform = 0
+    for record in records:
+        base.step()
+        scales = expected_scales(method, normalize, record["group_names"], record["importance"])
+        assert record["group_lrs"] == pytest.approx([s * dummy.param_groups[0]["lr"] for s in scales], rel=1e-9, abs=1e-15)
+        non_uniform += max(record["importance"]) > min(record["importance"])
+    assert non_uniform >= 2  # exercised with real, unequal importances
+    if method == "adept_no_stage2_matched":
+        assert len(set(records[-1]["group_lrs"])) == 1 and records[-1]["group_lrs"][0] > 0  # one LR for every unit
+
+
 def test_importance_pass_leaves_no_gradient_behind(trained, tmp_path):
     """With uniform LRs, recomputing importance every step must not change training at all."""
     inputs, _, _ = trained

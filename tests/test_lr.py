@@ -52,3 +52,41 @@ def test_scales_survive_every_scheduler_step(kind):
 def test_constant_scheduler_and_deepspeed_types():
     assert isinstance(build_base_scheduler(groups(1), "constant", 0.1, 1, 1, 0, "linear"), ConstantLR)
     assert isinstance(build_base_scheduler(groups(1), "WarmupLR", 0.1, 2, 5, 0, "linear"), lr_schedules.WarmupLR)
+
+
+NAMES = ["layer3.self_attn.q_proj", "layer3.input_layernorm", "layer5.self_attn.q_proj", "layer5.input_layernorm"]
+
+
+def test_normalisations_follow_their_formulas():
+    from adept_ds.lr import normalised_importance
+
+    importance = [1e-7, 1e-5, 3e-7, 2e-5]  # projections tiny, norms large: the demo's pattern
+    low, high = min(importance), max(importance)
+    assert normalised_importance(importance, "global") == pytest.approx([(v - low) / (high - low) for v in importance])
+    # per_type: q_proj with q_proj, norm with norm
+    assert normalised_importance(importance, "per_type", NAMES) == pytest.approx([0.0, 0.0, 1.0, 1.0])
+    assert normalised_importance([5.0, 1.0, 5.0, 3.0], "per_type", NAMES) == pytest.approx([0.5, 0.0, 0.5, 1.0])  # equal q_proj: 1/2
+    # rank: evenly spread, ties share their mean rank
+    assert normalised_importance(importance, "rank") == pytest.approx([0.0, 2 / 3, 1 / 3, 1.0])
+    assert normalised_importance([2.0, 1.0, 2.0, 7.0], "rank") == pytest.approx([0.5, 0.0, 0.5, 1.0])
+    assert lr_scales(importance, normalize="rank") == pytest.approx([2.0, 2 / 3, 4 / 3, 0.0])
+    assert lr_scales(importance, "power", 2.0, "per_type", NAMES) == pytest.approx([2.0, 2.0, 0.0, 0.0])
+    assert lr_scales([0.1] * 4, "power", 3.0, "rank") == [1.0] * 4  # all equal: uniform, whatever the rule
+    with pytest.raises(ValueError, match="unknown importance normalisation 'minmax': choose global, per_type, rank"):
+        normalised_importance(importance, "minmax")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("importance.normalize=minmax", r"importance.normalize='minmax': choose one of global, per_type, rank"),
+        ("importance.mapping=sigmoid", r"importance.mapping='sigmoid': choose one of linear, power, uniform"),
+        ("importance.power=0", r"importance.power=0: need a number > 0"),
+        ("importance.power=-1.5", r"importance.power=-1.5: need a number > 0"),
+    ],
+)
+def test_bad_importance_settings_are_refused_with_the_choices(override, message):
+    from adept_ds.config import load_run_config
+
+    with pytest.raises(ValueError, match=message):
+        load_run_config(None, [override])

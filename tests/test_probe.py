@@ -171,6 +171,18 @@ def test_probe_methods_write_results(tmp_path, corpus, model_dir, monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in load_state(model_dir).items())
 
 
+def test_a_seeded_probe_draws_its_blocks_from_the_whole_corpus(tmp_path, corpus, model_dir, monkeypatch):
+    """Studies over seeds vary the probe batches: the same seed, the same scores; another seed, other blocks."""
+    monkeypatch.setenv("ADEPT_DS_CACHE", str(tmp_path / "cache"))
+
+    def probe(name, seed):
+        return probe_model(model_dir, corpus, tmp_path / name, max_tokens=512, block_size=64, show_progress=False, seed=seed)
+
+    first, again, other, plain = probe("a.json", 1), probe("b.json", 1), probe("c.json", 2), probe("d.json", None)
+    assert first["scores"] == again["scores"] and first["seed"] == 1 and first["num_blocks"] == 8
+    assert other["scores"] != first["scores"] and plain["scores"] not in (first["scores"], other["scores"])
+
+
 @pytest.mark.parametrize(
     "setup,kwargs,message",
     [

@@ -1,7 +1,9 @@
 """For each DeepSpeed scheduler: train a few steps with real importance and record, after every step,
-each param group's lr, the unit importance in force, and the step count. argv: out_dir overrides..."""
+each param group's lr, the unit importance in force, and the step count. argv: out_dir overrides...
+$SCHEDULERS (comma-separated) limits the schedulers."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +12,8 @@ from adept_ds.engine import Trainer
 
 out_dir, *overrides = sys.argv[1:]
 report = {}
-for kind in ("WarmupLR", "WarmupCosineLR", "WarmupDecayLR"):
+kinds = os.environ.get("SCHEDULERS", "WarmupLR,WarmupCosineLR,WarmupDecayLR").split(",")
+for kind in kinds:
     config = load_run_config(None, [*overrides, f"scheduler.type={kind}", f"output_dir={out_dir}/{kind}"])
     trainer = Trainer(config, show_progress=False)
     records = []
@@ -28,5 +31,5 @@ for kind in ("WarmupLR", "WarmupCosineLR", "WarmupDecayLR"):
         )
     report[kind] = records
     rank = trainer.rank
-    trainer.close(shutdown=kind == "WarmupDecayLR")
+    trainer.close(shutdown=kind == kinds[-1])
 Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "report": report}))

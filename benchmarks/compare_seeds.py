@@ -1,0 +1,105 @@
+"""Does Stage 2 earn its keep? Methods and settings over several seeds on the demo model, decided by mean ± sd.
+
+    python benchmarks/compare_seeds.py --seeds 3 --steps 60 [--variants adept,adept:rank,...] [--output runs/compare]
+
+A variant is `method` or `method:normalisation` (adept:per_type, adept:rank). Each seed s probes the
+demo model on a seeded draw of general blocks, expands its k least important layers, and trains every
+variant with train.seed = s (data order and importance probe batches), 2 CPU ranks under ZeRO-3, then
+evaluates held-out general and domain perplexity and domain accuracy. Writes `<output>/results.jsonl`
+(one line per run), `<output>/study.md` (mean ± sd per variant, the Pareto front) and
+`<output>/tradeoff.png` (general increase against domain drop, one point per run). It resumes: a run
+that has its result line is not trained or evaluated again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+VARIANTS = "adept,adept:per_type,adept:rank,adept_no_stage2,adept_no_stage2_matched,llama_pro,pt_full,pt_full_replay"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--variants", default=VARIANTS, help=f"comma-separated (default {VARIANTS})")
+    parser.add_argument("--output", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--probe-tokens", type=int, default=4096)
+    parser.add_argument("--max-questions", type=int, default=100)
+    parser.add_argument("--num-procs", type=int, default=2)
+    args = parser.parse_args()
+
+    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.config import METHODS, NORMALIZATIONS
+    from adept_ds.demo_model import fetch_demo_model
+    from adept_ds.evaluate import evaluate_model
+    from adept_ds.expand import expand_checkpoint, uniform_layers
+    from adept_ds.pipeline import DOMAIN_TEST, GENERAL, GENERAL_HELDOUT, REPLAY, train_method
+    from adept_ds.probe import layers_from_probe, probe_model
+    from adept_ds.study import aggregate, markdown_table, pareto_front, plot_tradeoff, run_result
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for variant in variants:  # every name is checked before hours of training
+        method, _, normalize = variant.partition(":")
+        if REPLAY.get(method, (method,))[0] not in METHODS or (normalize and normalize not in NORMALIZATIONS):
+            raise SystemExit(f"unknown variant {variant!r}: a method ({', '.join([*METHODS, *REPLAY])}) or method:normalisation")
+    output = args.output.absolute()
+    output.mkdir(parents=True, exist_ok=True)
+    results_file = output / "results.jsonl"
+    results = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.is_file() else []
+    done = {(r["variant"], r["seed"]) for r in results}
+    original = fetch_demo_model()
+    num_layers = open_checkpoint(original).config["num_hidden_layers"]
+    corpora = {"general": GENERAL_HELDOUT, "domain": DOMAIN_TEST}
+    before_file = output / "before.json"
+    if not before_file.is_file():
+        before_file.write_text(json.dumps(evaluate_model(original, corpora, DOMAIN_TEST, max_questions=args.max_questions)))
+    before = json.loads(before_file.read_text())
+
+    for seed in range(args.seeds):
+        seed_dir = output / f"seed{seed}"
+        probe_file = seed_dir / "probe.json"
+        if not probe_file.is_file():
+            probe_model(original, GENERAL, probe_file, max_tokens=args.probe_tokens, block_size=128, batch_size=4, seed=seed)
+        layers = layers_from_probe(probe_file, args.k, fingerprint_checkpoint(open_checkpoint(original)), num_layers)
+        models = {"adept": seed_dir / "adept_expanded", "llama_pro": output / "llama_pro_expanded"}
+        for name, chosen in (("adept", layers), ("llama_pro", uniform_layers(num_layers, args.k))):
+            if not (models[name] / "adept_expansion.json").is_file():
+                expand_checkpoint(original, models[name], chosen, overwrite=True, show_progress=False)
+        for variant in variants:
+            if (variant, seed) in done:
+                continue
+            name, _, normalize = variant.partition(":")
+            method, replay = REPLAY.get(name, (name, 0.0))
+            model = {"llama_pro": models["llama_pro"], "pt_full": original, "adept_no_stage1": original}.get(method, models["adept"])
+            extra = {"train.seed": seed, **({"importance.normalize": normalize} if normalize else {})}
+            print(f"[compare] seed {seed}: {variant}", flush=True)
+            run_dir = train_method(
+                method, model, seed_dir / variant.replace(":", "_"), probe_file, args.steps, args.num_procs, replay, extra
+            )
+            after = evaluate_model(run_dir / "final", corpora, DOMAIN_TEST, max_questions=args.max_questions)
+            result = run_result(variant, seed, before, after)
+            results.append(result)
+            with open(results_file, "a") as handle:
+                handle.write(json.dumps(result) + "\n")
+
+    table = aggregate(results)
+    front = pareto_front(results)
+    plot_tradeoff(results, output / "tradeoff.png")
+    text = (
+        markdown_table(table)
+        + "\nPareto front (no other run forgets less and learns more): "
+        + ", ".join(f"{r['variant']} (seed {r['seed']})" for r in front)
+    )
+    (output / "study.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
