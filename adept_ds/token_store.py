@@ -36,8 +36,8 @@ from adept_ds.outputs import atomic_output_dir
 STORE_FORMAT = "adept_ds.token_store/1"
 MANIFEST = "manifest.json"
 TOKENS = "tokens.bin"
-LOCK_STALE_S = 300
-"""A lock whose holder has not touched it for this long is taken over (its holder died)."""
+LOCK_STALE_S = 120
+"""A lock untouched for this long is taken over: its holder died (a live one touches it every 5 s; NFS may show an mtime up to 60 s late)."""
 DOCS_PER_CALL = 256
 
 
@@ -265,7 +265,9 @@ def _write_tokens(chunks, tokens_file, tokenizer, text_field, dtype, num_workers
     # fork: workers inherit the imported tokenizer at once (spawn would re-import torch in each)
     context = multiprocessing.get_context("fork")
     with context.Pool(num_workers, initializer=_start_worker, initargs=(tokenizer, text_field, dtype.str)) as pool:
-        hasher.start()  # after the fork: the workers come from a process with one thread
+        # Threads start after the fork: the workers come from a process with no other thread of ours.
+        hasher.start()
+        holder.start_heartbeat()
         for index, (ids, docs) in enumerate(pool.imap(_tokenize_chunk, chunks)):
             if limit is not None and written + ids.size >= limit:
                 complete = index == len(chunks) - 1 and written + ids.size == limit
@@ -275,7 +277,6 @@ def _write_tokens(chunks, tokens_file, tokenizer, text_field, dtype, num_workers
             documents += docs
             max_id = max(max_id, int(ids.max()) if ids.size else 0)
             progress.update(ids.size)  # tqdm shows the rate in tokens/s
-            holder.touch()
             if limit is not None and written >= limit:
                 break
         pool.terminate()
@@ -283,16 +284,26 @@ def _write_tokens(chunks, tokens_file, tokenizer, text_field, dtype, num_workers
 
 
 class _Lock:
+    """A held lock file, touched every few seconds by a heartbeat thread, so that waiters can tell a
+    working holder (however long one chunk takes) from a dead one."""
+
     def __init__(self, path: Path):
         self.path = path
-        self.last_touch = 0.0
+        self.released = threading.Event()
 
-    def touch(self) -> None:
-        """A heartbeat, so waiters can tell a working holder from a dead one."""
-        now = time.monotonic()
-        if now - self.last_touch > 5:
-            os.utime(self.path)
-            self.last_touch = now
+    def start_heartbeat(self) -> None:
+        def beat():
+            while not self.released.wait(5.0):
+                try:
+                    os.utime(self.path)
+                except FileNotFoundError:
+                    return
+
+        threading.Thread(target=beat, daemon=True).start()
+
+    def release(self) -> None:
+        self.released.set()
+        self.path.unlink(missing_ok=True)
 
 
 class _exclusive:
@@ -357,7 +368,7 @@ class _exclusive:
                 self.error_file.write_text(f"{error} (found by {host} pid {os.getpid()} while preparing {self.output})\n")
             else:
                 self.error_file.unlink(missing_ok=True)
-            self.lock.unlink(missing_ok=True)
+            self.held.release()
         return lost_race
 
 

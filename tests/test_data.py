@@ -159,8 +159,15 @@ PREPARE = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from tiny_models import build_byte_tokenizer
     from adept_ds.token_store import prepare_store
-    while sys.argv[1:] == ["second"] and not Path({output!r} + ".lock").exists():
-        time.sleep(0.01)  # the second process starts once the first holds the lock
+    # Ordered by files, not by timing: the first prepares once the second has imported everything, and the
+    # second asks for the store once the first holds the lock.
+    ready, lock = Path({output!r} + ".second-ready"), Path({output!r} + ".lock")
+    if sys.argv[1:] == ["second"]:
+        ready.touch()
+    deadline = time.monotonic() + 120  # a broken test must not leave this process behind
+    while not (lock.exists() if sys.argv[1:] == ["second"] else ready.exists()):
+        assert time.monotonic() < deadline, "the other process never came"
+        time.sleep(0.005)
     store = prepare_store({corpus!r}, {output!r}, build_byte_tokenizer(), 32, num_workers=1, show_progress=False)
     print("blocks", len(store), "prepared by", store.manifest["created_by"])
     """
@@ -171,7 +178,7 @@ def test_two_processes_preparing_one_store_do_not_corrupt_it(tmp_path):
     """As two nodes on a shared filesystem would: one prepares, the other waits and reuses its store."""
     from pathlib import Path
 
-    corpus = write_jsonl(tmp_path / "c.jsonl", sentences(30000, seed=4))
+    corpus = write_jsonl(tmp_path / "c.jsonl", sentences(6000, seed=4))
     script = PREPARE.format(tests=str(Path(__file__).parent), corpus=str(corpus), output=str(tmp_path / "store"))
     processes = [subprocess.Popen([sys.executable, "-c", script, role], stdout=subprocess.PIPE, text=True) for role in ("first", "second")]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
@@ -180,7 +187,7 @@ def test_two_processes_preparing_one_store_do_not_corrupt_it(tmp_path):
     assert len({out.splitlines()[-1] for out in outputs}) == 1  # both report the same store, by the same preparer
     store = open_store(tmp_path / "store")
     assert (
-        np.asarray(store.tokens).tolist() == tokenizer_ids(build_byte_tokenizer(), sentences(30000, seed=4))[: store.manifest["num_tokens"]]
+        np.asarray(store.tokens).tolist() == tokenizer_ids(build_byte_tokenizer(), sentences(6000, seed=4))[: store.manifest["num_tokens"]]
     )
 
 
@@ -188,7 +195,7 @@ def test_processes_that_waited_for_a_failed_prepare_report_its_error(tmp_path):
     """Not N preparations of a bad corpus one after the other: the waiters raise the error the preparer found."""
     from pathlib import Path
 
-    corpus = write_jsonl(tmp_path / "c.jsonl", sentences(30000, seed=4))
+    corpus = write_jsonl(tmp_path / "c.jsonl", sentences(6000, seed=4))
     with open(corpus, "ab") as handle:
         handle.write(b'{"text": "caf\xe9"}\n')  # latin-1, at the very end
     script = PREPARE.format(tests=str(Path(__file__).parent), corpus=str(corpus), output=str(tmp_path / "store"))
@@ -198,7 +205,7 @@ def test_processes_that_waited_for_a_failed_prepare_report_its_error(tmp_path):
     ]
     outputs = [p.communicate(timeout=300) for p in processes]
     assert [p.returncode for p in processes] == [1, 1]
-    assert all("line 30001: byte 13" in err and "is not UTF-8" in err for _, err in outputs), outputs
+    assert all("line 6001: byte 13" in err and "is not UTF-8" in err for _, err in outputs), outputs
     assert "waiting for" in outputs[1][0] and "found by" in outputs[1][1]  # the waiter names who found it
     assert not (tmp_path / "store").exists()
 
