@@ -55,10 +55,12 @@ def corpus_files(path: str | Path) -> list[Path]:
     return files
 
 
-def plan_chunks(path: str | Path, chunk_bytes: int | None = None) -> list[Chunk]:
-    """The corpus cut into chunks, in order; reads only a few bytes around each cut."""
+def plan_chunks(path: str | Path, chunk_bytes: int | None = None, files: list[Path] | None = None) -> list[Chunk]:
+    """The corpus cut into chunks, in order; reads only a few bytes around each cut.
+
+    `files`: the corpus's files when the caller already has them from `corpus_files` (listed once)."""
     path, chunk_bytes = Path(path), chunk_bytes or CHUNK_BYTES
-    files = corpus_files(path)
+    files = files if files is not None else corpus_files(path)
     if is_saved_dataset(path):
         import datasets
 

@@ -22,7 +22,8 @@ from adept_ds.token_store import STORE_FORMAT, TokenStore, blocks_tensor, is_sto
 
 def raw_corpus_key(path: str | Path, tokenizer, block_size: int, text_field: str, max_tokens: int | None) -> str:
     """Cache key of a raw corpus: file paths, sizes and mtimes (stat only), tokenizer, packing, token limit."""
-    files = [(str(f.absolute()), f.stat().st_size, f.stat().st_mtime_ns) for f in corpus_files(path)]
+    stats = [(f, f.stat()) for f in corpus_files(path)]
+    files = [(str(f.absolute()), stat.st_size, stat.st_mtime_ns) for f, stat in stats]
     identity = [STORE_FORMAT, tokenizer_fingerprint(tokenizer), block_size, text_field, max_tokens, files]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:20]
 

@@ -196,7 +196,7 @@ def prepare_store(
         raise ValueError("the tokenizer has no EOS token, which separates packed documents; set eos_token")
     output = Path(output)
     files = corpus_files(source)
-    chunks = plan_chunks(source)
+    chunks = plan_chunks(source, files=files)
     if not chunks:
         raise ValueError(f"corpus {source} is empty")
     with _exclusive(output) as holder:
