@@ -66,8 +66,17 @@ def cmd_probe(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         text_field=args.text_field,
         seed=args.seed,
+        dtype=args.dtype,
+        mask_chunk_layers=args.mask_chunk_layers,
+        offload_activations=args.offload_activations,
     )
     if int(os.environ.get("RANK", "0")) == 0:
+        if result["method"] == "mask":
+            where = " in CPU memory" if result["offload_activations"] else ""
+            print(
+                f"mask probe: recorded activations peak {result['recorded_activation_peak_bytes'] / 2**30:.2f} GiB "
+                f"per rank{where} (chunks of {result['mask_chunk_layers']} layers)"
+            )
         order = result["least_important"]
         print(
             f"probe ({result['method']}): base loss {result['base_loss']:.4f} on {result['num_tokens']} tokens; "
@@ -158,6 +167,7 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from adept_ds.distributed import shutdown_distributed
     from adept_ds.evaluate import evaluate_model, run_lm_eval
 
     corpora = {name: path for name, path in (("general", args.general), ("domain", args.domain)) if path}
@@ -167,7 +177,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if not Path(path).exists():
             raise ValueError(f"evaluation data {path} does not exist")
     model = _model_dir(args.model)
-    results = evaluate_model(model, corpora, args.qa, args.block_size, args.max_blocks, args.max_questions, args.answer_pattern)
+    results = evaluate_model(
+        model, corpora, args.qa, args.block_size, args.max_blocks, args.max_questions, args.answer_pattern, dtype=args.dtype
+    )
     if args.lm_eval_tasks:
         results["lm_eval"] = run_lm_eval(model, args.lm_eval_tasks.split(","), args.max_questions)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -176,6 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(text + "\n")
         print(text)
+    shutdown_distributed()  # a no-op unless launched on several ranks
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -214,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass and rank (default 4)")
     probe.add_argument("--text-field", default="text", help="name of the text field in JSONL/Parquet (default text)")
     probe.add_argument("--seed", type=int, help="draw the blocks from the whole corpus by this seed (default: its first blocks)")
+    probe.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto (default): the model's dtype on GPU, float32 on CPU"
+    )
+    probe.add_argument(
+        "--mask-chunk-layers",
+        type=int,
+        help="mask: bypass candidates per chunk, whose layer inputs are held at once (default: as many as fit 2 GiB per rank)",
+    )
+    probe.add_argument("--offload-activations", action="store_true", help="mask: hold the recorded layer inputs in CPU memory")
     probe.set_defaults(func=cmd_probe)
 
     prepare = commands.add_parser("prepare-data", help="tokenise and pack a corpus once into a memory-mapped token store")
@@ -254,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-blocks", type=int, default=64, help="blocks per perplexity corpus (default 64)")
     evaluate.add_argument("--max-questions", type=int, help="cap on QA records")
     evaluate.add_argument("--lm-eval-tasks", help="comma-separated lm-evaluation-harness tasks (needs lm-eval installed)")
+    evaluate.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="auto (default): the model's own dtype on GPU (TF32 allowed), float32 on CPU",
+    )
     evaluate.add_argument("--output", help="write the results JSON here")
     evaluate.set_defaults(func=cmd_eval)
 

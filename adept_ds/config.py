@@ -115,6 +115,10 @@ class TrainConfig:
     gradient_clipping: float = 1.0
     save_interval: int = 50
     """Save a DeepSpeed checkpoint every this many steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 3
+    """Keep the newest this many complete checkpoints and delete older ones (0 keeps all). A checkpoint holds
+    only what training changes (trainable weights, their optimizer state, the trainer state), never the frozen
+    backbone, but at 70B scale even that is tens of GB per save."""
     log_interval: int = 1
     export: bool = True
     """Write a consolidated HF checkpoint to `<output_dir>/final` at the end."""
@@ -127,9 +131,15 @@ class TrainConfig:
     """Process-group timeout: how long a collective may wait for a slow rank before the job fails (DeepSpeed's
     default is 10). Data preparation happens before the process group starts, so it never counts against it."""
     chunked_loss: bool = True
-    """fp32 runs: compute the LM head and cross-entropy a chunk of tokens at a time (torch's linear_cross_entropy):
-    the same loss without the vocab-wide logits, their log-softmax and gradient in memory (adept_ds/lm_loss.py).
-    bf16/fp16 runs always use HF's loss (torch's op keeps the loss in the low precision)."""
+    """fp32 and bf16 runs: compute the LM head and cross-entropy a chunk of tokens at a time, in fp32 (the logits
+    of a bf16 run upcast chunk by chunk, as HF's loss upcasts them all): HF's loss and gradients without the
+    vocab-wide logits, their log-softmax and gradient in memory (adept_ds/lm_loss.py). fp16 runs use HF's loss."""
+    activation_checkpointing: bool = False
+    """Checkpoint the decoder layers from the lowest trainable one up (all layers for pt_full; the layers below get
+    no backward): each keeps only its input and is recomputed in backward, non-reentrant, under ZeRO-3 too
+    (adept_ds/activation_checkpointing.py). Same loss and gradients; most activation memory saved for one more
+    forward through those layers. Off by default: on the demo it costs 15-28 % step time to save 7-10 % of a
+    rank's memory (benchmarks/RESULTS.md); turn it on when activations do not fit (pt_full, 70B, 4k tokens: ~100 GB)."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_interval"):
@@ -137,6 +147,10 @@ class TrainConfig:
             _check(isinstance(value, int) and value >= 1, f"train.{name}={value!r}: need an int >= 1")
         _check(
             isinstance(self.save_interval, int) and self.save_interval >= 0, f"train.save_interval={self.save_interval!r}: need an int >= 0"
+        )
+        _check(
+            isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 0,
+            f"train.keep_checkpoints={self.keep_checkpoints!r}: need an int >= 0 (0 keeps every checkpoint)",
         )
         _check(self.nonfinite in NONFINITE_POLICIES, f"train.nonfinite={self.nonfinite!r}: choose one of {', '.join(NONFINITE_POLICIES)}")
         _check(

@@ -176,27 +176,93 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return reduced.cpu()
 
 
-def local_share(param, stage: int, grad: bool = False) -> torch.Tensor | None:
-    """This rank's share (fp32) of a parameter, or of its gradient when `grad`.
+def decided_by_rank_zero(decide):
+    """`decide()` run on rank 0 only, its answer (or the ValueError it raised) broadcast and returned on every rank.
 
-    ZeRO-3: the rank's own partition. ZeRO-1/2 keep whole parameters on every rank (only optimizer
-    state and gradients are partitioned), and DeepSpeed hands them out whole; each rank then takes
-    its 1/world slice so the all-reduced sums count every element once.
+    For filesystem questions (which checkpoint to resume, whether a step is saved): on NFS or Lustre the
+    ranks' views can differ for a moment, and ranks that answered alone could take different collective
+    paths and hang. Also a barrier: rank 0 has finished `decide()` when any rank returns.
     """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_get_local_fp32_param, safe_get_local_grad
+    answer = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            answer = [decide(), None]
+        except ValueError as err:
+            answer = [None, str(err)]
+    dist.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise ValueError(answer[1])
+    return answer[0]
+
+
+def local_share(param, stage: int, grad: bool = False) -> torch.Tensor | None:
+    """This rank's share (fp32) of a parameter, or of its gradient when `grad`, read without communication.
+
+    ZeRO-3: the rank's own partition. ZeRO-1/2 (and DeepSpeed's bf16 optimizer): the fragment of the
+    flattened parameter whose fp32 master copy this rank holds (`_hp_mapping`), and the same elements of
+    the gradient, so theta and |g| line up and every element is counted by exactly one rank. Gradients are
+    readable after `engine.backward` at an accumulation boundary, before `engine.step`.
+    """
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
 
     if stage == 3:
         return safe_get_local_grad(param) if grad else safe_get_local_fp32_param(param)
-    whole = safe_get_full_grad(param) if grad else safe_get_full_fp32_param(param)
-    if whole is None:
-        return None
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    chunk = math.ceil(whole.numel() / world_size)
-    return whole.flatten()[rank * chunk : (rank + 1) * chunk]
+    if not hasattr(param, "_hp_mapping"):  # no ZeRO optimizer (stage 0, fp32): whole tensors on every rank
+        whole = (param.grad if grad else param.detach()).flatten()
+        chunk = math.ceil(whole.numel() / dist.get_world_size())
+        return whole[dist.get_rank() * chunk : (dist.get_rank() + 1) * chunk]
+    mapping = param._hp_mapping
+    if mapping is None:  # none of this parameter lies in this rank's partition
+        return torch.empty(0)
+    if not grad:
+        return mapping.hp_fragment
+    # As DeepSpeed's get_full_hp_grad reads it, without its all-reduce: ZeRO-1/2 keep this rank's
+    # fragment of the reduced gradient; the bf16 optimizer keeps a whole fp32 gradient on every rank
+    # (its param.grad is a bf16 staging copy), and a set param.grad is whole too: both are narrowed.
+    if getattr(param, "_hp_grad", None) is None and param.grad is not None:
+        whole_or_fragment = param.grad
+    else:
+        whole_or_fragment = mapping.get_lp_grad_fragment(param._index_in_param_group)
+    flat = whole_or_fragment.flatten()
+    if flat.numel() == param.numel():
+        address = mapping.lp_fragment_address
+        flat = flat.narrow(0, address.start, address.numel)
+    return flat.float()
 
 
-def zero3_probe_runtime(model_dir, family, with_grad: bool, micro_batch: int, num_micro_batches: int):
-    """A ProbeRuntime over a DeepSpeed ZeRO-3 engine: each rank holds only its partition of every weight.
+def zero3_engine(model_dir, dtype: torch.dtype, config: dict, make_optimizer=None):
+    """A DeepSpeed ZeRO-3 engine over the HF model in `model_dir`, which every rank loads straight into
+    its own partition of every weight: no rank ever holds the whole model, so one larger than a device fits.
+
+    `config` is the DeepSpeed config less ZeRO-3 and precision, which follow `dtype`;
+    `make_optimizer(model)`, when given, runs between loading and `deepspeed.initialize` and returns
+    the optimizer (or None). Keep the engine: its hooks gather each layer's weights in every forward,
+    collectively, so all ranks must run the same sequence of forwards.
+    """
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    config = {
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": dtype == torch.bfloat16},  # zero.Init partitions in the config's precision
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 1 << 30,
+        **config,
+    }
+    hf_ds_config = HfDeepSpeedConfig(config)  # while alive, from_pretrained loads straight into partitions
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.eval()
+    optimizer = make_optimizer(model) if make_optimizer else None
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine.module.eval()
+    del hf_ds_config
+    return engine
+
+
+def zero3_probe_runtime(model_dir, family, with_grad: bool, micro_batch: int, num_micro_batches: int, dtype=torch.float32):
+    """A ProbeRuntime over a DeepSpeed ZeRO-3 engine: each rank holds only its partition of every weight,
+    in `dtype` (float32 or bfloat16), on this rank's device.
 
     Gradient methods need ZeRO-3's gradient partitioning, which lives in its optimizer: we give it an
     SGD with lr=0 over the decoder-layer parameters and never call step(), so no weight changes.
@@ -207,17 +273,20 @@ def zero3_probe_runtime(model_dir, family, with_grad: bool, micro_batch: int, nu
 
     from adept_ds.probe import ProbeRuntime
 
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"ZeRO-3 probing runs in float32 or bfloat16, not {dtype}")
     world_size = dist.get_world_size()
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": max(1, num_micro_batches),
         "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": dtype == torch.bfloat16},  # ZeRO-3 partitions (and zero.Init loads) in this dtype
         "gradient_clipping": 0.0,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
     }
     hf_ds_config = HfDeepSpeedConfig(config)  # while alive, from_pretrained loads straight into partitions
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.eval()
     layer_params = {id(p) for p in family.decoder_layers(model).parameters()}
     for param in model.parameters():
@@ -233,6 +302,7 @@ def zero3_probe_runtime(model_dir, family, with_grad: bool, micro_batch: int, nu
 
     return ProbeRuntime(
         model=engine.module,
+        device=engine.device,
         rank=dist.get_rank(),
         world_size=world_size,
         backward=backward,

@@ -3,11 +3,14 @@
 `Trainer` owns one run: it loads the model partitioned by ZeRO-3 from the start, freezes all but
 the trainable units, builds one named param group per unit, and every `importance.interval` steps
 measures unit importance on general probe batches (from each rank's local partitions) and rescales
-the groups' learning rates. Checkpoints are DeepSpeed's own, plus the trainer state
-(step, data positions, importance, scales, RNG), sealed as complete only once every rank has
-written (train_checkpoints.py), so `--resume` continues exactly from the newest complete one.
-A non-finite loss is caught before its backward pass and handled by `train.nonfinite`; SIGTERM
-checkpoints at the next step boundary (faults.py).
+the groups' learning rates. Checkpoints are DeepSpeed's own without the frozen weights, plus the
+trainer state (step, data positions, importance, scales, RNG), sealed as complete only once every
+rank has written (train_checkpoints.py), so `--resume` continues exactly from the newest complete
+one, on the backbone it names by fingerprint. Rank 0 answers every filesystem question (which checkpoint
+to resume, whether a step is saved) for all ranks.
+A non-finite loss is caught before the optimizer step, in the one all-reduce a step makes, and handled by
+`train.nonfinite`; SIGTERM checkpoints at the next step boundary; an exception on one rank ends the job
+at once, without any collective (faults.py).
 """
 
 from __future__ import annotations
@@ -27,16 +30,27 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+from adept_ds.activation_checkpointing import checkpoint_layers
+from adept_ds.checkpoint import fingerprint_checkpoint
 from adept_ds.config import RunConfig
 from adept_ds.data import gather_blocks, load_blocks, usable_blocks
-from adept_ds.distributed import all_reduce_sum, init_distributed, local_share, on_cpu, shutdown_distributed
-from adept_ds.faults import EXIT_STOPPED, RankRegistry, StopRequest, exit_if_a_peer_died, fault_point
+from adept_ds.distributed import all_reduce_sum, decided_by_rank_zero, init_distributed, local_share, on_cpu, shutdown_distributed
+from adept_ds.faults import EXIT_STOPPED, RankRegistry, StopRequest, exit_after_failure, fault_point
 from adept_ds.importance import AbsGradAccumulator, unit_importance
 from adept_ds.lm_loss import use_chunked_loss
 from adept_ds.lr import ScaledScheduler, build_base_scheduler, lr_scales, normalised_importance
 from adept_ds.preflight import check_corpus_size, launched_world_size, preflight
 from adept_ds.sampler import Mixture, sample_order
-from adept_ds.train_checkpoints import CHECKPOINT_DIR, checkpoint_info, incomplete_reason, mark_complete, newest_complete, tag_for
+from adept_ds.train_checkpoints import (
+    CHECKPOINT_DIR,
+    check_same_run,
+    checkpoint_info,
+    incomplete_reason,
+    mark_complete,
+    newest_complete,
+    prune,
+    tag_for,
+)
 from adept_ds.units import Unit, adept_units, build_param_groups, full_model_units, set_trainable
 
 
@@ -86,7 +100,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, resume: bool = False, show_progress: bool = True):
+    def __init__(self, config: RunConfig, resume: bool | str = False, show_progress: bool = True):
+        """`resume`: False starts a new run (refused where checkpoints exist), True continues the newest complete
+        checkpoint, "auto" continues it if there is one and else starts (`--auto-resume`)."""
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
@@ -96,7 +112,8 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.gpu = not on_cpu()
         # Every input is checked before the process group exists: a bad value fails fast on every rank.
-        checked = preflight(config, launched_world_size(), self.gpu)
+        launched = launched_world_size()
+        checked = preflight(config, launched, self.gpu)
         self.family, self.manifest, self.probe_layers = checked.family, checked.manifest, checked.probe_layers
         self.ds_config = checked.ds_config
 
@@ -118,6 +135,7 @@ class Trainer:
         if self.uses_importance:
             self.general = store(data.general, config.importance.max_tokens)
             self.general_blocks = usable_blocks(self.general, config.importance.max_tokens)
+        check_corpus_size("domain", data.domain, sum(len(s) for s in self.domain), config, launched)
 
         self.rank, self.world_size = init_distributed(config.train.timeout_minutes)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
@@ -126,7 +144,6 @@ class Trainer:
         np.random.seed(config.train.seed)
         torch.manual_seed(config.train.seed)
         self.global_batch = config.train.micro_batch_size * config.train.gradient_accumulation_steps * self.world_size
-        check_corpus_size("domain", data.domain, sum(len(s) for s in self.domain), config, self.world_size)
         self.mixture = Mixture([len(s) for s in self.domain], [source.weight for source in self.sources], config.train.seed)
 
         # Model: with ZeRO-3 the HfDeepSpeedConfig makes from_pretrained load straight into partitions.
@@ -134,10 +151,13 @@ class Trainer:
         dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
         model.config.use_cache = False
-        if config.train.chunked_loss and not any(self.ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
-            use_chunked_loss(model, self.family)  # fp32 only: see adept_ds/lm_loss.py
+        model.train()  # from_pretrained gives eval mode; HF checkpoints layers only in train mode (dropout is 0 by default)
+        if config.train.chunked_loss and not self.ds_config.get("fp16", {}).get("enabled"):
+            use_chunked_loss(model, self.family)  # fp32 and bf16; fp16 keeps HF's loss (adept_ds/lm_loss.py)
         self.units: list[Unit] = self._units(model)
         set_trainable(model, self.units)
+        if config.train.activation_checkpointing:
+            checkpoint_layers(model, self.family, [name for unit in self.units for name in unit.param_names])
         groups = build_param_groups(model, self.units, config.optimizer.lr, config.optimizer.weight_decay)
         self.numels = {name: getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters()}
         optimizer = torch.optim.AdamW(groups, lr=config.optimizer.lr, betas=config.optimizer.betas, eps=config.optimizer.eps)
@@ -153,6 +173,13 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=self.ds_config
         )
         self.params = dict(self.engine.module.named_parameters())
+        # What a checkpoint belongs to: it holds no frozen weight, so it only resumes on this backbone and units.
+        self.run_identity = {
+            "backbone_model": str(Path(config.model).absolute()),
+            "backbone_fingerprint": fingerprint_checkpoint(checked.checkpoint),
+            "method": config.method,
+            "units": [unit.name for unit in self.units],
+        }
         self.state = TrainState(scales=[1.0] * len(self.units), source_samples=[0] * len(self.sources))
         self.writer = None
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -166,13 +193,10 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
-        if resume:
-            self.load_checkpoint()
-        elif any((self.output_dir / CHECKPOINT_DIR).glob("step*")):
-            raise ValueError(
-                f"{self.output_dir / CHECKPOINT_DIR} holds checkpoints of an earlier run; pass --resume (or --auto-resume) "
-                "to continue it, or choose a new output_dir"
-            )
+        self.saved: Path | None = None  # the checkpoint holding the current state (last saved or resumed from)
+        tag = decided_by_rank_zero(lambda: self._resume_tag(resume))
+        if tag is not None:
+            self.load_checkpoint(tag)
 
     def _units(self, model) -> list[Unit]:
         trains = self.config.spec.trains
@@ -253,41 +277,49 @@ class Trainer:
         train = self.config.train
         # The same global batch on every rank (sources and blocks), of which each rank takes its slice.
         pairs, source_samples = self.mixture.draw(self.state.source_samples, self.global_batch)
-        losses = []
+        last = train.gradient_accumulation_steps - 1
+        losses, slices = [], []
         for micro in range(train.gradient_accumulation_steps):
             mine = self._rank_slice(pairs, micro, train.micro_batch_size)
             batch = gather_blocks(self.domain, mine).to(self.device)
             loss = self.engine(input_ids=batch, labels=batch).loss
-            # Before backward, so a NaN never reaches the weights; every rank must take the same branch.
-            bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], dtype=torch.float64)
-            if all_reduce_sum(bad).item() > 0:
-                self._drop_batch(loss, micro, mine, source_samples)
-                return None
-            self.engine.set_gradient_accumulation_boundary(micro == train.gradient_accumulation_steps - 1)
+            fault_point("backward", self.state.step + 1, self.rank)
+            # A NaN loss's backward only writes gradients, which a dropped batch discards before any update.
+            self.engine.set_gradient_accumulation_boundary(micro == last)
             self.engine.backward(loss)
-            self.engine.step()
-            losses.append(loss.detach().float())
+            losses.append(loss.detach())  # kept on the device: no host sync per micro-batch
+            slices.append(mine)
+            if micro < last:
+                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        # One all-reduce per step, before the update: the mean loss, how many micro-batch losses were not finite,
+        # and whether any rank was asked to stop. Every rank acts on these agreed values, never on its own
+        # (a signal may set its flag after the all-reduce), so all take the same branch.
+        local = torch.stack(losses).double()
+        requested = torch.tensor(float(self.stop_request.requested), dtype=torch.float64, device=local.device)
+        totals = all_reduce_sum(torch.stack([local.mean(), (~torch.isfinite(local)).sum().double(), requested]))
+        self.stop_agreed = bool(totals[2] > 0)
+        if totals[1] > 0:
+            self._drop_batch(local.tolist(), slices, source_samples)
+            return None
+        self.engine.step()  # the boundary: the optimizer step
         self.state.samples_seen += self.global_batch
         self.state.source_samples = source_samples
         self.state.step += 1
-        # One all-reduce carries the mean loss and whether any rank was asked to stop. Every rank acts on
-        # this agreed value, never on its own flag, which a signal may set after the all-reduce.
-        mean = torch.stack(losses).mean().double()
-        totals = all_reduce_sum(
-            torch.stack([mean, torch.tensor(float(self.stop_request.requested), dtype=torch.float64, device=mean.device)])
-        )
-        self.stop_agreed = bool(totals[1] > 0)
         return (totals[0] / self.world_size).item()
 
-    def _drop_batch(self, loss: torch.Tensor, micro: int, pairs: list[tuple[int, int]], source_samples: list[int]) -> None:
-        """Discard this global batch: no update, gradients of its earlier micro-batches thrown away."""
+    def _drop_batch(self, losses: list[float], slices: list[list[tuple[int, int]]], source_samples: list[int]) -> None:
+        """Discard this global batch: its accumulated gradients are thrown away and no update is made.
+
+        Without the boundary `engine.step()`, zeroing the gradients also resets ZeRO's accumulation, so the next
+        step's first micro-batch starts it afresh (as after a probe batch in `recompute_importance`)."""
         self.engine.optimizer.zero_grad()
         self.engine.zero_grad()
-        if not torch.isfinite(loss).item():
-            tqdm.write(
-                f"rank {self.rank}: non-finite loss {loss.item()} at step {self.state.step + 1}, micro-batch {micro}, "
-                f"domain blocks {self._describe(pairs)} (sample stream position {self.state.samples_seen})"
-            )
+        for micro, (loss, pairs) in enumerate(zip(losses, slices)):
+            if not math.isfinite(loss):
+                tqdm.write(
+                    f"rank {self.rank}: non-finite loss {loss} at step {self.state.step + 1}, micro-batch {micro}, "
+                    f"domain blocks {self._describe(pairs)} (sample stream position {self.state.samples_seen})"
+                )
         if self.config.train.nonfinite == "stop" or self.state.skipped_steps >= self.config.train.max_skipped_steps:
             saved = self.save_checkpoint()  # the state before this batch: weights never saw it
             reason = (
@@ -370,45 +402,80 @@ class Trainer:
         """DeepSpeed's checkpoint plus our state and RNG; sealed (and `latest` moved) only once every rank wrote."""
         directory = self.output_dir / CHECKPOINT_DIR
         path = directory / tag_for(self.state.step)
-        if incomplete_reason(path) is None:
+
+        def already_saved() -> bool:
+            if incomplete_reason(path) is None:
+                return True
+            if path.exists():
+                shutil.rmtree(path)  # the remains of a write that was killed
+            return False
+
+        if decided_by_rank_zero(already_saved):  # rank 0 looks, for every rank; returns after its cleanup
+            self.saved = path
             return path  # this very state is already saved (e.g. resumed at the end)
-        if self.rank == 0 and path.exists():
-            shutil.rmtree(path)  # the remains of a write that was killed
-        dist.barrier()
-        self.engine.save_checkpoint(str(directory), tag=path.name, client_state={"trainer": self.state.state_dict()}, save_latest=False)
+        # The frozen weights are the model training started from (checked by fingerprint on resume): not saved.
+        self.engine.save_checkpoint(
+            str(directory),
+            tag=path.name,
+            client_state={"trainer": self.state.state_dict()},
+            save_latest=False,
+            exclude_frozen_parameters=True,
+        )
         torch.save(_rng_state(), path / f"rng_rank{self.rank}.pt")
         fault_point("checkpoint_written", self.state.step, self.rank)
         dist.barrier()
         if self.rank == 0:
-            mark_complete(path, self.state.step, self.world_size)
+            mark_complete(path, self.state.step, self.world_size, self.run_identity)
+            for deleted in prune(directory, self.config.train.keep_checkpoints):
+                tqdm.write(f"deleted checkpoint {deleted.name} (train.keep_checkpoints={self.config.train.keep_checkpoints})")
         dist.barrier()
+        self.saved = path
         return path
 
-    def load_checkpoint(self) -> None:
+    def _resume_tag(self, resume: bool | str) -> str | None:
+        """Rank 0's decision (see `__init__`): the checkpoint to resume from, None to start, or a ValueError."""
         directory = self.output_dir / CHECKPOINT_DIR
-        path, skipped = newest_complete(directory)
-        if self.rank == 0:
+        newest = None
+        if resume:
+            newest, skipped = newest_complete(directory)
             for incomplete, reason in skipped:
                 tqdm.write(f"resume: ignoring incomplete checkpoint {incomplete} ({reason})")
-        if path is None:
-            raise ValueError(f"--resume: no complete checkpoint in {directory} (nothing to resume from)")
-        written_by = checkpoint_info(path)["world_size"]
+            if newest is None and resume != "auto":
+                raise ValueError(f"--resume: no complete checkpoint in {directory} (nothing to resume from)")
+        if newest is None:
+            if any(directory.glob("step*")):
+                raise ValueError(
+                    f"{directory} holds checkpoints of an earlier run; pass --resume (or --auto-resume) "
+                    "to continue it, or choose a new output_dir"
+                )
+            return None
+        written_by = checkpoint_info(newest)["world_size"]
         if written_by != self.world_size:
             raise ValueError(
-                f"--resume: {path} was written by {written_by} ranks but this run has {self.world_size}; ZeRO partitions "
+                f"--resume: {newest} was written by {written_by} ranks but this run has {self.world_size}; ZeRO partitions "
                 f"only load at the same world size (export it with `adept-ds export` and start a new run from the export)"
             )
-        loaded, client_state = self.engine.load_checkpoint(str(directory), tag=path.name)
+        check_same_run(newest, self.run_identity)
+        return newest.name
+
+    def load_checkpoint(self, tag: str) -> None:
+        """Continue from checkpoint `tag` (chosen by rank 0 for every rank: `_resume_tag`)."""
+        directory = self.output_dir / CHECKPOINT_DIR
+        path = directory / tag
+        # Not strict: the checkpoint's module state lacks the frozen weights, which the model already holds.
+        loaded, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
         if loaded is None:
             raise ValueError(f"--resume: DeepSpeed could not load checkpoint {path}")
         self.state.load_state_dict(client_state["trainer"])
         self.scheduler.set_scales(self.state.scales)
         _set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
+        self.saved = path
         if self.rank == 0:
             tqdm.write(f"resumed from {path} (the newest complete checkpoint) at step {self.state.step}")
 
     def latest_tag(self) -> str:
-        return newest_complete(self.output_dir / CHECKPOINT_DIR)[0].name
+        """The tag of the checkpoint holding the current state (`train()` ends by saving one)."""
+        return self.saved.name
 
     def close(self, shutdown: bool = True) -> None:
         """Drop the engine (before the process group: see shutdown_distributed) and optionally end the group."""
@@ -421,21 +488,23 @@ class Trainer:
             shutdown_distributed()
 
 
-def run_training(config: RunConfig, resume: bool = False, show_progress: bool = True) -> dict:
-    """Train, checkpoint, and (rank 0) export the final model. Returns a summary."""
+def run_training(config: RunConfig, resume: bool | str = False, show_progress: bool = True) -> dict:
+    """Train, checkpoint, and (rank 0) export the final model. Returns a summary. `resume`: see `Trainer`."""
     from adept_ds.export import export_checkpoint
 
     trainer = Trainer(config, resume=resume, show_progress=show_progress)
     try:
-        try:
-            losses = trainer.train()
-        except (RuntimeError, dist.DistBackendError):
-            exit_if_a_peer_died(trainer.registry)  # a collective failed because a peer is gone: say which
-            raise
-        tag, rank = trainer.latest_tag(), trainer.rank
-        trainer.registry.finished()  # from here on, this rank exiting is not a failure its peers must report
-    finally:
-        trainer.close()
+        losses = trainer.train()
+    except (Stopped, NonFiniteLoss):
+        trainer.close()  # every rank stopped at the same step, after saving together: a normal teardown
+        raise
+    except Exception:
+        if trainer.writer is not None:
+            trainer.writer.flush()
+        exit_after_failure(trainer.registry)  # this rank's failure, or a peer's: no collective may follow
+    tag, rank = trainer.latest_tag(), trainer.rank
+    trainer.registry.finished()  # from here on, this rank exiting is not a failure its peers must report
+    trainer.close()
     summary = {"losses": losses, "checkpoint": str(Path(config.output_dir) / CHECKPOINT_DIR / tag)}
     if config.train.export and rank == 0:
         summary["export"] = str(

@@ -1,8 +1,10 @@
 """Evaluation: perplexity (token-weighted mean loss) on held-out corpora, and exact-match accuracy of
 greedy answers to question/answer JSONL (GSM8K-style `#### 42` answers by default).
 
-Launched with several ranks (`deepspeed --num_gpus N -m adept_ds.cli eval ...` or torchrun), each
-rank scores its share of the blocks/questions and the sums are all-reduced.
+Runs on the device the launcher gives, in `dtype` (`auto`: the model's own on GPU, fp32 on CPU).
+Launched with several ranks (`deepspeed --num_gpus N -m adept_ds.cli eval ...` or torchrun), the model
+is partitioned by ZeRO-3 (no rank holds it whole, so one larger than a device fits), each rank scores
+its share of the blocks/questions and the sums are all-reduced.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adept_ds.probe import loss_sum
+from adept_ds.distributed import on_cpu
+from adept_ds.probe import loss_sum, probe_dtype
 
 DEFAULT_ANSWER_PATTERN = r"####\s*(-?[\d,]*\.?\d+)"
 DEFAULT_PROMPT = "Question: {question}\nAnswer:"
@@ -37,8 +40,14 @@ def corpus_loss(model, blocks: torch.Tensor, batch_size: int = 4, rank: int = 0,
     mine = blocks[rank::world_size]
     model.eval()
     with torch.no_grad():
-        for start in tqdm(range(0, len(mine), batch_size), desc="perplexity", disable=rank != 0, leave=False):
+        # Every rank runs as many forwards as the rank with most blocks: under ZeRO-3 each forward gathers
+        # the weights collectively, so a rank out of blocks runs an uncounted one.
+        per_rank = math.ceil(len(blocks) / world_size)
+        for start in tqdm(range(0, per_rank, batch_size), desc="perplexity", disable=rank != 0, leave=False):
             batch = mine[start : start + batch_size].to(model.device)
+            if not len(batch):
+                model(input_ids=blocks[:1].to(model.device), use_cache=False)
+                continue
             sums[0] += loss_sum(model(input_ids=batch, use_cache=False).logits[:, :-1], batch[:, 1:]).item()
             sums[1] += batch[:, 1:].numel()
     sums = reduce(sums)
@@ -68,15 +77,24 @@ def qa_accuracy(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     mine = rows[rank::world_size]
+    # Under ZeRO-3 every forward is collective: all ranks make the same generate calls (dummy rows, never
+    # counted, fill the shorter shards) and generate in lock-step until every rank is done (synced_gpus).
+    padded = mine + rows[:1] * (math.ceil(len(rows) / world_size) - len(mine))
     correct, examples = 0, []
     model.eval()
-    for start in tqdm(range(0, len(mine), batch_size), desc="accuracy", disable=rank != 0, leave=False):
-        chunk = mine[start : start + batch_size]
+    for start in tqdm(range(0, len(padded), batch_size), desc="accuracy", disable=rank != 0, leave=False):
+        chunk = padded[start : start + batch_size]
         inputs = tokenizer([prompt.format(**row) for row in chunk], return_tensors="pt", padding=True).to(model.device)
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            output = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                synced_gpus=world_size > 1,
+            )
         texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for row, text in zip(chunk, texts):
+        for row, text in zip(mine[start : start + batch_size], texts):  # the real rows come first
             predicted = extract_answer(text, pattern)
             expected = str(row["answer"]).replace(",", "").strip()
             correct += predicted == expected
@@ -110,20 +128,34 @@ def evaluate_model(
     pattern: str = DEFAULT_ANSWER_PATTERN,
     prompt: str = DEFAULT_PROMPT,
     cache_dir: str | Path | None = None,
+    dtype: str = "auto",
 ) -> dict:
-    """{"perplexity": {name: {"loss", "perplexity", "tokens"}}, "qa": {...}} for one checkpoint."""
+    """{"model", "dtype", "perplexity": {name: {"loss", "perplexity", "tokens"}}, "qa": {...}} for one checkpoint.
+
+    In `dtype`: `float32`, `bfloat16`, or `auto`: the checkpoint's own on GPU (TF32 matmuls allowed), fp32
+    on CPU, where bf16 matmuls are slow and inexact (the probe's rule, `probe_dtype`). On several ranks
+    the model is loaded into ZeRO-3 partitions; alone, it is loaded whole onto this process's device.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from adept_ds.checkpoint import open_checkpoint
     from adept_ds.data import load_blocks
     from adept_ds.demo_model import cache_root
-    from adept_ds.distributed import on_cpu
+    from adept_ds.distributed import zero3_engine
 
     rank, world_size, reduce = _world()
-    device = torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
+    torch_dtype = probe_dtype(dtype, open_checkpoint(model_dir).config, on_cpu())
+    if dtype == "auto" and not on_cpu():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    if world_size > 1:
+        engine = zero3_engine(model_dir, torch_dtype, {"train_micro_batch_size_per_gpu": 1})
+        model = engine.module
+    else:
+        device = torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
     cache = Path(cache_dir) if cache_dir else cache_root() / "blocks"
-    results: dict = {"model": str(model_dir), "perplexity": {}}
+    results: dict = {"model": str(model_dir), "dtype": str(model.dtype).removeprefix("torch."), "perplexity": {}}
     for name, path in (corpora or {}).items():
         store = load_blocks(path, tokenizer, block_size, cache, max_tokens=max_blocks * block_size, vocab_size=model.config.vocab_size)
         blocks = store[: min(len(store), max_blocks)]

@@ -138,8 +138,26 @@ def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu:
     for precision in ("bf16", "fp16"):
         if not gpu and ds.get(precision, {}).get("enabled"):
             raise ValueError(f'{path}: {precision} is enabled but this run is on CPU; use zero3.json ("auto": fp32 on CPU, bf16 on GPU)')
+    fill_grad_accum_dtype(ds, path)
     ds.setdefault("steps_per_print", 1 << 30)
     return ds
+
+
+def fill_grad_accum_dtype(ds: dict, path: str | Path) -> None:
+    """bf16 under ZeRO-2/3 accumulates gradients in fp32 unless the config says otherwise (it says so once).
+
+    DeepSpeed's default is the model's dtype: bf16 sums of micro-batch gradients and bf16 gradient partitions.
+    ZeRO-2 and 3 honour `data_types.grad_accum_dtype` (their gradient partitions become fp32: 4 bytes per
+    trainable parameter / ranks). Not ZeRO-1, where DeepSpeed then swaps in its BF16_Optimizer, a path adept_ds
+    is not tested on, nor ZeRO off, where DeepSpeed refuses bf16 with fp32 accumulation.
+    """
+    if not ds.get("bf16", {}).get("enabled") or ds.get("zero_optimization", {}).get("stage") not in (2, 3):
+        return
+    data_types = ds.setdefault("data_types", {})
+    if "grad_accum_dtype" not in data_types:
+        data_types["grad_accum_dtype"] = "fp32"
+        if os.environ.get("RANK", "0") == "0":
+            print(f'{path}: bf16 without data_types.grad_accum_dtype: accumulating gradients in fp32 (set it to "bf16" to keep bf16)')
 
 
 def read_hostfile(path: str | Path) -> dict[str, int]:

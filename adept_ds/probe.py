@@ -2,16 +2,19 @@
 
 Methods (higher score = the layer matters more for general competence; ADEPT expands the k lowest):
 - `mask`: I(l) = L_masked(l) - L_base, the mean next-token loss with layer l bypassed (its output :=
-  its input) minus the plain loss. The base pass records every layer's input; the pass that bypasses
-  layer l restarts from layer l's recorded input and runs only the layers above it, so the layers
-  below l are never recomputed.
+  its input) minus the plain loss. The base pass records layer inputs; the pass that bypasses layer l
+  restarts from layer l's recorded input and runs only the layers above it (see `mask_probe`). The
+  candidates are taken in chunks of layers whose recorded inputs fit a byte budget (2 GiB per rank by
+  default, or `mask_chunk_layers`), optionally held in CPU memory (`offload_activations`).
 - `grad`: I(l) = sum over the layer's parameters of |theta * dL/dtheta| (first-order Taylor).
 - `fisher`: I(l) = sum over the layer's parameters of (dL/dtheta)^2.
 L is the mean token loss over the whole probe set (all ranks), so scores do not depend on how many
-processes computed them.
+processes computed them. The model runs on the device the launcher gives, in `dtype` (`auto`: the
+checkpoint's dtype on GPU, fp32 on CPU); losses and sums are accumulated in float64 on the CPU.
 
 A probe result is JSON: `{"format": "adept_ds.probe/1", "method": ..., "num_layers": L,
-"scores": [one float per original decoder layer], "base_loss": ..., "model_fingerprint": ..., ...}`.
+"scores": [one float per original decoder layer], "base_loss": ..., "model_fingerprint": ..., ...}`;
+a mask probe adds `mask_chunk_layers` and `recorded_activation_peak_bytes` (per rank).
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +101,8 @@ class ProbeRuntime:
     """
 
     model: nn.Module
+    device: torch.device = torch.device("cpu")
+    """Where the model computes: batches are moved there."""
     rank: int = 0
     world_size: int = 1
     backward: Callable[[torch.Tensor], None] = field(default=lambda loss: loss.backward())
@@ -126,84 +130,6 @@ def next_token_loss_sum(family: Family, model: nn.Module, hidden: torch.Tensor, 
     return loss_sum(family.logits(model, hidden[:, :-1]), input_ids[:, 1:])
 
 
-def _hidden(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-def record_layer_inputs(family: Family, model: nn.Module, input_ids: torch.Tensor):
-    """One base forward through the decoder, recording each layer's input and call arguments.
-
-    Returns ([(hidden_in, kwargs) per layer], last layer's output). Masks, rotary embeddings and
-    per-layer attention types come from the model's own forward, so every family is handled alike.
-    """
-    layers = family.decoder_layers(model)
-    recorded: list = [None] * len(layers)
-    last_output = []
-
-    def make_hook(index):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            recorded[index] = (hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(layers[-1].register_forward_hook(lambda module, args, output: last_output.append(_hidden(output))))
-    try:
-        model.get_submodule(family.decoder_path)(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return recorded, last_output[0]
-
-
-def mask_loss_sums(family: Family, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """[base loss sum, loss sum with layer 0 bypassed, ..., with layer L-1 bypassed] for one batch.
-
-    Bypassing layer l means layer l+1 receives layer l's input: we restart from the recorded input
-    of layer l and run layers l+1..L-1 only, reusing the base pass below l.
-    """
-    layers = family.decoder_layers(model)
-    with torch.no_grad():
-        recorded, final = record_layer_inputs(family, model, input_ids)
-        sums = [next_token_loss_sum(family, model, final, input_ids)]
-        for bypassed in range(len(layers)):
-            hidden = recorded[bypassed][0]
-            for above in range(bypassed + 1, len(layers)):
-                hidden = _hidden(layers[above](hidden, **recorded[above][1]))
-            sums.append(next_token_loss_sum(family, model, hidden, input_ids))
-    return torch.stack(sums)
-
-
-@contextmanager
-def bypass_layer(family: Family, model: nn.Module, index: int) -> Iterator[None]:
-    """While active, decoder layer `index` returns its input unchanged (a hook: no weight is touched)."""
-
-    def passthrough(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    handle = family.decoder_layers(model)[index].register_forward_hook(passthrough, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def naive_mask_loss_sums(family: Family, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The same numbers as `mask_loss_sums` the naive way: one full forward per bypassed layer."""
-
-    def full_forward_loss():
-        return loss_sum(model(input_ids=input_ids, use_cache=False).logits[:, :-1], input_ids[:, 1:])
-
-    with torch.no_grad():
-        sums = [full_forward_loss()]
-        for index in range(len(family.decoder_layers(model))):
-            with bypass_layer(family, model, index):
-                sums.append(full_forward_loss())
-    return torch.stack(sums)
-
-
 def gradient_sums(family: Family, runtime: ProbeRuntime) -> torch.Tensor:
     """Per layer: [sum |theta * g|, sum g^2] over this rank's (partition of the) layer parameters."""
     layers = family.decoder_layers(runtime.model)
@@ -214,47 +140,55 @@ def gradient_sums(family: Family, runtime: ProbeRuntime) -> torch.Tensor:
             if grad is None:
                 continue
             theta, grad = theta.double(), grad.double()
-            sums[0, index] += (theta * grad).abs().sum()
-            sums[1, index] += (grad * grad).sum()
+            sums[0, index] += (theta * grad).abs().sum().cpu()
+            sums[1, index] += (grad * grad).sum().cpu()
     return sums
 
 
 def probe_scores(
     family: Family,
     runtime: ProbeRuntime,
-    batches: list[torch.Tensor],
+    batches: list[tuple[torch.Tensor, float]],
     method: str,
     total_tokens: int,
     show_progress: bool = True,
-) -> tuple[list[float], float]:
-    """Per-layer scores and the base loss over the whole probe set; every rank gets the same numbers.
+    mask_chunk_layers: int | None = None,
+    offload_activations: bool = False,
+) -> tuple[list[float], float, int | None]:
+    """Per-layer scores and the base loss over the whole probe set (every rank gets the same numbers), and
+    for `mask` this rank's peak bytes of recorded layer inputs (None for the gradient methods).
 
-    `batches` are this rank's batches of blocks; `total_tokens` counts predicted tokens on all ranks.
-    All ranks must pass the same number of batches (pad with zero-weight repeats), because gradient
-    methods run collectives in every backward.
+    `batches` are this rank's (blocks, weight) pairs; `total_tokens` counts predicted tokens on all ranks.
+    All ranks must pass the same number of batches (pad with zero-weight repeats) and the same
+    `mask_chunk_layers` (default: all layers), because ZeRO-3 gathers weights collectively in every forward.
     """
     if method not in METHODS:
         raise ValueError(f"unknown probe method {method!r}: choose one of {', '.join(METHODS)}")
+    from adept_ds.mask_probe import mask_loss_sums
+
     layers = family.decoder_layers(runtime.model)
     progress = tqdm(batches, desc=f"probe ({method})", unit="batch", disable=not show_progress or runtime.rank != 0)
     if method == "mask":
-        sums = torch.zeros(len(layers) + 1, dtype=torch.float64)
+        sums, peak = torch.zeros(len(layers) + 1, dtype=torch.float64), 0
         for batch, weight in progress:
-            sums += weight * mask_loss_sums(family, runtime.model, batch)
+            batch_sums, batch_peak = mask_loss_sums(family, runtime.model, batch.to(runtime.device), mask_chunk_layers, offload_activations)
+            sums += weight * batch_sums.cpu()
+            peak = max(peak, batch_peak)
         sums = runtime.all_reduce_sum(sums)
         base = sums[0].item() / total_tokens
-        return [(masked / total_tokens) - base for masked in sums[1:].tolist()], base
+        return [(masked / total_tokens) - base for masked in sums[1:].tolist()], base, peak
 
     base_sum = torch.zeros(1, dtype=torch.float64)
     for batch, weight in progress:
+        batch = batch.to(runtime.device)
         batch_loss = loss_sum(runtime(input_ids=batch, use_cache=False).logits[:, :-1], batch[:, 1:])
-        base_sum += weight * batch_loss.detach()
+        base_sum += weight * batch_loss.detach().cpu()
         # d(mean loss over all ranks' tokens)/d(theta): each rank contributes its share of the sum.
         runtime.backward(weight * batch_loss / total_tokens)
     sums = runtime.all_reduce_sum(torch.cat([gradient_sums(family, runtime).flatten(), base_sum]))
     per_layer = sums[:-1].reshape(2, len(layers))
     scores = per_layer[0] if method == "grad" else per_layer[1]
-    return scores.tolist(), sums[-1].item() / total_tokens
+    return scores.tolist(), sums[-1].item() / total_tokens, None
 
 
 def shard_batches(blocks: torch.Tensor, rank: int, world_size: int, batch_size: int) -> list[tuple[torch.Tensor, float]]:
@@ -308,7 +242,22 @@ def plain_runtime(model: nn.Module, family: Family, with_grad: bool) -> ProbeRun
     layer_params = {id(p) for p in family.decoder_layers(model).parameters()}
     for param in model.parameters():
         param.requires_grad_(with_grad and id(param) in layer_params)
-    return ProbeRuntime(model=model)
+    return ProbeRuntime(model=model, device=next(model.parameters()).device)
+
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def probe_dtype(dtype: str, config: dict, cpu: bool) -> torch.dtype:
+    """The dtype to probe in. `auto`: on GPU the checkpoint's (an fp16 checkpoint runs in bf16: the same
+    memory, and fp32's range, so small gradients do not underflow without loss scaling), else fp32; on
+    CPU fp32, since bf16 matmuls there are slow and round more."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown probe dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    saved = config.get("dtype") or config.get("torch_dtype")
+    return torch.bfloat16 if not cpu and saved in ("bfloat16", "float16") else torch.float32
 
 
 def probe_model(
@@ -322,6 +271,9 @@ def probe_model(
     text_field: str = "text",
     show_progress: bool = True,
     seed: int | None = None,
+    dtype: str = "auto",
+    mask_chunk_layers: int | None = None,
+    offload_activations: bool = False,
 ) -> dict:
     """`adept-ds probe`: score every decoder layer of `model_dir` on the general corpus `data`.
 
@@ -329,15 +281,19 @@ def probe_model(
     from the whole corpus by a seeded shuffle (so repeated studies vary the probe batches).
 
     Launched under `deepspeed`/`torchrun` it shards the blocks across ranks and runs on ZeRO-3
-    partitions; as a plain process it runs on whole weights. Rank 0 writes the result and chart.
+    partitions; as a plain process it runs on whole weights. Either way on the GPU when there is one, in
+    `dtype` (see `probe_dtype`). The mask probe takes the bypass candidates `mask_chunk_layers` at a time,
+    by default as many as fit `mask_probe.ACTIVATION_BUDGET_BYTES` of recorded inputs per rank;
+    `offload_activations` holds those in CPU memory. Rank 0 writes the result and chart.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
     from adept_ds.data import load_blocks, usable_blocks
     from adept_ds.demo_model import cache_root
-    from adept_ds.distributed import init_distributed, launched_distributed
+    from adept_ds.distributed import init_distributed, launched_distributed, on_cpu
     from adept_ds.families import get_family
+    from adept_ds.mask_probe import default_chunk_layers
     from adept_ds.sampler import sample_order
 
     # Everything a user can get wrong is checked before any process group or model load.
@@ -349,8 +305,16 @@ def probe_model(
         raise ValueError(f"token budget --max-tokens {max_tokens} is smaller than one block of {block_size} tokens")
     if batch_size < 1:
         raise ValueError(f"batch size {batch_size} must be at least 1")
+    if mask_chunk_layers is not None and mask_chunk_layers < 1:
+        raise ValueError(f"--mask-chunk-layers {mask_chunk_layers} must be at least 1")
     checkpoint = open_checkpoint(model_dir)
     family = get_family(checkpoint.config.get("model_type"))
+    cpu = on_cpu()
+    torch_dtype = probe_dtype(dtype, checkpoint.config, cpu)
+    if method == "mask" and mask_chunk_layers is None:
+        # From the nominal batch shape, not each rank's own first batch: every rank must chunk alike.
+        layer_input_bytes = batch_size * block_size * checkpoint.config["hidden_size"] * torch_dtype.itemsize
+        mask_chunk_layers = default_chunk_layers(checkpoint.config["num_hidden_layers"], layer_input_bytes)
     if not Path(data).exists():
         raise ValueError(f"probe corpus {data} does not exist")
 
@@ -369,10 +333,15 @@ def probe_model(
     if distributed:
         from adept_ds.distributed import zero3_probe_runtime
 
-        runtime = zero3_probe_runtime(model_dir, family, with_grad, batch_size, len(batches))
+        runtime = zero3_probe_runtime(model_dir, family, with_grad, batch_size, len(batches), torch_dtype)
     else:
-        runtime = plain_runtime(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), family, with_grad)
-    scores, base_loss = probe_scores(family, runtime, batches, method, total_tokens, show_progress)
+        device = None if cpu else torch.device("cuda", torch.cuda.current_device())
+        runtime = plain_runtime(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, device_map=device), family, with_grad)
+    if not cpu:
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on tensor cores (TF32); no effect on bf16
+    scores, base_loss, activation_peak = probe_scores(
+        family, runtime, batches, method, total_tokens, show_progress, mask_chunk_layers, offload_activations
+    )
     result = {
         "format": PROBE_FORMAT,
         "method": method,
@@ -389,7 +358,14 @@ def probe_model(
         "num_tokens": num_blocks * block_size,
         "seed": seed,
         "world_size": world_size,
+        "dtype": str(torch_dtype).removeprefix("torch."),
     }
+    if method == "mask":
+        result.update(
+            mask_chunk_layers=min(mask_chunk_layers, len(scores)),
+            offload_activations=offload_activations,
+            recorded_activation_peak_bytes=activation_peak,
+        )
     if rank == 0:
         write_probe_result(output, result)
     if distributed:

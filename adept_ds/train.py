@@ -2,7 +2,8 @@
 
 Parses, validates (before any process group starts), trains, exports.
 Exit codes: 0 done; 2 bad input; 143 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (rerun
-with --resume or --auto-resume); 1 any other failure (a non-finite loss under train.nonfinite=stop).
+with --resume or --auto-resume); 3 a peer rank died or failed; 1 any other failure (a non-finite loss
+under train.nonfinite=stop; an error on this rank, which then exits at once without any collective).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ def _say(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from adept_ds.config import load_run_config
     from adept_ds.engine import NonFiniteLoss, Stopped, run_training
-    from adept_ds.train_checkpoints import CHECKPOINT_DIR, newest_complete
 
     parser = argparse.ArgumentParser(prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (launch/configs/*.yaml)")
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_run_config(args.config, args.overrides)  # the rest is checked by the engine's preflight
-        resuming = args.resume or (args.auto_resume and newest_complete(os.path.join(config.output_dir, CHECKPOINT_DIR))[0] is not None)
-        summary = run_training(config, resume=resuming)
+        # Whether to resume is a filesystem question: rank 0 answers it for every rank, once the group exists.
+        summary = run_training(config, resume="auto" if args.auto_resume else args.resume)
     except ValueError as err:
         print(f"train: error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -1,17 +1,21 @@
-"""Training checkpoints on disk: DeepSpeed's own files, made all-or-nothing.
+"""Training checkpoints on disk: DeepSpeed's own files, made all-or-nothing, holding only what changes.
 
 A checkpoint is `<output_dir>/checkpoints/stepNNNNNNNN/`: DeepSpeed's model and optimizer
-partitions (a file per rank), each rank's RNG state, and `complete.json`, which rank 0 writes
-last, after every rank has finished writing, listing every file with its size. DeepSpeed's own
-`latest` pointer (read by its loader and by `zero_to_fp32`) is replaced atomically only after
-that marker exists. A kill at any moment therefore leaves the previous complete checkpoint as
-the newest one; resuming ignores directories without a valid marker and says so.
+partitions (a file per rank) without the frozen weights (`exclude_frozen_parameters`: they are the
+model training started from, identified by its fingerprint), each rank's RNG state, and
+`complete.json`, which rank 0 writes last, after every rank has finished writing, listing every file
+with its size plus what the run trains on (backbone fingerprint, method, units). DeepSpeed's own
+`latest` pointer (read by its loader and by `zero_to_fp32`) is replaced atomically only after that
+marker exists. A kill at any moment therefore leaves the previous complete checkpoint as the newest
+one; resuming ignores directories without a valid marker and says so. `prune` keeps the newest N
+complete checkpoints (`train.keep_checkpoints`) and removes the remains of killed writes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 CHECKPOINT_DIR = "checkpoints"
@@ -33,11 +37,15 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(staging, path)
 
 
-def mark_complete(checkpoint: Path, step: int, world_size: int) -> None:
-    """Seal `checkpoint` (every rank has finished writing it) and point `latest` at it."""
+def mark_complete(checkpoint: Path, step: int, world_size: int, run: dict | None = None) -> None:
+    """Seal `checkpoint` (every rank has finished writing it) and point `latest` at it.
+
+    `run` says what the checkpoint belongs to (backbone fingerprint, method, unit names), so a resume
+    can refuse a checkpoint of another model or method before DeepSpeed reads a byte of it."""
     files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*")) if p.is_file()}
     files.pop(COMPLETE_MARKER, None)
-    write_atomically(checkpoint / COMPLETE_MARKER, json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1))
+    marker = {"step": step, "world_size": world_size, **(run or {}), "files": files}
+    write_atomically(checkpoint / COMPLETE_MARKER, json.dumps(marker, indent=1))
     write_atomically(checkpoint.parent / LATEST, checkpoint.name)
 
 
@@ -73,3 +81,45 @@ def newest_complete(directory: Path) -> tuple[Path | None, list[tuple[Path, str]
             return checkpoint, skipped
         skipped.append((checkpoint, reason))
     return None, skipped
+
+
+def check_same_run(checkpoint: Path, expected: dict) -> None:
+    """Refuse to resume `checkpoint` unless it was written by a run on the same backbone, method and units.
+
+    The frozen weights are not in the checkpoint: they come from the model the run starts from, so
+    resuming on another backbone would silently train a different network."""
+    written = checkpoint_info(checkpoint)
+    for key, what in (("backbone_fingerprint", "the backbone"), ("method", "the method"), ("units", "the trained units")):
+        if key not in written:
+            raise ValueError(f"--resume: {checkpoint} records no {key} (written by an older adept_ds?); start a new run")
+        if written[key] != expected[key]:
+            shown = (lambda v: f"{len(v)} units, first {v[:2]}") if key == "units" else repr
+            detail = (
+                f" ({written.get('backbone_model')} then, {expected.get('backbone_model')} now)" if key == "backbone_fingerprint" else ""
+            )
+            raise ValueError(
+                f"--resume: {checkpoint} was written for {what} {shown(written[key])}, but this run has {shown(expected[key])}"
+                f"{detail}. The checkpoint holds only the trained weights; it resumes only on the run it came from"
+            )
+
+
+def prune(directory: Path, keep: int) -> list[Path]:
+    """Keep the `keep` newest complete checkpoints; delete older complete ones and the remains of killed writes.
+
+    Only directories older than the newest complete checkpoint are touched, so neither the newest complete
+    one nor one being written is ever deleted; an incomplete one never counts towards `keep`. Each doomed
+    directory is first renamed out of the `step*` namespace, so a kill mid-deletion leaves nothing that looks
+    like a checkpoint. `keep` 0 keeps everything."""
+    for leftover in Path(directory).glob(".deleting-step*"):  # a deletion an earlier kill interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
+    candidates = sorted(p for p in Path(directory).glob("step*") if p.is_dir())
+    complete = [p for p in candidates if incomplete_reason(p) is None]
+    if keep <= 0 or not complete:
+        return []
+    kept = set(complete[-keep:])
+    doomed = [p for p in candidates if p not in kept and p.name < complete[-1].name]
+    for path in doomed:
+        trash = path.with_name(f".deleting-{path.name}")
+        os.replace(path, trash)
+        shutil.rmtree(trash)
+    return doomed

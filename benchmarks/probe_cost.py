@@ -47,7 +47,8 @@ def random_llama_30l():
 
 def measure(name: str, model, batch_size: int, block_size: int, repeats: int, device) -> dict:
     from adept_ds.families import family_of
-    from adept_ds.probe import mask_loss_sums, naive_mask_loss_sums, next_token_loss_sum, record_layer_inputs
+    from adept_ds.mask_probe import mask_loss_sums, naive_mask_loss_sums, record_layer_inputs
+    from adept_ds.probe import next_token_loss_sum
 
     model = model.to(device).eval()
     family = family_of(model)
@@ -66,11 +67,11 @@ def measure(name: str, model, batch_size: int, block_size: int, repeats: int, de
 
     timed(mask_loss_sums, family, model, batch)()  # warm-up
     naive_s, naive = best_time(timed(naive_mask_loss_sums, family, model, batch), repeats)
-    reuse_s, reuse = best_time(timed(mask_loss_sums, family, model, batch), repeats)
+    reuse_s, (reuse, _) = best_time(timed(mask_loss_sums, family, model, batch), repeats)
     # The FLOP-model floor from measured unit costs: one decoder layer, one head (final norm + head + loss).
     layers = family.decoder_layers(model)
-    recorded, final = record_layer_inputs(family, model, batch)
-    layer_s, _ = best_time(timed(lambda: layers[len(layers) // 2](recorded[len(layers) // 2][0], **recorded[len(layers) // 2][1])), repeats)
+    inputs, kwargs, final = record_layer_inputs(family, model, batch)
+    layer_s, _ = best_time(timed(lambda: layers[len(layers) // 2](inputs[len(layers) // 2], **kwargs[len(layers) // 2])), repeats)
     head_s, _ = best_time(timed(next_token_loss_sum, family, model, final, batch), repeats)
     n, head = len(layers), head_s / layer_s
     floor = ((n + head) + n * (n - 1) / 2 + n * head) / ((n + 1) * (n - 1 + head) + 1)

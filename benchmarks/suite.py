@@ -76,7 +76,36 @@ def deepspeed_window_config(output: Path) -> Path:
     return path
 
 
-def run_ranks(name: str, method: str, model: Path, output: Path, args, ds_config: Path = REPO / "ds_configs" / "zero3.json") -> list[dict]:
+def expanded_model(original: Path, directory: Path, layers: list[int]) -> Path:
+    """`original` expanded after `layers` into `directory`, reused when it is already that expansion."""
+    from adept_ds.expand import expand_checkpoint, read_manifest
+
+    if not (directory / "adept_expansion.json").is_file() or read_manifest(directory)["expanded_layers"] != layers:
+        expand_checkpoint(original, directory, layers, overwrite=True, show_progress=False)
+    return directory
+
+
+def write_result(output: Path, name: str, result: dict, table: str) -> None:
+    """`<output>/<name>-<device>.json` and `.md`; the Markdown is printed too."""
+    tag = "gpu" if torch.cuda.is_available() else "cpu"
+    (output / f"{name}-{tag}.json").write_text(json.dumps(result, indent=2))
+    (output / f"{name}-{tag}.md").write_text(table)
+    print(table)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, warmup_steps: int, timed_steps: int, port: int) -> None:
+    """The settings `run_ranks` reads from its `args`."""
+    parser.add_argument("--num-procs", type=int, default=2)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--warmup-steps", type=int, default=warmup_steps)
+    parser.add_argument("--timed-steps", type=int, default=timed_steps)
+    parser.add_argument("--port", type=int, default=port)
+
+
+def run_ranks(
+    name: str, method: str, model: Path, output: Path, args, ds_config: Path = REPO / "ds_configs" / "zero3.json", extra: dict | None = None
+) -> list[dict]:
     from adept_ds.pipeline import DOMAIN_TRAIN, GENERAL
 
     result_dir = output / "runs" / name
@@ -93,6 +122,7 @@ def run_ranks(name: str, method: str, model: Path, output: Path, args, ds_config
         "train.max_steps": 1000,
         "scheduler.type": "constant",
         "importance.interval": 500,
+        **(extra or {}),
     }
     launcher = Path(sys.executable).parent / "deepspeed"
     command = [str(launcher), "--no_local_rank", "--num_gpus", str(args.num_procs), "--master_port", str(args.port)]
@@ -166,15 +196,10 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=str(BENCHMARKS / "results"))
-    parser.add_argument("--num-procs", type=int, default=2)
-    parser.add_argument("--micro-batch-size", type=int, default=2)
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--timed-steps", type=int, default=4)
+    add_run_arguments(parser, warmup_steps=2, timed_steps=4, port=29731)
     parser.add_argument("--probe-tokens", type=int, default=1024, help="tokens for the probe that picks the placement")
     parser.add_argument("--probe-models", default="demo,llama-30L", help="models for the probe-cost measurement")
     parser.add_argument("--peak-tflops", type=float, help="the accelerator's peak dense TFLOP/s, for model FLOPs utilisation")
-    parser.add_argument("--port", type=int, default=29731)
     args = parser.parse_args()
 
     sys.path.insert(0, str(BENCHMARKS))
@@ -183,7 +208,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from adept_ds.demo_model import fetch_demo_model
-    from adept_ds.expand import expand_checkpoint, read_manifest
+    from adept_ds.expand import read_manifest
 
     started = time.time()
     output = Path(args.output)
@@ -198,9 +223,7 @@ def main() -> None:
     # two pt_full runs is the step-time baseline, so ADEPT's ratio is not flattered by the window.
     runs[REFERENCE] = summarise(run_ranks("pt_full_deepspeed_window", "pt_full", original, work, args, deepspeed_window_config(work)))
     for label, chosen in layers.items():
-        expanded = work / "models" / label.split()[0]
-        if not (expanded / "adept_expansion.json").is_file() or read_manifest(expanded)["expanded_layers"] != chosen:
-            expand_checkpoint(original, expanded, chosen, overwrite=True, show_progress=False)
+        expanded = expanded_model(original, work / "models" / label.split()[0], chosen)
         manifest = read_manifest(expanded)
         run = summarise(run_ranks(f"adept_{label.split()[0]}", "adept", expanded, work, args))
         run["layers"] = chosen
@@ -243,11 +266,7 @@ def main() -> None:
         "checks": checks,
         "seconds": time.time() - started,
     }
-    tag = "gpu" if torch.cuda.is_available() else "cpu"
-    (output / f"suite-{tag}.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    (output / f"suite-{tag}.md").write_text(table)
-    print(table)
+    write_result(output, "suite", result, markdown(result))
 
 
 if __name__ == "__main__":

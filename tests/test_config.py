@@ -87,6 +87,22 @@ def test_auto_values_are_filled_from_the_run_config(tmp_path):
     )
 
 
+def test_bf16_under_zero_2_or_3_accumulates_gradients_in_fp32_unless_the_config_says_otherwise(tmp_path, capsys, monkeypatch):
+    config = load_run_config(None, [])
+
+    def resolved(stage: int, **extra) -> dict:
+        data = {"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": stage}, **extra}
+        return resolve_ds_config(write(tmp_path, data), config, world_size=2, gpu=True, model_config=MODEL_CONFIG)
+
+    assert resolved(3)["data_types"] == {"grad_accum_dtype": "fp32"} and resolved(2)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert capsys.readouterr().out.count("bf16 without data_types.grad_accum_dtype: accumulating gradients in fp32") == 2
+    assert resolved(3, data_types={"grad_accum_dtype": "bf16"})["data_types"] == {"grad_accum_dtype": "bf16"}  # said otherwise
+    assert "data_types" not in resolved(1)  # DeepSpeed would swap in its BF16_Optimizer
+    monkeypatch.setenv("RANK", "1")
+    assert resolved(3)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert capsys.readouterr().out == ""  # said once, by rank 0
+
+
 def test_ds_config_errors(tmp_path):
     config = load_run_config(None, [])
     with pytest.raises(ValueError, match=r"train_batch_size=7 != micro batch 2 x accumulation 1 x world size 2"):

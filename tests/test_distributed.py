@@ -6,7 +6,7 @@ from distributed import read_rank_results, run_deepspeed
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from adept_ds.distributed import init_distributed, shutdown_distributed
+from adept_ds.distributed import decided_by_rank_zero, init_distributed, shutdown_distributed
 
 
 @pytest.mark.dist
@@ -45,5 +45,13 @@ def test_single_process_world_of_one(monkeypatch):
         monkeypatch.setenv(var, "")  # so that monkeypatch restores each afterwards, also the ones we set
         monkeypatch.delenv(var)
     assert init_distributed() == (0, 1)
+    # Rank 0's answer (here the only rank's), and its ValueError, come back through the broadcast.
+    assert decided_by_rank_zero(lambda: "step00000004") == "step00000004"
+
+    def refuse():
+        raise ValueError("no complete checkpoint")
+
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        decided_by_rank_zero(refuse)
     shutdown_distributed()
     assert not torch.distributed.is_initialized()

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from distributed import run_deepspeed
+from distributed import read_rank_results, run_deepspeed
 from model_checks import load_state
 from train_setup import REPO, make_training_inputs, overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,6 +106,57 @@ def test_resume_reproduces_the_uninterrupted_losses(trained):
     assert [continued[s] for s in range(3, 7)] == [uninterrupted[s] for s in range(3, 7)]
     assert importance_history(resumed)[4]["importance"] == importance_history(run_dir)[4]["importance"]
     torch.testing.assert_close(torch.load(root / "logits_resumed.pt")["logits"], torch.load(root / "logits.pt")["logits"], rtol=0, atol=0)
+
+
+def _tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def test_checkpoints_hold_only_what_trains_and_name_their_backbone(trained):
+    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
+
+    inputs, run_dir, _ = trained
+    checkpoint = run_dir / "checkpoints" / "step00000006"
+    copy_prefixes = tuple(f"model.layers.{layer}." for layer in read_manifest(inputs["expanded"])["copied_layers"])
+    trainable = {name: t.numel() for name, t in load_state(inputs["expanded"]).items() if name.startswith(copy_prefixes)}
+    for states in checkpoint.glob("*model_states.pt"):
+        state = torch.load(states, weights_only=False)
+        assert not state.get("frozen_param_fragments")  # no frozen weight saved, not even a partition
+        assert set(state["module"]) == set(trainable)
+    # Tensor bytes: the fp32 master and Adam's two moments of the trainable weights, and nothing else.
+    # (The files' fixed pickling overhead, ~30 KB per rank, dwarfs this tiny model; benchmarks/scale.py
+    # measures whole files against the trainable state at 1.5B parameters.)
+    trainable_state_bytes = 12 * sum(trainable.values())
+    tensor_bytes = sum(_tensor_bytes(torch.load(f, weights_only=False)) for f in checkpoint.glob("*.pt"))
+    assert trainable_state_bytes <= tensor_bytes <= 1.1 * trainable_state_bytes, (tensor_bytes, trainable_state_bytes)
+    overhead = sum(f.stat().st_size for f in checkpoint.iterdir()) - tensor_bytes
+    assert overhead < 2 * 64 * 1024, overhead
+    info = json.loads((checkpoint / "complete.json").read_text())
+    assert info["backbone_fingerprint"] == fingerprint_checkpoint(open_checkpoint(inputs["expanded"]))
+    assert info["method"] == "adept" and len(info["units"]) == 2 * 9  # 2 copies x (7 projections + 2 norms)
+
+
+def test_resume_refuses_another_backbone(trained, tmp_path):
+    inputs, run_dir, _ = trained
+    other = tmp_path / "other"
+    shutil.copytree(inputs["expanded"], other)
+    state = load_state(other)
+    state["model.layers.0.self_attn.q_proj.weight"] *= 2  # a frozen weight: the checkpoint cannot tell
+    from safetensors.torch import save_file
+
+    save_file(state, str(other / "model.safetensors"), metadata={"format": "pt"})
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir / "checkpoints", resumed / "checkpoints")
+    result = run_deepspeed("train_run.py", tmp_path / "logits.pt", "--resume", *overrides(inputs, resumed, model=other), check=False)
+    assert result.returncode != 0
+    assert "was written for the backbone" in result.stdout + result.stderr
+    assert "it resumes only on the run it came from" in result.stdout + result.stderr
 
 
 def test_group_lrs_follow_the_rule_under_every_scheduler(trained, tmp_path):
@@ -218,15 +269,20 @@ def test_importance_pass_leaves_no_gradient_behind(trained, tmp_path):
 
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero1.json", "zero3_offload.json"])
 def test_other_zero_stages_train_and_measure_the_same_importance(trained, tmp_path, ds_config):
+    """Every stage reads only this rank's own shares: the importance of one recompute costs exactly one
+    all-reduce, of the per-unit vector, and no full-tensor collective (counted in the real run). The
+    offload run also checkpoints activations: the same losses and importance as the shared run without."""
     inputs, run_dir, _ = trained
     out = tmp_path / "run"
-    run_deepspeed(
-        "train_run.py",
-        tmp_path / "logits.pt",
-        *overrides(inputs, out, **{"deepspeed": REPO / "ds_configs" / ds_config, "train.max_steps": 4, "train.save_interval": 0}),
-    )
+    extra = {"deepspeed": REPO / "ds_configs" / ds_config, "train.max_steps": 4, "train.save_interval": 0}
+    extra["train.activation_checkpointing"] = ds_config == "zero3_offload.json"
+    run_deepspeed("count_importance_collectives.py", tmp_path / "counts", tmp_path / "logits.pt", *overrides(inputs, out, **extra))
     zero3 = importance_history(run_dir)[4 - 2]["importance"]
     assert importance_history(out)[2]["importance"] == pytest.approx(zero3, rel=1e-5)
+    for counts in read_rank_results(tmp_path / "counts", 2):
+        assert len(counts["recomputes"]) == len(importance_history(out))
+        assert all(collectives == [["all_reduce", len(zero3)]] for collectives in counts["recomputes"]), counts["recomputes"]
+        assert sum(n for name, n in counts["elsewhere"].items() if name != "barrier") > 0  # the counters see DeepSpeed's traffic
     assert [m["loss"] for m in metrics(out)] == pytest.approx([m["loss"] for m in metrics(run_dir)][:4], rel=1e-5)
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 6
 
@@ -249,6 +305,35 @@ def test_export_command_writes_a_loadable_checkpoint_of_any_tag(trained, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
+def test_streamed_export_rewrites_only_trained_shards_and_keeps_the_dtype(trained, tmp_path):
+    import filecmp
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    inputs, run_dir, _ = trained
+    base = tmp_path / "base"  # the expanded model stored in bf16 across small shards, as hub models are
+    AutoModelForCausalLM.from_pretrained(inputs["expanded"], dtype=torch.bfloat16).save_pretrained(base, max_shard_size="60KB")
+    for item in inputs["expanded"].iterdir():  # tokenizer, expansion manifest
+        if item.suffix != ".safetensors" and not (base / item.name).exists():
+            shutil.copy2(item, base / item.name)
+    output = export_checkpoint(run_dir / "checkpoints", "step00000006", base, tmp_path / "out", show_progress=False)
+
+    # What export did before streaming: DeepSpeed's full consolidation over the base tensors, cast to their dtype.
+    trained_fp32 = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), "step00000006", exclude_frozen_parameters=True)
+    before, after = load_state(base), load_state(output)
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert after[name].dtype == torch.bfloat16, name
+        assert torch.equal(after[name], trained_fp32[name].to(torch.bfloat16) if name in trained_fp32 else tensor), name
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    assert index == json.loads((base / "model.safetensors.index.json").read_text())
+    record = json.loads((output / "adept_export.json").read_text())
+    holding_copies = {index["weight_map"][name] for name in trained_fp32 if name in index["weight_map"]}
+    assert set(record["rewritten_shards"]) == holding_copies and record["copied_shards"]
+    for shard in record["copied_shards"]:  # untouched shards are byte-for-byte copies
+        assert filecmp.cmp(base / shard, output / shard, shallow=False), shard
+
+
 def _write_probe(path, model_dir, scores):
     from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
     from adept_ds.probe import PROBE_FORMAT
@@ -269,8 +354,12 @@ def test_each_method_trains_exactly_its_tensors_and_exports(trained, tmp_path, m
     inputs, _, _ = trained
     model = {"pt_full": inputs["original"], "adept_no_stage1": inputs["original"], "adept_no_stage2": inputs["expanded"]}.get(method)
     # Warmup gives lr 0 to the first two steps, and the zero output projections shield the rest of a
-    # copy until they have moved once: 5 steps make every trainable tensor move.
+    # copy until they have moved once: 5 steps make every trainable tensor move. Every method also runs
+    # with activation checkpointing (pt_full: every layer; the others: from their lowest trained layer up).
     extra = {"method": method, "train.max_steps": 5, "train.save_interval": 0, "importance.interval": 1}
+    extra["train.activation_checkpointing"] = True
+    if method == "adept_no_stage2":  # retention, in the real engine: a checkpoint every step, the newest 2 kept
+        extra.update({"train.save_interval": 1, "train.keep_checkpoints": 2})
     if method == "llama_pro":
         model = tmp_path / "uniform"
         expand_checkpoint(inputs["original"], model, uniform_layers(4, 2), show_progress=False)
@@ -292,3 +381,5 @@ def test_each_method_trains_exactly_its_tensors_and_exports(trained, tmp_path, m
     )
     history = out / "importance_history.jsonl"
     assert history.exists() == (method == "adept_no_stage1")  # adaptive LR only where the method has it
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step*"))
+    assert kept == (["step00000004", "step00000005"] if method == "adept_no_stage2" else ["step00000005"])

@@ -1,8 +1,9 @@
 """Faults injected for real into 2-rank DeepSpeed ZeRO-3 training runs on CPU (`launch/train.py`).
 
-A rank is SIGKILLed mid-run, a checkpoint write is interrupted by killing a rank inside it, the job
-gets SIGTERM as Slurm preemption would deliver it, and NaN flows through the real model from
-poisoned embedding rows. Each run is then resumed and must reach the weights of an uninterrupted run.
+A rank is SIGKILLed mid-run or raises mid-step, a checkpoint write is interrupted by killing a rank
+inside it, the job gets SIGTERM as Slurm preemption would deliver it, the ranks see different
+filesystem states, a corpus is bad, and NaN flows through the real model from poisoned embedding
+rows. Each run is then resumed and must reach the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,13 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 from corpora import sentences, write_jsonl
-from distributed import cpu_env, free_port, run_deepspeed
+from distributed import cpu_env, free_port, read_rank_results, run_deepspeed
 from model_checks import load_state
 from safetensors.torch import load_file, save_file
 from train_setup import REPO, make_training_inputs, overrides
 from transformers import AutoTokenizer
 
 from adept_ds.data import load_blocks
+from adept_ds.faults import RankRegistry
 from adept_ds.sampler import sample_order
 from adept_ds.train_checkpoints import COMPLETE_MARKER, incomplete_reason
 
@@ -104,6 +107,74 @@ def test_a_killed_rank_ends_the_job_promptly_naming_it_and_resume_reaches_the_sa
 
     resumed = run_deepspeed(TRAIN, "--resume", *args)
     assert "resumed from" in resumed.stderr + resumed.stdout
+    assert_same_weights(run_dir / "final", reference_dir / "final")
+
+
+def test_a_failed_peer_is_found_from_its_record_on_any_host(tmp_path):
+    """A dead pid can only be checked on its own host; a rank that failed says so in its record, which
+    peers on other nodes read from the shared output_dir."""
+    rank0, rank1 = RankRegistry(tmp_path, 0, 2), RankRegistry(tmp_path, 1, 2)
+    assert rank0.dead_peers() == []  # rank 1's pid (ours) is alive
+    rank1.failed()
+    record = tmp_path / "ranks" / "rank1.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "host": "another-node"}))
+    assert [(r["rank"], r["state"]) for r in rank0.dead_peers()] == [(1, "failed")]
+
+
+def test_an_error_on_one_rank_ends_the_job_promptly_with_its_error_shown_once(tmp_path):
+    """A RuntimeError (as a CUDA OOM) on rank 1 at step 2, while rank 0 waits in that step's ZeRO collectives:
+    rank 1 prints it and exits without any collective (a teardown barrier would pair with rank 0's collective
+    and hang until the watchdog), and rank 0 stops with one line naming rank 1, not a gloo traceback."""
+    inputs = make_training_inputs(tmp_path)
+    run_dir, log = tmp_path / "run", tmp_path / "log.txt"
+    process = launch(overrides(inputs, run_dir), log, ADEPT_DS_FAULT="backward:2:1:raise")
+    wait_until(lambda: "RuntimeError: injected fault" in log.read_text(), 300, process, "the injected error")
+    failed = time.monotonic()
+    wait_until(lambda: not group_alive(process), 90, process, "the job to end after rank 1 failed")
+    assert time.monotonic() - failed < 60
+    assert process.wait() != 0
+    output = log.read_text()
+    assert output.count("RuntimeError: injected fault backward:2:1:raise") == 1 and output.count("Traceback") == 1, output[-4000:]
+    assert "adept_ds: rank 1 failed; the job stops without a checkpoint" in output
+    pid = rank_pid(run_dir, 1)
+    assert f"rank 0: stopping because rank 1 (pid {pid} on" in output and ") failed (see its error)" in output, output[-4000:]
+    assert "Connection closed" not in output
+    assert json.loads((run_dir / "ranks" / "rank1.json").read_text())["state"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [(b"{not json\n", "cannot read corpus"), (b'{"text": "caf\xe9"}\n', "byte 13 (b'\\xe9') is not UTF-8")],
+    ids=["not JSON", "not UTF-8"],  # an empty file: each rank finds it itself, before any preparing
+)
+def test_a_bad_corpus_stops_every_rank_before_the_process_group_with_one_line(tmp_path, content, message):
+    """Rank 0 prepares the corpus and finds the problem; rank 1, waiting on the filesystem, raises the same error
+    (or is ended by the launcher first): nobody waits in a collective, so no gloo traceback buries it."""
+    inputs = make_training_inputs(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    result = run_deepspeed(TRAIN, *overrides(inputs, tmp_path / "run", **{"data.domain": bad}), check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-4000:]
+    errors = [line for line in output.splitlines() if "train: error:" in line]  # after an unfinished progress bar
+    assert errors and all(message in line for line in errors), output[-4000:]
+    assert "Traceback" not in output and "Connection closed" not in output, output[-4000:]
+
+
+def test_ranks_that_see_different_filesystems_follow_rank_zero(reference, tmp_path):
+    """Rank 1 does not see the markers of the newest checkpoints yet (NFS, Lustre). Rank 0 answers for both
+    whether to resume and from where (--auto-resume) and whether a step is already saved: both resume from
+    its choice and reach the uninterrupted run's weights, with one all-reduce of the trainer's per step."""
+    inputs, reference_dir = reference
+    run_dir, out = tmp_path / "run", tmp_path / "ranks"
+    out.mkdir()
+    for tag in ("step00000016", "step00000020"):
+        shutil.copytree(reference_dir / "checkpoints" / tag, run_dir / "checkpoints" / tag)
+    args = overrides(inputs, run_dir, **STEPS)
+    run_deepspeed("train_observed.py", out, "--auto-resume", *args, HIDE_ON_RANK1="step00000020,step00000024")
+    ranks = read_rank_results(out, 2)
+    assert [r["resumed_from"] for r in ranks] == [["step00000020"]] * 2
+    assert all(r["exit_code"] == 0 and r["reduces_per_step"] == [1] * 4 for r in ranks), ranks
     assert_same_weights(run_dir / "final", reference_dir / "final")
 
 
@@ -200,10 +271,13 @@ def expected_skips(inputs, root, bad_id, tokenizer) -> tuple[list[int], list[int
 
 def test_nonfinite_losses_skip_their_batch_and_nan_importance_keeps_finite_lrs(poisoned, tmp_path):
     inputs, root, bad_id, tokenizer = poisoned
-    run_dir = tmp_path / "run"
-    result = run_deepspeed(TRAIN, *overrides(inputs, run_dir, **NAN_RUN, **{"data.cache_dir": root / "blocks"}))
+    run_dir, out = tmp_path / "run", tmp_path / "ranks"
+    out.mkdir()
+    result = run_deepspeed("train_observed.py", out, *overrides(inputs, run_dir, **NAN_RUN, **{"data.cache_dir": root / "blocks"}))
     skipped_positions, skipped_steps = expected_skips(inputs, root, bad_id, tokenizer)
     assert 1 <= len(skipped_positions) <= 6  # the corpus is built so that some batches, not all, are poisoned
+    # The check is folded into the step's one all-reduce (2 micro-batches each), dropped batches included.
+    assert all(r["reduces_per_step"] == [1] * (8 + len(skipped_positions)) for r in read_rank_results(out, 2))
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["position"] for r in records if r.get("skipped")] == skipped_positions
@@ -240,8 +314,6 @@ def test_nonfinite_loss_with_stop_policy_saves_the_state_before_it_and_exits(poi
 
 
 def test_a_truncated_checkpoint_file_makes_it_incomplete(reference, tmp_path):
-    import shutil
-
     from adept_ds.train_checkpoints import newest_complete
 
     _, reference_dir = reference
@@ -256,8 +328,6 @@ def test_a_truncated_checkpoint_file_makes_it_incomplete(reference, tmp_path):
 
 
 def test_resume_at_another_world_size_is_refused(reference, tmp_path):
-    import shutil
-
     inputs, reference_dir = reference
     run_dir = tmp_path / "run"
     shutil.copytree(reference_dir / "checkpoints", run_dir / "checkpoints")
@@ -267,8 +337,7 @@ def test_resume_at_another_world_size_is_refused(reference, tmp_path):
 
 
 def test_a_failed_export_leaves_the_previous_export_untouched(reference, tmp_path, monkeypatch):
-    from transformers import PreTrainedModel
-
+    import adept_ds.export
     from adept_ds.export import export_checkpoint
 
     inputs, reference_dir = reference
@@ -276,11 +345,11 @@ def test_a_failed_export_leaves_the_previous_export_untouched(reference, tmp_pat
     export_checkpoint(reference_dir / "checkpoints", "step00000020", inputs["expanded"], output)
     before = load_state(output)
 
-    def disk_full(self, directory, **kwargs):
-        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+    def disk_full(tensors, filename, metadata=None):  # the streamed export writes each rewritten shard with save_file
+        Path(filename).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    monkeypatch.setattr(adept_ds.export, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         export_checkpoint(reference_dir / "checkpoints", "step00000024", inputs["expanded"], output)
     after = load_state(output)
@@ -290,8 +359,6 @@ def test_a_failed_export_leaves_the_previous_export_untouched(reference, tmp_pat
 
 def test_a_fresh_run_into_a_used_output_dir_is_refused(reference, tmp_path):
     """Without --resume, an earlier run's higher-step checkpoint would pass for this run's newest one."""
-    import shutil
-
     inputs, reference_dir = reference
     run_dir = tmp_path / "run"
     shutil.copytree(reference_dir / "checkpoints", run_dir / "checkpoints")

@@ -12,13 +12,12 @@ from transformers import AutoModelForCausalLM
 from adept_ds.cli import main as cli_main
 from adept_ds.expand import read_manifest
 from adept_ds.families import family_of
+from adept_ds.mask_probe import bypass_layer, default_chunk_layers, mask_loss_sums, naive_mask_loss_sums
 from adept_ds.probe import (
     PROBE_FORMAT,
-    bypass_layer,
     loss_sum,
-    mask_loss_sums,
-    naive_mask_loss_sums,
     plain_runtime,
+    probe_dtype,
     probe_model,
     probe_scores,
     read_probe_result,
@@ -63,7 +62,7 @@ def test_mask_score_equals_physically_deleting_the_layer(tiny_model):
     data = blocks()
     batches = [(data[:4], 1.0), (data[4:], 1.0)]
     total = data[:, 1:].numel()
-    scores, base = probe_scores(family, plain_runtime(tiny_model, family, False), batches, "mask", total, False)
+    scores, base, _ = probe_scores(family, plain_runtime(tiny_model, family, False), batches, "mask", total, False)
     assert base == pytest.approx(mean_loss(tiny_model, [data[:4], data[4:]]), abs=1e-6)
     for index in range(4):
         deleted = mean_loss(without_layer(tiny_model, index), [data[:4], data[4:]])
@@ -74,7 +73,36 @@ def test_mask_score_equals_physically_deleting_the_layer(tiny_model):
 def test_reuse_computes_exactly_what_the_naive_way_does(tiny_model):
     family = family_of(tiny_model)
     data = blocks(seed=1)
-    assert torch.allclose(mask_loss_sums(family, tiny_model, data), naive_mask_loss_sums(family, tiny_model, data), rtol=1e-6, atol=0)
+    naive = naive_mask_loss_sums(family, tiny_model, data)
+    for chunk_layers in (None, 3):  # 3 of 4: the second chunk restarts the base pass from a recorded input
+        assert torch.allclose(mask_loss_sums(family, tiny_model, data, chunk_layers)[0], naive, rtol=1e-6, atol=0)
+
+
+def test_chunked_and_offloaded_mask_sums_equal_the_whole_ones_in_a_fraction_of_the_memory(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path, "llama", num_layers=5), dtype=torch.float32).eval()
+    family = family_of(model)
+    data = blocks(seed=4, count=3)
+    whole, whole_peak = mask_loss_sums(family, model, data)
+    layer_input_bytes = data.numel() * model.config.hidden_size * 4  # one fp32 layer input, B x T x H
+    assert whole_peak == 5 * layer_input_bytes
+    assert torch.allclose(whole, naive_mask_loss_sums(family, model, data), rtol=1e-6, atol=0)
+    for chunk_layers, offload in [(1, False), (3, False), (5, False), (2, True), (9, True)]:
+        sums, peak = mask_loss_sums(family, model, data, chunk_layers, offload)
+        assert torch.allclose(sums, whole, rtol=1e-6, atol=0), (chunk_layers, offload)
+        assert peak == min(chunk_layers, 5) * layer_input_bytes  # C/L of the whole
+    # The default chunk size keeps a byte budget: a 70B model in bf16 at 4 x 4096 tokens gets 8 of 80 layers.
+    assert default_chunk_layers(80, 4 * 4096 * 8192 * 2) == 8
+    assert default_chunk_layers(32, 4 * 256 * 4096 * 2) == 32 and default_chunk_layers(4, 10 << 30) == 1
+
+
+def test_probe_dtype_is_the_models_on_gpu_and_fp32_on_cpu():
+    assert probe_dtype("auto", {"torch_dtype": "bfloat16"}, cpu=False) == torch.bfloat16
+    assert probe_dtype("auto", {"dtype": "float16"}, cpu=False) == torch.bfloat16  # fp16's range is too narrow for gradients
+    assert probe_dtype("auto", {"dtype": "float32"}, cpu=False) == probe_dtype("auto", {}, cpu=False) == torch.float32
+    assert probe_dtype("auto", {"dtype": "bfloat16"}, cpu=True) == torch.float32
+    assert probe_dtype("bfloat16", {"dtype": "float32"}, cpu=True) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown probe dtype 'float16': choose one of auto, float32, bfloat16"):
+        probe_dtype("float16", {}, cpu=False)
 
 
 def test_bypass_is_a_hook_that_leaves_the_model_untouched(tiny_model):
@@ -107,7 +135,7 @@ def test_gradient_scores_match_a_direct_computation(tiny_model, method):
     state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     # Uneven batches, accumulated: the score must still be that of the mean loss over all tokens.
     batches = [(data[:1], 1.0), (data[1:4], 1.0), (data[4:], 1.0)]
-    scores, base = probe_scores(family, plain_runtime(tiny_model, family, True), batches, method, data[:, 1:].numel(), False)
+    scores, base, _ = probe_scores(family, plain_runtime(tiny_model, family, True), batches, method, data[:, 1:].numel(), False)
     assert scores == pytest.approx(expected, rel=1e-5)
     assert base == pytest.approx(loss.item(), rel=1e-6)
     assert all(torch.equal(state[k], v) for k, v in tiny_model.state_dict().items())
@@ -137,7 +165,9 @@ def test_cli_probe_end_to_end_and_expand_consumes_it(tmp_path, corpus, model_dir
     output = tmp_path / "probe" / "result.json"
     args = ["--model", model_dir, "--data", corpus, "--output", output, "--max-tokens", 2048, "--block-size", 64]
     assert cli_main(["probe", *map(str, args)]) == 0
-    assert "least important layers" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "least important layers" in printed
+    assert "mask probe: recorded activations peak 0.00 GiB per rank (chunks of 5 layers)" in printed
     result = read_probe_result(output)
     assert result["format"] == PROBE_FORMAT and result["method"] == "mask"
     assert result["num_layers"] == 5 and len(result["scores"]) == 5
@@ -145,14 +175,27 @@ def test_cli_probe_end_to_end_and_expand_consumes_it(tmp_path, corpus, model_dir
     assert sorted(result["least_important"]) == list(range(5))
     assert result["least_important"][0] == min(range(5), key=lambda layer: result["scores"][layer])
     assert {"base_loss", "model_fingerprint", "data_fingerprint", "model", "data"} <= set(result)
+    assert result["dtype"] == "float32" and result["mask_chunk_layers"] == 5
+    assert result["recorded_activation_peak_bytes"] == 5 * 4 * 64 * 32 * 4  # 5 layer inputs of 4 blocks x 64 tokens x 32 fp32
     with Image.open(output.with_suffix(".png")) as chart:
         assert chart.size[0] > 100 and chart.size[1] > 100
-    # Deterministic: a second run (from the Arrow cache) gives the same scores.
-    assert (
-        cli_main(["probe", *map(str, args[:-4]), "--output", str(tmp_path / "again.json"), "--max-tokens", "2048", "--block-size", "64"])
-        == 0
-    )
-    assert read_probe_result(tmp_path / "again.json")["scores"] == result["scores"]
+    # Deterministic: a second run (from the Arrow cache), in chunks of 2 layers held in CPU memory, gives the same scores.
+    again = [
+        "--output",
+        tmp_path / "again.json",
+        "--max-tokens",
+        2048,
+        "--block-size",
+        64,
+        "--mask-chunk-layers",
+        2,
+        "--offload-activations",
+    ]
+    assert cli_main(["probe", *map(str, args[:-4] + again)]) == 0
+    assert "peak 0.00 GiB per rank in CPU memory (chunks of 2 layers)" in capsys.readouterr().out
+    rerun = read_probe_result(tmp_path / "again.json")
+    assert rerun["scores"] == pytest.approx(result["scores"], rel=1e-6, abs=0)
+    assert rerun["recorded_activation_peak_bytes"] == result["recorded_activation_peak_bytes"] * 2 // 5
 
     expanded = tmp_path / "expanded"
     assert cli_main(["expand", "--model", str(model_dir), "--output", str(expanded), "--probe", str(output), "--k", "2"]) == 0
@@ -162,12 +205,12 @@ def test_cli_probe_end_to_end_and_expand_consumes_it(tmp_path, corpus, model_dir
 def test_probe_methods_write_results(tmp_path, corpus, model_dir, monkeypatch):
     monkeypatch.setenv("ADEPT_DS_CACHE", str(tmp_path / "cache"))
     before = load_state(model_dir)
-    for method in ("grad", "fisher"):
-        result = probe_model(
-            model_dir, corpus, tmp_path / f"{method}.json", method=method, max_tokens=1024, block_size=64, show_progress=False
-        )
+    for method, dtype in (("grad", "auto"), ("fisher", "bfloat16")):
+        output = tmp_path / f"{method}.json"
+        result = probe_model(model_dir, corpus, output, method=method, max_tokens=1024, block_size=64, show_progress=False, dtype=dtype)
         assert all(score > 0 for score in result["scores"])
-        assert json.loads((tmp_path / f"{method}.json").read_text())["method"] == method
+        assert json.loads(output.read_text())["method"] == method
+        assert result["dtype"] == {"auto": "float32", "bfloat16": "bfloat16"}[dtype]  # auto: fp32 on CPU
     assert all(torch.equal(before[k], v) for k, v in load_state(model_dir).items())
 
 
@@ -192,6 +235,8 @@ def test_a_seeded_probe_draws_its_blocks_from_the_whole_corpus(tmp_path, corpus,
         ("ok", {"max_tokens": 32, "block_size": 64}, r"token budget --max-tokens 32 is smaller than one block of 64 tokens"),
         ("tiny", {"block_size": 4096}, r"corpus .*tiny.jsonl has \d+ tokens, fewer than one block of 4096"),
         ("missing", {}, r"probe corpus .*nothing.jsonl does not exist"),
+        ("ok", {"mask_chunk_layers": 0}, r"--mask-chunk-layers 0 must be at least 1"),
+        ("ok", {"dtype": "float16"}, r"unknown probe dtype 'float16': choose one of auto, float32, bfloat16"),
     ],
 )
 def test_probe_bad_inputs(tmp_path, model_dir, monkeypatch, setup, kwargs, message):

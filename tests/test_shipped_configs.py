@@ -18,6 +18,7 @@ RUN_CONFIGS = sorted((REPO / "launch" / "configs").glob("*.yaml"))
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 # Configs that force bf16 or fp16 are for GPUs; every other one must also run on CPU (fp32).
 CPU_DS_CONFIGS = [p for p in DS_CONFIGS if not any(json.loads(p.read_text()).get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))]
+BF16_DS_CONFIGS = [p for p in DS_CONFIGS if json.loads(p.read_text()).get("bf16", {}).get("enabled") is True]
 
 
 def test_configs_are_shipped():
@@ -57,18 +58,37 @@ def test_gpu_precision_variants_are_shipped():
             resolve_ds_config(path, load_run_config(RUN_CONFIGS[0]), 2, False, MODEL_CONFIG)
 
 
+def test_bf16_configs_accumulate_gradients_in_fp32():
+    for path in BF16_DS_CONFIGS:
+        assert json.loads(path.read_text())["data_types"] == {"grad_accum_dtype": "fp32"}, path.name
+        assert resolve_ds_config(path, load_run_config(RUN_CONFIGS[0]), 2, True, MODEL_CONFIG)["data_types"]["grad_accum_dtype"] == "fp32"
+    # The "auto" configs run bf16 on a GPU: their ZeRO-2/3 ones get fp32 accumulation there (ZeRO-1 keeps DeepSpeed's
+    # default: fp32 accumulation would swap in DeepSpeed's BF16_Optimizer); fp32 on CPU needs nothing.
+    for path in CPU_DS_CONFIGS:
+        stage = json.loads(path.read_text())["zero_optimization"]["stage"]
+        on_gpu = resolve_ds_config(path, load_run_config(RUN_CONFIGS[0]), 2, True, MODEL_CONFIG)
+        assert on_gpu.get("data_types", {}).get("grad_accum_dtype") == ("fp32" if stage in (2, 3) else None), path.name
+        assert "data_types" not in resolve_ds_config(path, load_run_config(RUN_CONFIGS[0]), 2, False, MODEL_CONFIG)
+
+
 @pytest.mark.dist
-def test_every_cpu_ds_config_trains_a_step(tmp_path):
+def test_every_ds_config_trains_a_step(tmp_path):
     """Each ZeRO stage (1, 2, 3, 3 with CPU offload) takes a real step on 2 CPU ranks, from the same start
-    to the same first loss."""
+    to the same first loss; the bf16 configs too, on DeepSpeed's CPU accelerator, with fp32 gradient
+    accumulation (over 2 micro-batches) and the chunked loss in bf16, to a first loss within bf16's rounding of it."""
     inputs = make_training_inputs(tmp_path)
-    names = ",".join(str(p) for p in CPU_DS_CONFIGS)
-    run_deepspeed(
-        "each_ds_config.py", tmp_path, names, *overrides(inputs, tmp_path / "unused", **{"train.max_steps": 1, "train.save_interval": 0})
-    )
+    names = ",".join(str(p) for p in CPU_DS_CONFIGS + BF16_DS_CONFIGS)
+    extra = {"train.max_steps": 1, "train.save_interval": 0, "train.gradient_accumulation_steps": 2}
+    run_deepspeed("each_ds_config.py", tmp_path, names, *overrides(inputs, tmp_path / "unused", **extra))
     results = read_rank_results(tmp_path, world_size=2)
     first = results[0]["first_loss"]
-    assert {v["stage"] for v in first.values()} == {1, 2, 3} and "zero3_offload" in first
     assert results[1]["first_loss"] == first
-    losses = [v["loss"] for v in first.values()]
+    fp32 = {name: v for name, v in first.items() if not name.endswith("_bf16")}
+    assert {v["stage"] for v in fp32.values()} == {1, 2, 3} and "zero3_offload" in fp32
+    assert all(v["dtypes"] == ["torch.float32", "torch.float32"] for v in fp32.values())
+    losses = [v["loss"] for v in fp32.values()]
     assert losses == pytest.approx([losses[0]] * len(losses), rel=1e-5)
+    bf16 = {name: v for name, v in first.items() if name.endswith("_bf16")}
+    assert {v["stage"] for v in bf16.values()} == {2, 3}
+    assert all(v["dtypes"] == ["torch.bfloat16", "torch.float32"] for v in bf16.values())
+    assert [v["loss"] for v in bf16.values()] == pytest.approx([losses[0]] * len(bf16), rel=1e-2)

@@ -18,14 +18,14 @@ pytestmark = pytest.mark.dist
 REPO = Path(__file__).parent.parent
 
 
-def two_steps(tmp_path, name: str, inputs: dict, zero_settings: dict) -> list[dict]:
+def two_steps(tmp_path, name: str, inputs: dict, zero_settings: dict, **extra) -> list[dict]:
     # The tiny model's tensors are all below the shipped persistence threshold (always gathered): use 0.
     ds_config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     ds_config["zero_optimization"].update({"stage3_param_persistence_threshold": 0, **zero_settings})
     (tmp_path / f"{name}.json").write_text(json.dumps(ds_config))
     out = tmp_path / name
     out.mkdir()
-    extra = {"train.max_steps": 2, "deepspeed": tmp_path / f"{name}.json"}
+    extra = {"train.max_steps": 2, "deepspeed": tmp_path / f"{name}.json", **extra}
     run_deepspeed("backward_reach.py", out, *overrides(inputs, tmp_path / f"run_{name}", **extra))
     return read_rank_results(out, world_size=2)
 
@@ -55,3 +55,13 @@ def test_backward_stops_at_the_lowest_copy_frozen_tensors_have_no_optimizer_stat
     assert all(r["max_live_gathered_elements"] > window for r in defaults)
     # The window changes what is gathered when, never the arithmetic (the head is gathered inside the chunked loss).
     assert results[0]["losses"] == pytest.approx(defaults[0]["losses"], rel=1e-6)
+
+    # Activation checkpointing reruns the layers from the lowest copy up in backward, re-gathering their
+    # partitioned weights, frozen ones included (non-reentrant; DeepSpeed keeps them through the recompute):
+    # the same losses, and still within the window.
+    checkpointed = two_steps(tmp_path, "checkpointed", inputs, {}, **{"train.activation_checkpointing": True})
+    assert all(r["forward_calls"] == [2] * 6 for r in results)
+    for result in checkpointed:
+        assert result["forward_calls"] == [2, 2, 2, 4, 4, 4] and result["backward_layers"] == [3, 4, 5]
+        assert result["max_live_gathered_elements"] <= window
+    assert checkpointed[0]["losses"] == pytest.approx(results[0]["losses"], rel=1e-5)

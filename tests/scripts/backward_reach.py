@@ -1,5 +1,6 @@
-"""Two training steps through the engine, recording which decoder layers backward reaches, what the
-optimizer holds state for, and how many ZeRO-3-gathered parameter elements are live at once.
+"""Two training steps through the engine, recording which decoder layers backward reaches (and which it
+runs forward again), what the optimizer holds state for, and how many ZeRO-3-gathered parameter elements
+are live at once.
 argv: out_dir overrides..."""
 
 import json
@@ -31,8 +32,10 @@ for module in model.modules():
     module.register_forward_pre_hook(count_live)
     module.register_forward_hook(count_live)
     module.register_full_backward_pre_hook(count_live)
+forward_calls = [0] * len(layers)  # a checkpointed layer's MLP starts again in backward (torch stops the rerun inside it)
 for index, layer in enumerate(layers):
     layer.register_full_backward_hook(lambda module, grad_in, grad_out, index=index: reached.add(index))
+    layer.mlp.register_forward_pre_hook(lambda *_, index=index: forward_calls.__setitem__(index, forward_calls[index] + 1))
 losses = [trainer.train_step()]
 losses.append(trainer.train_step())  # ZeRO-3 prefetches and keeps parameters by the trace it records in the first step
 optimizer = trainer.engine.optimizer
@@ -40,6 +43,7 @@ state_elements = sum(t.numel() for t in optimizer.fp32_partitioned_groups_flat) 
 report = {
     "rank": trainer.rank,
     "backward_layers": sorted(reached),
+    "forward_calls": forward_calls,
     "copied_layers": trainer.manifest["copied_layers"],
     "num_layers": len(layers),
     "requires_grad": sorted(n for n, p in trainer.engine.module.named_parameters() if p.requires_grad),

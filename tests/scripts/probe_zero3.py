@@ -1,4 +1,5 @@
-"""Probe with grad and fisher on ZeRO-3 partitions; check no weight changed; report scores per rank."""
+"""Probe with grad and fisher (fp32) and mask (bf16, in chunks) on ZeRO-3 partitions; check no weight changed;
+report scores per rank."""
 
 import gc
 import json
@@ -18,16 +19,25 @@ rank, world_size = init_distributed()
 blocks = torch.load(blocks_file)
 family = get_family(json.loads((Path(model_dir) / "config.json").read_text())["model_type"])
 on_disk = load_state(Path(model_dir))
-report = {"rank": rank, "world_size": world_size, "scores": {}, "base_loss": {}}
-for method in ("grad", "fisher"):
+report = {
+    "rank": rank,
+    "world_size": world_size,
+    "scores": {},
+    "base_loss": {},
+    "dtype": {},
+    "partitioned": True,
+    "weights_unchanged": True,
+}
+for method, dtype in (("grad", torch.float32), ("fisher", torch.float32), ("mask", torch.bfloat16)):
     batches = shard_batches(blocks, rank, world_size, batch_size=2)
-    runtime = zero3_probe_runtime(model_dir, family, True, 2, len(batches))
-    report["partitioned"] = all(p.numel() == 0 for p in runtime.model.parameters())
-    scores, base = probe_scores(family, runtime, batches, method, blocks[:, 1:].numel(), show_progress=False)
-    report["scores"][method], report["base_loss"][method] = scores, base
+    runtime = zero3_probe_runtime(model_dir, family, method != "mask", 2, len(batches), dtype)
     params = dict(runtime.model.named_parameters())
+    report["partitioned"] &= all(p.numel() == 0 for p in params.values())
+    report["dtype"][method] = sorted({str(p.ds_tensor.dtype) for p in params.values()})
+    scores, base, _ = probe_scores(family, runtime, batches, method, blocks[:, 1:].numel(), show_progress=False, mask_chunk_layers=3)
+    report["scores"][method], report["base_loss"][method] = scores, base
     with deepspeed.zero.GatheredParameters(list(params.values())):
-        report["weights_unchanged"] = all(torch.equal(params[name].data, tensor) for name, tensor in on_disk.items())
+        report["weights_unchanged"] &= all(torch.equal(params[name].data, tensor.to(dtype)) for name, tensor in on_disk.items())
     del runtime, params
     gc.collect()
 (out_dir / f"rank{rank}.json").write_text(json.dumps(report))

@@ -1,0 +1,202 @@
+"""The GPU check: every stage on one GPU in bf16, in one run of a few minutes (run by benchmarks/gpu_check.sh).
+
+    python benchmarks/gpu_check.py [--output benchmarks/results] [--peak-tflops 989] [--smoke]
+
+On a random-weight Llama (~1.1B parameters, bf16, built from a config: no hub access):
+1. the probe, mask and grad, on the GPU in the model's dtype (timed; the mask probe's recorded peak);
+2. adept (k=2 copies at the mask probe's least important layers) and pt_full training in bf16 under
+   ZeRO-3 on one rank: median step time, tokens/s, peak GPU memory, model FLOPs utilisation;
+3. export of the adept run (streamed, bf16 kept) and evaluation of the export on the GPU.
+Writes `<output>/gpu-<date>.md` and `.json`. `--smoke` runs the same code on a tiny model, on CPU
+when there is no GPU, to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCHMARKS))
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense, per GPU
+SIZES = {
+    "check": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 16, "num_key_value_heads": 4},
+    "smoke": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2},
+}
+
+
+def build_model(path: Path, shape: dict) -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.tiny_models import build_byte_tokenizer
+
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False, **shape)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path, max_shard_size="1GB")
+    build_byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def timed(function, *args, **kwargs):
+    started = time.perf_counter()
+    value = function(*args, **kwargs)
+    return value, time.perf_counter() - started
+
+
+def ds_config() -> Path:
+    return REPO / "ds_configs" / ("zero3_bf16.json" if torch.cuda.is_available() else "zero3.json")
+
+
+def save_checkpoint_run(model: Path, work: Path, args) -> Path:
+    """A short adept run that ends in a checkpoint, for export (suite.py's timed runs do not save)."""
+    from adept_ds.pipeline import DOMAIN_TRAIN, GENERAL
+
+    output = work / "runs" / "adept_export"
+    overrides = {
+        "model": model,
+        "method": "adept",
+        "deepspeed": ds_config(),
+        "output_dir": output,
+        "data.domain": DOMAIN_TRAIN,
+        "data.general": GENERAL,
+        "data.block_size": args.block_size,
+        "train.micro_batch_size": args.micro_batch_size,
+        "train.max_steps": 3,
+        "train.export": False,
+        "scheduler.warmup_steps": 1,
+        "importance.interval": 2,
+    }
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher), "--no_local_rank", "--num_gpus", "1", "--master_port", str(args.port + 1), "--module", "adept_ds.train"]
+    command += ["--auto-resume", *[f"{key}={value}" for key, value in overrides.items()]]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    return output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", type=Path, default=BENCHMARKS / "results")
+    parser.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s of the GPU (default: from its name)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the script, measures nothing")
+    parser.add_argument("--port", type=int, default=29741)
+    args = parser.parse_args()
+    args.block_size, args.micro_batch_size, args.timed_steps = (64, 2, 2) if args.smoke else (2048, 4, 5)
+    args.num_procs, args.warmup_steps = 1, 2  # what suite.run_ranks reads
+
+    from flop_model import full_step_flops, partial_step_flops
+    from suite import run_ranks
+
+    from adept_ds.evaluate import evaluate_model
+    from adept_ds.expand import expand_checkpoint, read_manifest
+    from adept_ds.export import export_checkpoint
+    from adept_ds.pipeline import DOMAIN_TEST, GENERAL, GENERAL_HELDOUT
+    from adept_ds.probe import probe_model
+
+    started = time.time()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    if gpu is None and not args.smoke:
+        raise SystemExit("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); --smoke runs on CPU")
+    peak = args.peak_tflops or next((value for key, value in PEAK_BF16_TFLOPS.items() if gpu and key in gpu), None)
+    work = args.output / "work" / "gpu_check"
+    work.mkdir(parents=True, exist_ok=True)
+    size = "smoke" if args.smoke else "check"
+    original = build_model(work / f"llama_{size}", SIZES[size])
+    config = json.loads((original / "config.json").read_text())
+    report: dict = {"gpu": gpu, "torch": torch.__version__, "peak_tflops": peak, "model": SIZES[size], "probe": {}, "train": {}}
+    print(f"[gpu_check] {gpu or 'CPU (smoke)'}: model {size}", flush=True)
+
+    tokens = 4 * args.block_size * (1 if args.smoke else 4)
+    for method in ("mask", "grad"):
+        result, seconds = timed(
+            probe_model,
+            original,
+            GENERAL,
+            work / f"probe_{method}.json",
+            method=method,
+            max_tokens=tokens,
+            block_size=args.block_size,
+            show_progress=False,
+        )
+        report["probe"][method] = {"seconds": seconds, "tokens": result["num_tokens"], "dtype": result.get("dtype")}
+        if method == "mask":
+            report["probe"][method]["recorded_peak_bytes"] = result.get("recorded_activation_peak_bytes")
+            layers = sorted(result["least_important"][:2])
+        print(f"[gpu_check] probe {method}: {seconds:.1f} s", flush=True)
+
+    expanded = work / "expanded"
+    if not (expanded / "adept_expansion.json").is_file() or read_manifest(expanded)["expanded_layers"] != layers:
+        expand_checkpoint(original, expanded, layers, overwrite=True, show_progress=False)
+    manifest = read_manifest(expanded)
+    expanded_config = {**config, "num_hidden_layers": manifest["num_layers"]}
+    flops_per_token = {
+        "pt_full": full_step_flops(config, args.block_size),
+        "adept": partial_step_flops(expanded_config, args.block_size, manifest["num_layers"], manifest["copied_layers"]),
+    }
+    for method, model in (("adept", expanded), ("pt_full", original)):
+        rank = run_ranks(method, method, model, work, args, ds_config())[0]
+        step = statistics.median(rank["step_seconds"])
+        tokens_per_s = rank["tokens_per_step_per_rank"] / step
+        report["train"][method] = {
+            "step_seconds": step,
+            "tokens_per_second": tokens_per_s,
+            "peak_gpu_gb": (rank["peak_gpu_mb"] or 0) / 1024,
+            "importance_seconds": statistics.median(rank["importance_seconds"]) if rank["importance_seconds"] else None,
+            "mfu": tokens_per_s * flops_per_token[method] / (peak * 1e12) if peak else None,
+            "trainable_parameters": rank["trainable_parameters"],
+        }
+        print(f"[gpu_check] train {method}: {step:.3f} s/step", flush=True)
+
+    run = save_checkpoint_run(expanded, work, args)
+    exported, export_seconds = timed(export_checkpoint, run / "checkpoints", None, expanded, work / "export", show_progress=False)
+    evaluated, eval_seconds = timed(
+        evaluate_model, exported, {"general": GENERAL_HELDOUT, "domain": DOMAIN_TEST}, DOMAIN_TEST, max_questions=16
+    )
+    report["export_seconds"], report["eval_seconds"] = export_seconds, eval_seconds
+    report["eval"] = {"dtype": evaluated["dtype"], **{k: v["perplexity"] for k, v in evaluated["perplexity"].items()}}
+    report["seconds"] = time.time() - started
+    name = f"gpu-{time.strftime('%Y-%m-%d')}{'-smoke' if args.smoke else ''}"
+    (args.output / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.output / f"{name}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"GPU check: {report['gpu'] or 'CPU smoke run'}, torch {report['torch']}, model {report['model']}, {report['seconds']:.0f} s in all.",
+        "",
+        "| stage | figure |",
+        "|---|---|",
+    ]
+    for method, probe in report["probe"].items():
+        extra = f", recorded peak {probe['recorded_peak_bytes'] / 2**20:.0f} MiB" if probe.get("recorded_peak_bytes") else ""
+        lines.append(f"| probe {method} | {probe['seconds']:.1f} s for {probe['tokens']} tokens ({probe['dtype']}){extra} |")
+    for method, run in report["train"].items():
+        mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
+        lines.append(
+            f"| train {method} (bf16, ZeRO-3, 1 rank) | {run['step_seconds']:.3f} s/step, {run['tokens_per_second']:.0f} tok/s, "
+            f"peak {run['peak_gpu_gb']:.1f} GB{mfu} |"
+        )
+    lines.append(f"| export (streamed) | {report['export_seconds']:.1f} s |")
+    ppl = ", ".join(f"{name} ppl {value:.1f}" for name, value in report["eval"].items() if name != "dtype")
+    lines.append(f"| eval of the export ({report['eval']['dtype']}) | {report['eval_seconds']:.1f} s; {ppl} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
