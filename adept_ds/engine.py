@@ -499,6 +499,9 @@ def run_training(config: RunConfig, resume: bool | str = False, show_progress: b
         trainer.close()  # every rank stopped at the same step, after saving together: a normal teardown
         raise
     except Exception:
+        if trainer.world_size == 1:  # no peer waits in a collective: an ordinary exception its caller may handle
+            trainer.close()
+            raise
         if trainer.writer is not None:
             trainer.writer.flush()
         exit_after_failure(trainer.registry)  # this rank's failure, or a peer's: no collective may follow

@@ -142,6 +142,19 @@ def test_an_error_on_one_rank_ends_the_job_promptly_with_its_error_shown_once(tm
     assert json.loads((run_dir / "ranks" / "rank1.json").read_text())["state"] == "failed"
 
 
+def test_an_error_in_a_world_of_one_is_an_ordinary_exception(tmp_path):
+    """One process has no peer waiting in a collective: its error propagates (a library caller can catch it)
+    instead of the fail-fast exit, and its record is not marked failed."""
+    inputs = make_training_inputs(tmp_path)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "adept_ds.train", *overrides(inputs, run_dir, **{"train.max_steps": 3})]
+    done = subprocess.run(command, capture_output=True, text=True, env=cpu_env(ADEPT_DS_FAULT="backward:2:0:raise"), timeout=300)
+    assert done.returncode != 0
+    assert "RuntimeError: injected fault backward:2:0:raise" in done.stderr, done.stderr[-3000:]
+    assert "the job stops without a checkpoint" not in done.stderr
+    assert json.loads((run_dir / "ranks" / "rank0.json").read_text())["state"] != "failed"
+
+
 @pytest.mark.parametrize(
     "content,message",
     [(b"{not json\n", "cannot read corpus"), (b'{"text": "caf\xe9"}\n', "byte 13 (b'\\xe9') is not UTF-8")],
