@@ -36,20 +36,6 @@ SIZES = {
 }
 
 
-def build_model(path: Path, shape: dict) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tests.tiny_models import build_byte_tokenizer
-
-    if (path / "config.json").is_file():
-        return path
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False, **shape)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path, max_shard_size="1GB")
-    build_byte_tokenizer().save_pretrained(path)
-    return path
-
-
 def timed(function, *args, **kwargs):
     started = time.perf_counter()
     value = function(*args, **kwargs)
@@ -100,6 +86,7 @@ def main() -> None:
     args.num_procs, args.warmup_steps = 1, 2  # what suite.run_ranks reads
 
     from flop_model import full_step_flops, partial_step_flops
+    from scale import build_model
     from suite import run_ranks
 
     from adept_ds.evaluate import evaluate_model
@@ -116,7 +103,7 @@ def main() -> None:
     work = args.output / "work" / "gpu_check"
     work.mkdir(parents=True, exist_ok=True)
     size = "smoke" if args.smoke else "check"
-    original = build_model(work / f"llama_{size}", SIZES[size])
+    original = build_model(work / f"llama_{size}", max_shard_size="1GB", **SIZES[size])
     config = json.loads((original / "config.json").read_text())
     report: dict = {"gpu": gpu, "torch": torch.__version__, "peak_tflops": peak, "model": SIZES[size], "probe": {}, "train": {}}
     print(f"[gpu_check] {gpu or 'CPU (smoke)'}: model {size}", flush=True)

@@ -55,28 +55,21 @@ def _env() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
 
 
-def build_model(path: Path, layers: int) -> Path:
-    """A random Llama in bf16, sharded like a hub checkpoint (cached: built once)."""
-    if (path / "model.safetensors.index.json").is_file():
+SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 4}
+
+
+def build_model(path: Path, max_shard_size: str = "500MB", **shape) -> Path:
+    """A random Llama in bf16 (vocab 32000, untied head), sharded like a hub checkpoint; built once, then reused."""
+    if (path / "config.json").is_file() and any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         return path
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tests.tiny_models import build_byte_tokenizer
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False, **shape)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path, max_shard_size="500MB")
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path, max_shard_size=max_shard_size)
     build_byte_tokenizer().save_pretrained(path)
     return path
 
@@ -120,7 +113,7 @@ def main() -> None:
 
     work = args.work.absolute()
     work.mkdir(parents=True, exist_ok=True)
-    original = build_model(work / f"llama_{args.layers}l_bf16", args.layers)
+    original = build_model(work / f"llama_{args.layers}l_bf16", num_hidden_layers=args.layers, **SHAPE)
     expanded = work / "expanded"
     if not (expanded / "adept_expansion.json").is_file():
         expand_checkpoint(original, expanded, COPIED, overwrite=True, show_progress=False)
