@@ -166,6 +166,35 @@ def cmd_check(args: argparse.Namespace) -> None:
     print("ok: nothing wrong found")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from adept_ds.config import load_run_config
+    from adept_ds.plan import GIB, model_shape, plan_run, render
+
+    for name in ("nodes", "gpus_per_node"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: need at least 1")
+    if args.gpu_memory_gb is not None and args.gpu_memory_gb <= 0:
+        raise ValueError(f"--gpu-memory-gb {args.gpu_memory_gb}: need a positive number of GiB")
+    if args.write_gb_per_s <= 0:
+        raise ValueError(f"--write-gb-per-s {args.write_gb_per_s}: need a positive bandwidth")
+    config = load_run_config(args.config, args.overrides)
+    if not config.model:
+        raise ValueError("model is not set: give model=DIR (a model directory or its config.json; no weights are read)")
+    shape = model_shape(config, args.k)
+    gpu = args.device == "gpu"
+    memory = None if args.gpu_memory_gb is None else int(args.gpu_memory_gb * GIB)
+    plan = plan_run(config, shape, args.nodes * args.gpus_per_node, gpu, memory)
+    if args.json:
+        print(
+            json.dumps(
+                {name: {"total": phase.total, "where": phase.where, **phase.terms} for name, phase in plan.phases.items()}
+                | {"checkpoint_bytes": plan.checkpoint_bytes, "checkpoint_bytes_per_rank": plan.checkpoint_bytes_per_rank}
+            )
+        )
+        return
+    print(render(config, shape, plan, args.nodes, args.gpus_per_node, args.write_gb_per_s))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from adept_ds.distributed import shutdown_distributed
     from adept_ds.evaluate import evaluate_model, run_lm_eval
@@ -265,6 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--skip-data", action="store_true", help="do not tokenise the corpora (they are cached for the run otherwise)")
     check.add_argument("overrides", nargs="*", help="key.sub=value overrides, as given to launch/train.py")
     check.set_defaults(func=cmd_check)
+
+    plan = commands.add_parser(
+        "plan", help="per-rank memory of training, importance, probe and export, and checkpoint size, before queueing"
+    )
+    plan.add_argument("--config", help="run config YAML (model= may be a directory holding only config.json)")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (default 8)")
+    plan.add_argument("--gpu-memory-gb", type=float, default=80, help="memory per GPU in GiB (default 80)")
+    plan.add_argument("--k", type=int, help="copies to plan for when the model is not expanded yet (default: the config's k)")
+    plan.add_argument("--write-gb-per-s", type=float, default=1.0, help="checkpoint write bandwidth, GB/s in all (default 1)")
+    plan.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="plan for GPUs (default) or CPU ranks (fp32, RSS)")
+    plan.add_argument("--json", action="store_true", help="print the terms as JSON (bytes)")
+    plan.add_argument("overrides", nargs="*", help="key.sub=value overrides, as given to launch/train.py")
+    plan.set_defaults(func=cmd_plan)
 
     evaluate = commands.add_parser("eval", help="perplexity on held-out corpora and QA exact-match accuracy")
     evaluate.add_argument("--model", help="HF checkpoint directory (default: the demo model)")

@@ -5,7 +5,9 @@
 On a random-weight Llama (~1.1B parameters, bf16, built from a config: no hub access):
 1. the probe, mask and grad, on the GPU in the model's dtype (timed; the mask probe's recorded peak);
 2. adept (k=2 copies at the mask probe's least important layers) and pt_full training in bf16 under
-   ZeRO-3 on one rank: median step time, tokens/s, peak GPU memory, model FLOPs utilisation;
+   ZeRO-3 on one rank: median step time, tokens/s, peak GPU memory, model FLOPs utilisation; each also with
+   activation checkpointing, and adept with HF's loss instead of the bf16 chunked one; every run's peak
+   beside `adept-ds plan`'s prediction for it;
 3. export of the adept run (streamed, bf16 kept) and evaluation of the export on the GPU.
 Writes `<output>/gpu-<date>.md` and `.json`. `--smoke` runs the same code on a tiny model, on CPU
 when there is no GPU, to check the script itself.
@@ -75,6 +77,25 @@ def save_checkpoint_run(model: Path, work: Path, args) -> Path:
     return output
 
 
+def planned_peak(method: str, model: Path, args, extra: dict) -> int:
+    """`adept-ds plan`'s peak for the run suite.run_ranks makes: the training steps or the importance pass after them."""
+    from adept_ds.config import load_run_config
+    from adept_ds.plan import model_shape, plan_run
+
+    settings = {
+        "model": model,
+        "method": method,
+        "deepspeed": ds_config(),
+        "data.block_size": args.block_size,
+        "train.micro_batch_size": args.micro_batch_size,
+        "importance.interval": 500,
+        **extra,
+    }
+    config = load_run_config(None, [f"{key}={value}" for key, value in settings.items()])
+    plan = plan_run(config, model_shape(config), 1, gpu=torch.cuda.is_available(), device_bytes=None)
+    return max(plan.phases[phase].total for phase in ("train", "importance") if phase in plan.phases)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, default=BENCHMARKS / "results")
@@ -135,11 +156,19 @@ def main() -> None:
         "pt_full": full_step_flops(config, args.block_size),
         "adept": partial_step_flops(expanded_config, args.block_size, manifest["num_layers"], manifest["copied_layers"]),
     }
-    for method, model in (("adept", expanded), ("pt_full", original)):
-        rank = run_ranks(method, method, model, work, args, ds_config())[0]
+    runs = {
+        "adept": ("adept", expanded, {}),
+        "adept, checkpointing": ("adept", expanded, {"train.activation_checkpointing": True}),
+        "adept, HF loss": ("adept", expanded, {"train.chunked_loss": False}),
+        "pt_full": ("pt_full", original, {}),
+        "pt_full, checkpointing": ("pt_full", original, {"train.activation_checkpointing": True}),
+    }
+    for name, (method, model, extra) in runs.items():
+        rank = run_ranks(name.replace(", ", "_").replace(" ", "_"), method, model, work, args, ds_config(), extra=extra)[0]
         step = statistics.median(rank["step_seconds"])
         tokens_per_s = rank["tokens_per_step_per_rank"] / step
-        report["train"][method] = {
+        report["train"][name] = {
+            "planned_peak_gb": planned_peak(method, model, args, extra) / 2**30,
             "step_seconds": step,
             "tokens_per_second": tokens_per_s,
             "peak_gpu_gb": (rank["peak_gpu_mb"] or 0) / 1024,
@@ -147,7 +176,7 @@ def main() -> None:
             "mfu": tokens_per_s * flops_per_token[method] / (peak * 1e12) if peak else None,
             "trainable_parameters": rank["trainable_parameters"],
         }
-        print(f"[gpu_check] train {method}: {step:.3f} s/step", flush=True)
+        print(f"[gpu_check] train {name}: {step:.3f} s/step", flush=True)
 
     run = save_checkpoint_run(expanded, work, args)
     exported, export_seconds = timed(export_checkpoint, run / "checkpoints", None, expanded, work / "export", show_progress=False)
@@ -177,7 +206,7 @@ def markdown(report: dict) -> str:
         mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
         lines.append(
             f"| train {method} (bf16, ZeRO-3, 1 rank) | {run['step_seconds']:.3f} s/step, {run['tokens_per_second']:.0f} tok/s, "
-            f"peak {run['peak_gpu_gb']:.1f} GB{mfu} |"
+            f"peak {run['peak_gpu_gb']:.2f} GiB (planned {run['planned_peak_gb']:.2f}){mfu} |"
         )
     lines.append(f"| export (streamed) | {report['export_seconds']:.1f} s |")
     ppl = ", ".join(f"{name} ppl {value:.1f}" for name, value in report["eval"].items() if name != "dtype")

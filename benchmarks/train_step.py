@@ -1,7 +1,9 @@
 """One rank of a step-time / memory measurement (run by benchmarks/suite.py under the DeepSpeed launcher).
 
-argv: RESULT_DIR WARMUP_STEPS TIMED_STEPS IMPORTANCE_REPEATS key=value overrides...
-Writes RESULT_DIR/rank{R}.json: per-step seconds, unit-importance recompute seconds, peak memory.
+argv: RESULT_DIR WARMUP_STEPS TIMED_STEPS IMPORTANCE_REPEATS [--save-checkpoint] key=value overrides...
+Writes RESULT_DIR/rank{R}.json: per-step seconds, unit-importance recompute seconds, peak memory (also per
+phase: the peak RSS is reset after the engine is ready and again before the importance passes), and with
+--save-checkpoint the checkpoint written after them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,18 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _reset_peak_rss() -> float:
+    """Linux: make the process's peak RSS (VmHWM) its RSS now; returns that, in MB."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _rss_mb()
+
+
+def _phase_peak_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -34,10 +48,13 @@ def synchronize() -> None:
 
 def main() -> None:
     result_dir, warmup, timed, importance_repeats, *overrides = sys.argv[1:]
+    save = "--save-checkpoint" in overrides
+    overrides = [item for item in overrides if item != "--save-checkpoint"]
     config = load_run_config(None, overrides)
     rss_mb = {"imports": _rss_mb()}
     trainer = Trainer(config, show_progress=False)
     rss_mb["engine_ready"], rss_mb["peak_to_engine_ready"] = _rss_mb(), _peak_rss_mb()
+    rss_mb["steps_start"] = _reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     step_seconds = []
@@ -49,7 +66,8 @@ def main() -> None:
         if index >= int(warmup):
             step_seconds.append(time.perf_counter() - started)
         rss_mb.setdefault("after_first_step", _rss_mb())
-    rss_mb["peak_to_steps_end"] = _peak_rss_mb()
+    rss_mb["peak_to_steps_end"], rss_mb["steps_peak"] = _peak_rss_mb(), _phase_peak_rss_mb()
+    rss_mb["importance_start"] = _reset_peak_rss()
     importance_seconds = []
     for _ in range(int(importance_repeats) if trainer.uses_importance else 0):
         synchronize()
@@ -57,7 +75,8 @@ def main() -> None:
         trainer.update_learning_rates()
         synchronize()
         importance_seconds.append(time.perf_counter() - started)
-    rss_mb["peak_to_importance_end"] = _peak_rss_mb()
+    rss_mb["peak_to_importance_end"], rss_mb["importance_peak"] = _peak_rss_mb(), _phase_peak_rss_mb()
+    checkpoint = str(trainer.save_checkpoint()) if save else None
     record = {
         "rank": trainer.rank,
         "world_size": trainer.world_size,
@@ -69,6 +88,7 @@ def main() -> None:
         "peak_rss_mb": _peak_rss_mb(),
         "rss_mb": rss_mb,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "checkpoint": checkpoint,
     }
     Path(result_dir, f"rank{trainer.rank}.json").write_text(json.dumps(record))
     trainer.close()

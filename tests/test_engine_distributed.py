@@ -383,3 +383,16 @@ def test_each_method_trains_exactly_its_tensors_and_exports(trained, tmp_path, m
     assert history.exists() == (method == "adept_no_stage1")  # adaptive LR only where the method has it
     kept = sorted(p.name for p in (out / "checkpoints").glob("step*"))
     assert kept == (["step00000004", "step00000005"] if method == "adept_no_stage2" else ["step00000005"])
+
+
+def test_the_planner_predicts_the_checkpoint_bytes_exactly(trained):
+    from adept_ds.config import load_run_config
+    from adept_ds.plan import model_shape, plan_run
+
+    inputs, run_dir, _ = trained
+    config = load_run_config(None, overrides(inputs, run_dir))
+    plan = plan_run(config, model_shape(config), 2, gpu=False, device_bytes=None)
+    files = sorted((run_dir / "checkpoints" / "step00000006").glob("*optim_states.pt"))
+    assert len(files) == plan.checkpoint_files == 2
+    # Every rank's fp32 master and moments, partitions padded to ceil(numel / 2): exactly the predicted bytes.
+    assert [_tensor_bytes(torch.load(f, weights_only=False)) for f in files] == [plan.checkpoint_bytes_per_rank] * 2

@@ -1,0 +1,452 @@
+"""`adept-ds plan`: what a run needs per rank, before it is queued.
+
+A plan is a sum of named terms in bytes, each computed from the model's tensor shapes (built on the meta
+device: no weights are read), the run config and the DeepSpeed config as `preflight` resolves it for that
+world size. Every term is one line of `Plan.rows`, so a user can see where the memory goes:
+
+Training under ZeRO-3, per rank (W ranks; n elements of a tensor; part(n) = ceil(n / W), DeepSpeed's padded
+partition; d = 2 bytes in bf16 runs, 4 in fp32; g = 4 with fp32 gradient accumulation, else d):
+- parameters: every tensor's part(n) * d, plus the whole tensor again for those below
+  `stage3_param_persistence_threshold` (norms: ZeRO-3 keeps them gathered);
+- fp32 master weights and AdamW's two moments: 4 + 8 bytes per trainable part(n);
+- gradient partitions: g per trainable part(n); the reduce bucket: `reduce_bucket_size` * d (on CPU only
+  the pages gradients ever fill: min(bucket, trainable parameters));
+- the ZeRO-3 window: gathered weights, `stage3_max_live_parameters` plus the largest non-layer tensor
+  (the embedding or LM head, gathered whole while layers are live), in d;
+- activations of one micro-batch (T = micro batch * block tokens) in every layer that gets a backward, from the
+  lowest trainable layer up: `layer_activation_bytes` (counted from HF's Llama code with SDPA attention,
+  tests/test_plan.py checks it against saved-tensor hooks); with activation checkpointing each of those
+  layers keeps only its input (T * h * d) and one layer is recomputed at a time;
+- then the larger of two moments: the end of forward, with the LM loss working on one chunk
+  (adept_ds/lm_loss.py: its fp32 logits and logsumexp's temporary; HF's loss in fp16: the whole T x vocab logits,
+  fp32 copy, log-softmax, gradient), and the backward of the top layer (recomputed when checkpointed), with its
+  activation gradients, T * (3 * intermediate + 2 * h) * d, and its largest weight's gradient before it reaches
+  the bucket. Both hold d loss / d hidden (T * h * d) and, when the head trains, its fp32 weight gradient.
+Unit importance runs the same forward and backward on `importance.batch_size` blocks and keeps a float64
+sum of |g| per trainable partition element. The probe runs on ZeRO-3 partitions (no gradients) with its
+recorded inputs capped by `mask_probe.ACTIVATION_BUDGET_BYTES`. Export runs on one host: the largest base
+shard, the trained tensors in fp32 and one tensor being assembled (benchmarks/scale.py measured it).
+A checkpoint holds, per rank, the fp32 master and both moments of its trainable partitions (12 bytes per
+part(n)) and AdamW's step (4 bytes per parameter group); frozen weights are never saved.
+
+On a GPU the sum is what `torch.cuda.max_memory_allocated` would report; the CUDA context, NCCL buffers and
+the caching allocator's fragmentation come on top, so a plan fits when the sum plus GPU_RESERVE_BYTES stays
+under the device's memory. On CPU (fp32, used to validate the model on this machine: benchmarks/plan_check.py)
+the peak RSS adds a process's fixed cost (CPU_RUNTIME_BYTES: torch, DeepSpeed, gloo, the tokenizer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adept_ds.config import RunConfig
+
+GIB = 2**30
+SHOWN_BYTES = GIB // 20
+"""Terms below this (0.05 GiB) are counted but not listed."""
+GPU_RESERVE_BYTES = 4 * GIB
+"""Not counted by the allocator's peak: CUDA context and kernels (~0.5-1 GiB), NCCL buffers, fragmentation."""
+CPU_RUNTIME_BYTES = 216 * 2**20
+"""A CPU rank's RSS beyond the terms above (libraries loaded by the engine, gloo, tokenizer, token stores, TensorBoard):
+benchmarks/plan_check.py's `tiny` run (2 layers of width 64) grew by 249 MB, of which its terms are 33 MB."""
+TRAINING_PHASES = ("train", "importance")
+PROBE_BLOCKS, PROBE_BLOCK_SIZE = 4, 256
+"""`adept-ds probe`'s default batch: 4 blocks of 256 tokens per rank."""
+DEFAULT_SHARD_BYTES = 5 * 10**9
+"""Base checkpoint shard size assumed when the model directory has no weights (HF's default max_shard_size)."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    numel: int
+    layer: int | None  # decoder layer index in the trained (expanded) model; None for embedding, norm, head
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The trained model's tensors and the numbers activations depend on."""
+
+    config: dict
+    tensors: tuple[Tensor, ...]
+    num_layers: int
+    trainable_layers: tuple[int, ...]
+    """Decoder layers that train (expanded model indices); every layer for pt_full."""
+    trains_everything: bool
+    placement: str
+    """Where the trainable layers come from (manifest, probe, or an assumption), for the report."""
+    shard_bytes: tuple[int, ...]
+    """The base checkpoint's shard files (estimated when it has no weights)."""
+
+    @property
+    def hidden(self) -> int:
+        return self.config["hidden_size"]
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.get("head_dim") or self.hidden // self.config["num_attention_heads"]
+
+    def trainable(self) -> list[Tensor]:
+        if self.trains_everything:
+            return list(self.tensors)
+        return [t for t in self.tensors if t.layer in self.trainable_layers]
+
+    @property
+    def param_groups(self) -> int:
+        """Optimizer groups: one per unit (a projection or norm of a trainable layer); pt_full has one."""
+        from adept_ds.families import get_family
+
+        return 1 if self.trains_everything else len(self.trainable_layers) * len(get_family(self.config["model_type"]).units)
+
+    @property
+    def backward_layers(self) -> int:
+        """Layers whose activations wait for backward: from the lowest trainable one up."""
+        return self.num_layers - min(self.trainable_layers)
+
+
+def layer_activation_bytes(config: dict, tokens: int, dtype_bytes: int) -> int:
+    """Bytes one Llama-family decoder layer saves for backward over `tokens` tokens (HF's code, SDPA attention).
+
+    In the model's dtype: four tensors of the hidden width (among them both norms' outputs), q and
+    the attention output at the query heads' width, k and v at the KV heads' width; gate and up outputs,
+    SiLU(gate), their product; RoPE's cos and sin. In fp32: both RMSNorms' upcast input (HF normalises in fp32), SDPA's log-sum-exp per head,
+    each norm's 1/rms.
+    """
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_width = (config.get("num_key_value_heads") or heads) * head_dim
+    in_dtype = 4 * hidden + 2 * heads * head_dim + 4 * config["intermediate_size"] + 2 * kv_width + 2 * head_dim
+    in_fp32 = 2 * hidden + heads + 2
+    return tokens * (dtype_bytes * in_dtype + 4 * in_fp32)
+
+
+def _meta_tensors(config: dict, layers: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(tensors outside the decoder layers, tensors of one layer) of this architecture, from a one-layer meta model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adept_ds.families import get_family
+
+    family = get_family(config.get("model_type"))
+    one_layer = dict(config, num_hidden_layers=1)
+    for key in family.per_layer_config_keys:
+        if isinstance(one_layer.get(key), list):
+            one_layer[key] = one_layer[key][:1]
+    hf_config = AutoConfig.for_model(**{k: v for k, v in one_layer.items() if k not in ("architectures", "transformers_version")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    outside, layer = [], []
+    for name, param in model.named_parameters():
+        split = family.split_layer_key(name)
+        (layer if split else outside).append((split[1] if split else name, param.numel()))
+    return outside, layer
+
+
+def model_shape(config: RunConfig, k: int | None = None) -> ModelShape:
+    """The shape of the model `config` trains, from its `config.json` alone.
+
+    An expanded model (`adept_expansion.json`) says where its copies are. For a model not yet expanded, `k`
+    copies are planned; without a probe result their placement is unknown, so the lowest copy is assumed after
+    layer 0, the most activation memory any placement needs.
+    """
+    from adept_ds.probe import read_probe_result
+
+    model_dir = Path(config.model)
+    config_file = model_dir if model_dir.is_file() else model_dir / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"model={config.model!r}: no config.json there (give a model directory or its config.json)")
+    hf = json.loads(config_file.read_text())
+    manifest_file = config_file.parent / "adept_expansion.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
+    spec, layers = config.spec, hf["num_hidden_layers"]
+    trainable: tuple[int, ...] = tuple(range(layers))
+    placement = "every layer"
+    if spec.trains == "copies":
+        if manifest is not None:
+            trainable, placement = tuple(manifest["copied_layers"]), f"the copies in {manifest_file.name}"
+        else:
+            copies = k if k is not None else config.k
+            if not isinstance(copies, int) or not 1 <= copies <= layers:
+                raise ValueError(f"--k {copies}: plan between 1 and {layers} copies (the model's layer count)")
+            if config.probe:
+                from adept_ds.expand import plan_expansion
+
+                chosen = read_probe_result(config.probe)["least_important"][:copies]
+                trainable = tuple(i for i, (_, copy) in enumerate(plan_expansion(layers, chosen).layer_sources()) if copy)
+                placement = f"{copies} copies after the probe's layers {sorted(chosen)}"
+            else:
+                trainable = (1,) + tuple(range(layers + 1, layers + copies))  # the lowest after layer 0
+                placement = f"{copies} copies, lowest after layer 0 (no expansion manifest or probe: the worst case)"
+            layers += copies
+    elif spec.trains == "probe_layers":
+        chosen = read_probe_result(config.probe)["least_important"][: config.k] if config.probe else [0]
+        trainable = tuple(sorted(chosen))
+        placement = f"layers {list(trainable)}" if config.probe else "lowest trained layer 0 (no probe result: the worst case)"
+    outside, per_layer = _meta_tensors(hf, layers)
+    tensors = [Tensor(name, numel, None) for name, numel in outside]
+    tensors += [Tensor(f"layers.{index}.{name}", numel, index) for index in range(layers) for name, numel in per_layer]
+    base_dir = config_file.parent
+    shards = tuple(path.stat().st_size for path in sorted(base_dir.glob("*.safetensors")))
+    if not shards:
+        dtype_bytes = 2 if hf.get("torch_dtype", hf.get("dtype", "bfloat16")) in ("bfloat16", "float16") else 4
+        base_bytes = dtype_bytes * (sum(n for _, n in outside) + hf["num_hidden_layers"] * sum(n for _, n in per_layer))
+        shards = (DEFAULT_SHARD_BYTES,) * (base_bytes // DEFAULT_SHARD_BYTES) + (
+            (base_bytes % DEFAULT_SHARD_BYTES,) if base_bytes % DEFAULT_SHARD_BYTES else ()
+        )
+    return ModelShape(
+        config=dict(hf, num_hidden_layers=layers),
+        tensors=tuple(tensors),
+        num_layers=layers,
+        trainable_layers=trainable,
+        trains_everything=spec.trains == "all",
+        placement=placement,
+        shard_bytes=shards,
+    )
+
+
+@dataclass
+class Phase:
+    """One stage's peak per rank: named terms in bytes."""
+
+    name: str
+    terms: dict[str, int] = field(default_factory=dict)
+    where: str = "device"
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+
+@dataclass
+class Plan:
+    world_size: int
+    device_bytes: int | None
+    gpu: bool
+    phases: dict[str, Phase]
+    checkpoint_bytes_per_rank: int
+    checkpoint_files: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return self.checkpoint_bytes_per_rank * self.world_size
+
+    def needed(self, phase: str) -> int:
+        """What the phase needs of the device: the allocator's peak plus what it does not see."""
+        extra = GPU_RESERVE_BYTES if self.gpu else CPU_RUNTIME_BYTES
+        return self.phases[phase].total + (extra if self.phases[phase].where == "device" else 0)
+
+    def fits(self, phase: str) -> bool:
+        return self.device_bytes is None or self.phases[phase].where != "device" or self.needed(phase) <= self.device_bytes
+
+    def fits_training(self) -> bool:
+        return all(self.fits(phase) for phase in TRAINING_PHASES if phase in self.phases)
+
+
+def _partition(numel: int, world: int) -> int:
+    return math.ceil(numel / world)
+
+
+def plan_run(config: RunConfig, shape: ModelShape, world_size: int, gpu: bool, device_bytes: int | None) -> Plan:
+    """Per-rank memory of every stage of `config` on `world_size` ranks, and its checkpoint size."""
+    from adept_ds.lm_loss import chunk_rows
+    from adept_ds.mask_probe import ACTIVATION_BUDGET_BYTES
+    from adept_ds.preflight import resolve_ds_config
+
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):  # preflight's one-line notices, kept for the report (a plan is replanned often)
+        ds = resolve_ds_config(config.deepspeed, config, world_size, gpu, shape.config)
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise ValueError(f"{config.deepspeed}: the planner models ZeRO stage 3 only (this config has stage {zero.get('stage', 0)})")
+    low_precision = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
+    d = 2 if low_precision else 4
+    g = 4 if (d == 4 or ds.get("data_types", {}).get("grad_accum_dtype") == "fp32") else d
+    W, h, vocab = world_size, shape.hidden, shape.config["vocab_size"]
+    persist = zero.get("stage3_param_persistence_threshold", 100_000)
+    trainable = shape.trainable()
+    trainable_parts = sum(_partition(t.numel, W) for t in trainable)
+    optimizer_offloaded = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+    params_offloaded = zero.get("offload_param", {}).get("device") in ("cpu", "nvme")
+
+    parameters = sum(_partition(t.numel, W) * d + (t.numel * d if t.numel < persist else 0) for t in shape.tensors)
+    outside_layers = max(t.numel for t in shape.tensors if t.layer is None)
+    live = zero.get("stage3_max_live_parameters", 1_000_000_000)
+    window = min(live + outside_layers, sum(t.numel for t in shape.tensors)) * d
+    bucket = int(zero.get("reduce_bucket_size", 500_000_000))
+    bucket = bucket if gpu else min(bucket, sum(t.numel for t in trainable))
+
+    def step_terms(blocks: int) -> dict[str, int]:
+        """What one micro-batch adds at its peak: the end of forward (every saved activation and the loss's
+        chunk) or the backward of the top layer (the saved activations, that layer recomputed when checkpointed,
+        its gradient temporaries), whichever is larger."""
+        tokens = blocks * config.data.block_size
+        layer = layer_activation_bytes(shape.config, tokens, d)
+        n = shape.backward_layers
+        if config.train.activation_checkpointing:
+            saved = {f"activations ({n} checkpointed layer inputs)": n * tokens * h * d}
+        else:
+            saved = {f"activations ({n} layers)": n * layer}
+        incoming = {"d loss / d hidden": tokens * h * d}
+        if shape.trains_everything:
+            incoming["LM head's fp32 weight gradient"] = vocab * h * 4  # summed over the loss's chunks
+        if config.train.chunked_loss and not ds.get("fp16", {}).get("enabled"):
+            # One chunk's logits in fp32 and logsumexp's fp32 temporary (the low-precision copies are shorter-lived).
+            loss = min(chunk_rows(vocab), tokens) * vocab * 8
+        else:  # HF's: the logits, their fp32 copy, log-softmax and its gradient, all tokens at once
+            loss = tokens * vocab * (d + 12)
+        at_loss = {**saved, **incoming, "LM loss (one chunk) and final norm": loss + tokens * h * (4 + d)}
+        largest_trainable = max(t.numel for t in trainable)
+        in_backward = {**saved, **incoming}
+        if config.train.activation_checkpointing:
+            in_backward["one layer recomputed"] = layer
+        in_backward["backward temporaries (one layer)"] = (
+            tokens * (3 * shape.config["intermediate_size"] + 2 * h) * d + largest_trainable * d
+        )
+        return max(at_loss, in_backward, key=lambda terms: sum(terms.values()))
+
+    states = {
+        "parameters (partitions + persistent norms)": 0 if params_offloaded else parameters,
+        "fp32 master + AdamW moments": 0 if optimizer_offloaded else trainable_parts * 12,
+        "gradient partitions": 0 if optimizer_offloaded else trainable_parts * g,
+        "reduce bucket": bucket * d,
+        "ZeRO-3 window (gathered weights)": window,
+    }
+    phases = {"train": Phase("train", {**states, **step_terms(config.train.micro_batch_size)})}
+    if optimizer_offloaded or params_offloaded:
+        host = (trainable_parts * (12 + g) if optimizer_offloaded else 0) + (parameters if params_offloaded else 0)
+        phases["train (host, per rank)"] = Phase("train (host, per rank)", {"offloaded states": host}, where="host")
+    if config.adaptive_lr:
+        terms = {**states, **step_terms(config.importance.batch_size)}
+        terms["|g| sums (float64)"] = trainable_parts * 8
+        phases["importance"] = Phase("importance", terms)
+    probe_tokens = PROBE_BLOCKS * PROBE_BLOCK_SIZE
+    base_layers = shape.config["num_hidden_layers"] - (0 if shape.trains_everything else len(shape.trainable_layers))
+    phases["probe"] = Phase(
+        "probe",
+        {
+            "parameters (partitions + persistent norms)": parameters,
+            "ZeRO-3 window (gathered weights)": window,
+            "recorded layer inputs": min(ACTIVATION_BUDGET_BYTES, base_layers * probe_tokens * h * d),
+            "one layer's forward": probe_tokens * (3 * shape.config["intermediate_size"] + 4 * h) * d,
+            "logits and loss": probe_tokens * vocab * (d + 4),
+        },
+    )
+    trained_bytes = sum(t.numel for t in trainable) * 4
+    phases["export"] = Phase(
+        "export",
+        {
+            "largest base shard (read, then rewritten)": max(shape.shard_bytes),
+            "one trained tensor assembled in fp32 and cast": 6 * max(t.numel for t in trainable),
+            "trained fp32 weights, memory-mapped (page cache)": trained_bytes,
+        },
+        where="host",
+    )
+    plan = Plan(
+        world_size=W,
+        device_bytes=device_bytes,
+        gpu=gpu,
+        phases=phases,
+        checkpoint_bytes_per_rank=trainable_parts * 12 + 4 * shape.param_groups,  # + AdamW's fp32 step per group
+        checkpoint_files=W,
+    )
+    plan.notes += [f"trainable layers: {shape.placement}", *said.getvalue().splitlines()]
+    return plan
+
+
+def _gb(value: int) -> str:
+    return f"{value / GIB:,.1f}"
+
+
+def suggestions(config: RunConfig, shape: ModelShape, plan: Plan, nodes: int, gpus_per_node: int) -> list[str]:
+    """The first of these changes that makes training (its steps and importance passes) fit, tried in order of
+    cost: activation checkpointing, then with it a smaller micro-batch (same global batch), the optimizer and
+    parameters in host memory, more nodes. A plan that fits with checkpointing but would without is told so."""
+    import dataclasses
+
+    def peak(train, deepspeed=None, world=None) -> int | None:
+        """The training peak (with the reserve) of the changed run, or None when it does not fit."""
+        changed = dataclasses.replace(config, train=train, deepspeed=deepspeed or config.deepspeed)
+        other = plan_run(changed, shape, world or plan.world_size, plan.gpu, plan.device_bytes)
+        return max(other.needed(phase) for phase in TRAINING_PHASES if phase in other.phases) if other.fits_training() else None
+
+    def fits(text: str, *args, **kwargs) -> list[str]:
+        needed = peak(*args, **kwargs)
+        return [] if needed is None else [f"{text} fits ({_gb(needed)} GiB with the reserve)"]
+
+    train = config.train
+    if plan.fits_training():
+        if train.activation_checkpointing:
+            return fits("train.activation_checkpointing=false (faster)", dataclasses.replace(train, activation_checkpointing=False))
+        return []
+    checkpointed = dataclasses.replace(train, activation_checkpointing=True)
+    named = "" if train.activation_checkpointing else "train.activation_checkpointing=true "
+    if named and (tip := fits(named.strip(), checkpointed)):
+        return tip
+    samples = train.micro_batch_size * train.gradient_accumulation_steps
+    for micro in range(train.micro_batch_size - 1, 0, -1):
+        if samples % micro == 0:
+            smaller = dataclasses.replace(checkpointed, micro_batch_size=micro, gradient_accumulation_steps=samples // micro)
+            text = f"{named}train.micro_batch_size={micro} train.gradient_accumulation_steps={samples // micro} (same global batch)"
+            if tip := fits(text, smaller):
+                return tip
+    offload = Path(__file__).resolve().parent.parent / "ds_configs" / "zero3_offload.json"
+    if offload.is_file() and (
+        tip := fits(f"{named}deepspeed=ds_configs/{offload.name} (optimizer and parameters in host memory)", checkpointed, str(offload))
+    ):
+        return tip
+    for more in range(nodes + 1, 16 * nodes + 1):
+        if tip := fits(f"{named}on {more} nodes x {gpus_per_node} GPUs", checkpointed, world=more * gpus_per_node):
+            return tip
+    return ["nothing tried fits: use GPUs with more memory, a smaller data.block_size, or fewer trainable layers"]
+
+
+def render(config: RunConfig, shape: ModelShape, plan: Plan, nodes: int, gpus_per_node: int, write_gb_per_s: float) -> str:
+    trainable = sum(t.numel for t in shape.trainable())
+    total = sum(t.numel for t in shape.tensors)
+    device = f"{plan.device_bytes / GIB:.0f} GiB per GPU" if plan.device_bytes else "no memory limit given"
+    lines = [
+        f"plan: {config.method} on {config.model}: {total / 1e9:.2f}B parameters, {trainable / 1e9:.3f}B trainable "
+        f"({shape.num_layers} layers; {plan.notes[0].removeprefix('trainable layers: ')})",
+        f"world: {nodes} node(s) x {gpus_per_node} = {plan.world_size} ranks, {device}; micro batch "
+        f"{config.train.micro_batch_size} x {config.data.block_size} tokens, activation checkpointing "
+        f"{'on' if config.train.activation_checkpointing else 'off'}",
+        *[f"note: {note}" for note in plan.notes[1:]],
+        "",
+    ]
+    for phase in plan.phases.values():
+        where = "per GPU" if phase.where == "device" and plan.gpu else ("per rank" if phase.where == "device" else "host RAM")
+        reserve = GPU_RESERVE_BYTES if plan.gpu else CPU_RUNTIME_BYTES
+        verdict = ""
+        if phase.where == "device":
+            verdict = f" (+{_gb(reserve)} reserve = {_gb(plan.needed(phase.name))} GiB)"
+            if plan.device_bytes:
+                verdict += ": fits" if plan.fits(phase.name) else ": DOES NOT FIT"
+        train = plan.phases["train"].terms
+        shown = {term: value for term, value in phase.terms.items() if value >= SHOWN_BYTES}
+        if phase.name == "importance":  # the training terms again, at importance.batch_size: show what differs
+            shown = {term: value for term, value in shown.items() if train.get(term) != value}
+            verdict += f"; the train terms at importance.batch_size={config.importance.batch_size}, and:"
+        lines.append(f"{phase.name}: {_gb(phase.total)} GiB {where}{verdict}")
+        lines += [f"    {term:<52} {_gb(value):>8} GiB" for term, value in shown.items()]
+    seconds = plan.checkpoint_bytes / (write_gb_per_s * 1e9)
+    lines += [
+        f"checkpoint: {plan.checkpoint_bytes / 1e9:,.2f} GB per save ({plan.checkpoint_files} optimizer files of "
+        f"{plan.checkpoint_bytes_per_rank / 1e9:,.3f} GB; frozen weights are not saved), ~{seconds:,.0f} s at "
+        f"{write_gb_per_s:g} GB/s",
+    ]
+    keep = config.train.keep_checkpoints
+    if keep:  # the oldest is deleted once the newest is complete: one more is on disk while a save is written
+        lines.append(
+            f"disk: train.keep_checkpoints={keep}: up to {keep + 1} checkpoints, {(keep + 1) * plan.checkpoint_bytes / 1e9:,.1f} GB"
+        )
+    else:
+        lines.append("disk: train.keep_checkpoints=0 keeps every checkpoint: plan for one per train.save_interval steps")
+    tips = suggestions(config, shape, plan, nodes, gpus_per_node)
+    lines += [f"suggest: {tip}" for tip in tips]
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""`adept-ds plan` against real runs (issue 14): random Llamas of ~0.1, 0.5 and 1.5B, 2 CPU ranks, ZeRO-3.
+
+    python benchmarks/plan_check.py [--sizes tiny,0.1b,0.1b_ckpt,0.5b,1.5b] [--work benchmarks/results/work/plan]
+
+Each size is a random Llama in bf16 (benchmarks/scale.py's builder), expanded by 2 ADEPT copies, trained
+under the launcher (benchmarks/train_step.py: 1 warm-up + 2 timed steps, 1 importance pass, then a
+checkpoint) with the shipped zero3.json (fp32 on CPU). The planner is asked about the same run config
+(`adept-ds plan --device cpu --json`) and compared:
+- checkpoint: the predicted bytes per rank against the tensor bytes in each rank's optimizer file (exact),
+  and against the file sizes (pickle adds a few KB);
+- memory: the predicted peak of the training steps and of the importance pass against the measured peak
+  RSS of that phase (the peak is reset when the phase starts) less the RSS after the imports, the larger rank.
+`tiny` (2 layers of width 64) measures what a rank holds beyond the modelled terms: `plan.CPU_RUNTIME_BYTES`
+is that figure. The activation-heavy `0.1b` runs (2 x 1024 tokens) check the activation model with and
+without checkpointing. Writes benchmarks/results/plan_check.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+LLAMA = {"num_attention_heads": 16, "num_key_value_heads": 4}
+MMAP_THRESHOLD = 128 * 1024
+"""glibc serves allocations from this size up with their own mappings and returns them on free, so that a rank's
+RSS follows its live memory, as `torch.cuda.max_memory_allocated` does on a GPU. glibc's default (a threshold that
+rises to 32 MB after frees) keeps freed heap resident: --glibc-default measures that too."""
+SIZES = {
+    # name: (shape, copied after these original layers, micro batch, block size, activation checkpointing)
+    "tiny": (
+        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+        [0],
+        1,
+        64,
+        False,
+    ),
+    "0.1b": ({"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, **LLAMA}, [1, 6], 2, 1024, False),
+    "0.1b_ckpt": ({"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, **LLAMA}, [1, 6], 2, 1024, True),
+    "0.5b": ({"hidden_size": 1280, "intermediate_size": 3584, "num_hidden_layers": 20, **LLAMA}, [4, 12], 1, 256, False),
+    "1.5b": ({"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 32, **LLAMA}, [10, 21], 1, 256, False),
+}
+
+
+def overrides(model: Path, run_dir: Path, micro: int, block: int, checkpointing: bool) -> dict:
+    from adept_ds.pipeline import DOMAIN_TRAIN, GENERAL
+
+    return {
+        "model": model,
+        "method": "adept",
+        "deepspeed": REPO / "ds_configs" / "zero3.json",
+        "output_dir": run_dir / "run",
+        "data.domain": DOMAIN_TRAIN,
+        "data.general": GENERAL,
+        "data.block_size": block,
+        "data.cache_dir": run_dir.parent / "blocks",
+        "train.micro_batch_size": micro,
+        "train.max_steps": 1000,
+        "train.activation_checkpointing": checkpointing,
+        "scheduler.type": "constant",
+        "importance.interval": 500,
+        "importance.batch_size": micro,
+    }
+
+
+def planned(settings: dict) -> dict:
+    command = [sys.executable, "-m", "adept_ds.cli", "plan", "--device", "cpu", "--nodes", "1", "--gpus-per-node", "2", "--json"]
+    command += [f"{key}={value}" for key, value in settings.items()]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measured(name: str, settings: dict, run_dir: Path, glibc_default: bool) -> list[dict]:
+    import os
+
+    from adept_ds.distributed import free_port
+
+    launcher = Path(sys.executable).parent / "deepspeed"
+    command = [str(launcher), "--no_local_rank", "--num_gpus", "2", "--master_port", str(free_port())]
+    command += [str(REPO / "benchmarks" / "train_step.py"), str(run_dir), "1", "2", "1", "--save-checkpoint"]
+    command += [f"{key}={value}" for key, value in settings.items()]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
+    if not glibc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    print(f"[plan_check] {name}: training 3 steps, 1 importance pass, 1 checkpoint on 2 ranks", flush=True)
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stdout[-4000:]}")
+    return [json.loads((run_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def optimizer_tensor_bytes(path: Path) -> int:
+    """Bytes of every tensor in one rank's ZeRO optimizer file (what the planner predicts; the rest is pickle)."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    total, stack = 0, [state]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def check_size(name: str, work: Path, glibc_default: bool) -> dict:
+    from scale import build_model
+
+    from adept_ds.expand import expand_checkpoint
+
+    shape, copied, micro, block, checkpointing = SIZES[name.removesuffix("_glibc")]
+    base_name = name.removesuffix("_ckpt")
+    original = build_model(work / "models" / base_name, **shape)
+    expanded = work / "models" / f"{base_name}_expanded"
+    if not (expanded / "adept_expansion.json").is_file():
+        expand_checkpoint(original, expanded, copied, overwrite=True, show_progress=False)
+    run_dir = work / "runs" / (name + ("_glibc" if glibc_default else ""))
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    settings = overrides(expanded, run_dir, micro, block, checkpointing)
+    plan = planned(settings)
+    ranks = measured(name, settings, run_dir, glibc_default)
+    mb = 2**20
+    checkpoint = Path(ranks[0]["checkpoint"])
+    files = sorted(checkpoint.glob("*optim_states.pt"))
+    result = {
+        "parameters": ranks[0]["parameters"],
+        "trainable_parameters": ranks[0]["trainable_parameters"],
+        "micro_batch": micro,
+        "block_size": block,
+        "activation_checkpointing": checkpointing,
+        "checkpoint_predicted_per_rank": plan["checkpoint_bytes_per_rank"],
+        "checkpoint_tensor_bytes": [optimizer_tensor_bytes(path) for path in files],
+        "checkpoint_file_bytes": [path.stat().st_size for path in files],
+    }
+    for phase, key in (("train", "steps_peak"), ("importance", "importance_peak")):
+        grown = max(rank["rss_mb"][key] - rank["rss_mb"]["imports"] for rank in ranks) * mb
+        result[phase] = {"predicted": plan[phase]["total"], "measured_growth": grown, "terms": plan[phase]}
+    return result
+
+
+def markdown(results: dict) -> str:
+    from adept_ds.plan import CPU_RUNTIME_BYTES
+
+    mb = 2**20
+    lines = [
+        f"2 CPU ranks, ZeRO-3 (zero3.json, fp32), method adept (2 copies; tiny: 1); CPU_RUNTIME_BYTES = {CPU_RUNTIME_BYTES / mb:.0f} MB "
+        "is added to every prediction. Measured: peak RSS of the phase less the RSS after the imports, the larger rank, with "
+        f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (RSS follows live memory; rows marked _glibc: glibc's default, which keeps freed heap).",
+        "",
+        "| size | params | trainable | tokens / micro-batch | ckpt | checkpoint per rank: predicted / tensors / file | "
+        "train MB: predicted / measured / ratio | importance MB: predicted / measured / ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["sizes"].items():
+        cells = []
+        for phase in ("train", "importance"):
+            predicted = r[phase]["predicted"] + CPU_RUNTIME_BYTES
+            cells.append(f"{predicted / mb:.0f} / {r[phase]['measured_growth'] / mb:.0f} / {predicted / r[phase]['measured_growth']:.2f}")
+        exact = "exact" if all(b == r["checkpoint_predicted_per_rank"] for b in r["checkpoint_tensor_bytes"]) else "DIFFERS"
+        lines.append(
+            f"| {name} | {r['parameters'] / 1e6:.0f}M | {r['trainable_parameters'] / 1e6:.1f}M | {r['micro_batch']} x {r['block_size']} | "
+            f"{'on' if r['activation_checkpointing'] else 'off'} | {r['checkpoint_predicted_per_rank']:,} / "
+            f"{r['checkpoint_tensor_bytes'][0]:,} ({exact}) / {r['checkpoint_file_bytes'][0]:,} | {cells[0]} | {cells[1]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--work", default=str(REPO / "benchmarks" / "results" / "work" / "plan"))
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument(
+        "--glibc-default", action="store_true", help="measure under glibc's default malloc settings (recorded as SIZE_glibc)"
+    )
+    args = parser.parse_args()
+    started = time.time()
+    sizes = [size for size in args.sizes.split(",") if size]
+    unknown = sorted(set(sizes) - set(SIZES))
+    if unknown:
+        raise SystemExit(f"--sizes: unknown {unknown}; choose from {', '.join(SIZES)}")
+    output = Path(args.output)
+    record = output / "plan_check.json"
+    results = json.loads(record.read_text()) if record.is_file() else {"sizes": {}}
+    for name in sizes:
+        results["sizes"][name + ("_glibc" if args.glibc_default else "")] = check_size(name, Path(args.work), args.glibc_default)
+        results["date"], results["seconds"] = time.strftime("%Y-%m-%d"), time.time() - started
+        record.write_text(json.dumps(results, indent=2))  # after every size: a long run keeps what it measured
+    table = markdown(results)
+    (output / "plan_check.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
