@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -52,6 +53,8 @@ from adept_ds.train_checkpoints import (
     tag_for,
 )
 from adept_ds.units import Unit, adept_units, build_param_groups, full_model_units, set_trainable
+from adept_ds.universal import MARKER as UNIVERSAL_MARKER
+from adept_ds.universal import convert, derived_seed, group_hyperparameters, is_universal, keep_global_batch, repair_after_load
 
 
 class NonFiniteLoss(RuntimeError):
@@ -107,12 +110,16 @@ class Trainer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-        self.config = config
         self.show_progress = show_progress
         self.output_dir = Path(config.output_dir)
         self.gpu = not on_cpu()
         # Every input is checked before the process group exists: a bad value fails fast on every rank.
         launched = launched_world_size()
+        if resume:  # the run's global batches continue at any world size (universal.py)
+            config, notes = keep_global_batch(config, launched, self.output_dir / CHECKPOINT_DIR)
+            for note in notes if os.environ.get("RANK", "0") == "0" else []:
+                print(f"resume on {launched} ranks: {note}", flush=True)
+        self.config = config
         checked = preflight(config, launched, self.gpu)
         self.family, self.manifest, self.probe_layers = checked.family, checked.manifest, checked.probe_layers
         self.ds_config = checked.ds_config
@@ -155,6 +162,19 @@ class Trainer:
         if config.train.chunked_loss and not self.ds_config.get("fp16", {}).get("enabled"):
             use_chunked_loss(model, self.family)  # fp32 and bf16; fp16 keeps HF's loss (adept_ds/lm_loss.py)
         self.units: list[Unit] = self._units(model)
+        # What a checkpoint belongs to: it holds no frozen weight, so it only resumes on this backbone and units.
+        self.run_identity = {
+            "backbone_model": str(Path(config.model).absolute()),
+            "backbone_fingerprint": fingerprint_checkpoint(checked.checkpoint),
+            "method": config.method,
+            "units": [unit.name for unit in self.units],
+            "global_batch": self.global_batch,
+            "probe_batch": config.importance.batch_size * self.world_size,
+        }
+        # Decided before the engine exists: a checkpoint of another world size loads as a universal one.
+        tag = decided_by_rank_zero(lambda: self._resume_tag(resume))
+        if tag is not None and is_universal(tag):
+            self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
         set_trainable(model, self.units)
         if config.train.activation_checkpointing:
             checkpoint_layers(model, self.family, [name for unit in self.units for name in unit.param_names])
@@ -173,13 +193,6 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=self.ds_config
         )
         self.params = dict(self.engine.module.named_parameters())
-        # What a checkpoint belongs to: it holds no frozen weight, so it only resumes on this backbone and units.
-        self.run_identity = {
-            "backbone_model": str(Path(config.model).absolute()),
-            "backbone_fingerprint": fingerprint_checkpoint(checked.checkpoint),
-            "method": config.method,
-            "units": [unit.name for unit in self.units],
-        }
         self.state = TrainState(scales=[1.0] * len(self.units), source_samples=[0] * len(self.sources))
         self.writer = None
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +207,6 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
         self.saved: Path | None = None  # the checkpoint holding the current state (last saved or resumed from)
-        tag = decided_by_rank_zero(lambda: self._resume_tag(resume))
         if tag is not None:
             self.load_checkpoint(tag)
 
@@ -449,26 +461,40 @@ class Trainer:
                     "to continue it, or choose a new output_dir"
                 )
             return None
+        check_same_run(newest, self.run_identity)  # before any conversion: never convert another run's checkpoint
         written_by = checkpoint_info(newest)["world_size"]
-        if written_by != self.world_size:
-            raise ValueError(
-                f"--resume: {newest} was written by {written_by} ranks but this run has {self.world_size}; ZeRO partitions "
-                f"only load at the same world size (export it with `adept-ds export` and start a new run from the export)"
-            )
-        check_same_run(newest, self.run_identity)
-        return newest.name
+        if written_by == self.world_size:
+            return newest.name
+        tqdm.write(
+            f"resume: {newest} was written by {written_by} ranks, this run has {self.world_size}: converting it to a universal checkpoint"
+        )
+        started = time.perf_counter()
+        tag, converted = convert(directory, newest.name)
+        what = f"converted in {time.perf_counter() - started:.0f} s" if converted else "converted by an earlier attempt"
+        tqdm.write(f"resume: {directory / tag} ({what}) loads at any world size")
+        return tag
 
     def load_checkpoint(self, tag: str) -> None:
         """Continue from checkpoint `tag` (chosen by rank 0 for every rank: `_resume_tag`)."""
         directory = self.output_dir / CHECKPOINT_DIR
         path = directory / tag
+        universal = is_universal(tag)
+        hyperparameters = group_hyperparameters(self.engine.optimizer)
         # Not strict: the checkpoint's module state lacks the frozen weights, which the model already holds.
         loaded, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
         if loaded is None:
             raise ValueError(f"--resume: DeepSpeed could not load checkpoint {path}")
         self.state.load_state_dict(client_state["trainer"])
+        if universal:
+            repair_after_load(self.engine, hyperparameters)
+            seed = derived_seed(self.config.train.seed, self.state.step, self.rank)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            path = directory / json.loads((path / UNIVERSAL_MARKER).read_text())["source"]
+        else:
+            _set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
         self.scheduler.set_scales(self.state.scales)
-        _set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
         self.saved = path
         if self.rank == 0:
             tqdm.write(f"resumed from {path} (the newest complete checkpoint) at step {self.state.step}")

@@ -110,16 +110,28 @@ def prune(directory: Path, keep: int) -> list[Path]:
     one nor one being written is ever deleted; an incomplete one never counts towards `keep`. Each doomed
     directory is first renamed out of the `step*` namespace, so a kill mid-deletion leaves nothing that looks
     like a checkpoint. `keep` 0 keeps everything."""
-    for leftover in Path(directory).glob(".deleting-step*"):  # a deletion an earlier kill interrupted
+    for leftover in Path(directory).glob(".deleting-*"):  # a deletion an earlier kill interrupted
         shutil.rmtree(leftover, ignore_errors=True)
     candidates = sorted(p for p in Path(directory).glob("step*") if p.is_dir())
     complete = [p for p in candidates if incomplete_reason(p) is None]
-    if keep <= 0 or not complete:
+    if not complete:
         return []
+    # A universal conversion (universal.py) is a derived copy, needed only to resume from its source: once a
+    # newer checkpoint is complete, it goes whatever `keep` says.
+    stale = [p for p in Path(directory).glob("universal-step*") if p.is_dir() and p.name.removeprefix("universal-") < complete[-1].name]
+    for path in stale:
+        _delete(path)
+    if keep <= 0:
+        return stale
     kept = set(complete[-keep:])
     doomed = [p for p in candidates if p not in kept and p.name < complete[-1].name]
     for path in doomed:
-        trash = path.with_name(f".deleting-{path.name}")
-        os.replace(path, trash)
-        shutil.rmtree(trash)
-    return doomed
+        _delete(path)
+    return stale + doomed
+
+
+def _delete(path: Path) -> None:
+    """Renamed out of its namespace first: a kill mid-deletion leaves nothing that looks like a checkpoint."""
+    trash = path.with_name(f".deleting-{path.name}")
+    os.replace(path, trash)
+    shutil.rmtree(trash)

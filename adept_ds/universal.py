@@ -1,0 +1,137 @@
+"""Resume at another world size: DeepSpeed's universal checkpoints, made safe for frozen weights and unit-wise LRs.
+
+A ZeRO checkpoint holds one optimizer partition per rank, so it loads only at the world size that wrote it.
+DeepSpeed's `ds_to_universal` rewrites it as one file per parameter (fp32 weight, both Adam moments), which
+loads at any world size under `"checkpoint": {"load_universal": true}`. adept_ds uses that, and handles
+what DeepSpeed 0.19 leaves to the caller:
+- The conversion goes to `checkpoints/universal-<tag>`, built under a temporary name and renamed once DeepSpeed
+  has finished and a marker is written, so an interrupted conversion is redone from the intact checkpoint
+  and never looks complete. Its name is outside `step*`: it is not a resumable checkpoint of its own.
+- The ZeRO-3 loader copies the first param group's hyperparameters into every group and gives every group the
+  same `step` tensor object, which AdamW then advances once per group per step. `repair_after_load` restores
+  each group's own hyperparameters (the LRs then come from the unit scales in the trainer state) and gives
+  each group its own step counter.
+- Only rank 0's client state is read: the trainer state is the same on every rank. RNG state is per rank and
+  cannot be mapped to other ranks, so it is derived from the seed, step and rank.
+- The global batch (and the global probe batch of the importance passes) must stay the same, so that the same
+  sample stream continues: `keep_global_batch` re-derives micro-batch x accumulation for the new world size.
+The frozen backbone is checked by fingerprint before any conversion (train_checkpoints.check_same_run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from adept_ds.config import RunConfig
+from adept_ds.train_checkpoints import checkpoint_info, newest_complete, write_atomically
+
+PREFIX = "universal-"
+MARKER = "universal.json"
+
+
+def universal_tag(tag: str) -> str:
+    return PREFIX + tag
+
+
+def convert(directory: Path, tag: str) -> tuple[str, bool]:
+    """`directory/tag` as a universal checkpoint `directory/universal-<tag>`: (its tag, whether it was converted now).
+
+    Runs in one process (rank 0). A complete earlier conversion is reused; the remains of an interrupted one
+    are removed first."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    target = directory / universal_tag(tag)
+    if (target / MARKER).is_file():
+        return target.name, False
+    for leftover in [target, *directory.glob(f".converting-{tag}-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = directory / f".converting-{tag}-{os.getpid()}"
+    source = directory / tag
+    ds_to_universal(
+        SimpleNamespace(
+            input_folder=str(source),
+            output_folder=str(staging),
+            num_extract_workers=1,  # worker processes are not safe inside a CUDA/NCCL process
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # ZeRO-1/2: our checkpoints carry no universal_checkpoint_info
+        )
+    )
+    (directory / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer, at our temporary name
+    info = checkpoint_info(source)
+    write_atomically(staging / MARKER, json.dumps({"source": tag, "step": info["step"], "source_world_size": info["world_size"]}))
+    os.replace(staging, target)
+    return target.name, True
+
+
+def is_universal(tag: str) -> bool:
+    return tag.startswith(PREFIX)
+
+
+def keep_global_batch(config: RunConfig, world_size: int, directory: Path) -> tuple[RunConfig, list[str]]:
+    """`config` with micro-batch x accumulation (and the importance passes' per-rank batch) re-derived so that
+    the global batches of the run in `directory` stay what they were; unchanged for a run with no checkpoint.
+
+    The micro-batch stays as configured when it divides the per-rank share, else becomes the largest size
+    below it that does. Every checkpoint of a run has the same global batch, so any rank may read it."""
+    newest, _ = newest_complete(directory)
+    if newest is None or "global_batch" not in checkpoint_info(newest):
+        return config, []
+    saved = checkpoint_info(newest)
+    train, importance, notes = config.train, config.importance, []
+
+    def share(total: int, what: str) -> int:
+        if total % world_size:
+            fits = [n for n in range(1, total + 1) if total % n == 0]
+            raise ValueError(
+                f"--resume: the run's {what} of {total} samples cannot be split evenly over {world_size} ranks; "
+                f"resume on a world size that divides {total} (e.g. {', '.join(map(str, fits[-4:]))})"
+            )
+        return total // world_size
+
+    per_rank = share(saved["global_batch"], "global batch")
+    micro = max(m for m in range(1, min(train.micro_batch_size, per_rank) + 1) if per_rank % m == 0)
+    accumulation = per_rank // micro
+    if (micro, accumulation) != (train.micro_batch_size, train.gradient_accumulation_steps):
+        notes.append(
+            f"global batch {saved['global_batch']} = micro {micro} x accumulation {accumulation} x {world_size} ranks "
+            f"(configured: micro {train.micro_batch_size} x accumulation {train.gradient_accumulation_steps})"
+        )
+        train = dataclasses.replace(train, micro_batch_size=micro, gradient_accumulation_steps=accumulation)
+    probe = share(saved["probe_batch"], "importance probe batch")
+    if probe != importance.batch_size:
+        notes.append(
+            f"importance probe batch {saved['probe_batch']} = {probe} per rank x {world_size} ranks (configured: {importance.batch_size})"
+        )
+        importance = dataclasses.replace(importance, batch_size=probe)
+    return dataclasses.replace(config, train=train, importance=importance), notes
+
+
+def group_hyperparameters(optimizer) -> list[dict]:
+    """Each param group's settings but its parameters, to restore after a universal load."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def repair_after_load(engine, hyperparameters: list[dict]) -> None:
+    """Undo what DeepSpeed's universal loader flattens: every group's own hyperparameters, and under ZeRO-3 a
+    step counter per group (it hands one tensor to all, which AdamW would advance once per group per step)."""
+    for group, saved in zip(engine.optimizer.param_groups, hyperparameters, strict=True):
+        group.update(saved)
+    inner = getattr(engine.optimizer, "optimizer", None)
+    for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):
+        state = inner.state.get(flat) if inner is not None else None
+        if state and torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def derived_seed(seed: int, step: int, rank: int) -> int:
+    """A rank's RNG seed after a resume at another world size (the old ranks' RNG states map to no new rank)."""
+    return (seed * 1_000_003 + step * 10_007 + rank) % 2**63
