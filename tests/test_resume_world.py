@@ -67,8 +67,8 @@ def test_a_run_continues_at_another_world_size_as_if_it_had_run_there(uninterrup
     inputs, runs, root = uninterrupted
     model = inputs["expanded"] if method == "adept" else inputs["original"]
     resumed = root / f"{method}_{old_world}to{new_world}"
-    # Growing uses --auto-resume, as a requeued Slurm job does (launch/slurm/*.sbatch): it continues by itself.
-    flag = "--auto-resume" if new_world > old_world else "--resume"
+    # Shrinking uses --auto-resume, as a Slurm job requeued on fewer nodes does (launch/slurm/*.sbatch).
+    flag = "--auto-resume" if new_world < old_world else "--resume"
     done = resume_at(inputs, runs[method, old_world], resumed, new_world, old_world, flag, method=method, model=model)
     assert "converting it to a universal checkpoint" in done.stdout + done.stderr
     assert f"resume on {new_world} ranks: global batch 4" in done.stdout + done.stderr
@@ -97,6 +97,13 @@ def test_a_run_continues_at_another_world_size_as_if_it_had_run_there(uninterrup
         ]
         assert started["lrs"] == pytest.approx(expected_lrs, rel=1e-6)
         assert len(set(round(lr, 12) for lr in started["lrs"])) > 1  # really unit-wise
+    if (method, old_world) == ("adept", 2):
+        # The checkpoint after a universal resume is a regular one: the next resume (same world size) loads it as such.
+        values = {**COMMON, **WORLD_SETTINGS[new_world], "train.max_steps": 10, "method": method, "model": model}
+        again = run_deepspeed("train_run.py", resumed / "again.pt", "--resume", *overrides(inputs, resumed, **values), num_procs=new_world)
+        assert "converting" not in again.stdout + again.stderr and "resumed from" in again.stdout + again.stderr
+        assert sorted(metrics(resumed)) == [7, 8, 9, 10]
+        assert torch.load(resumed / "again.pt", weights_only=False)["started"]["adam_steps"] == [8.0]
 
 
 def test_zero2_resumes_at_another_world_size(uninterrupted, tmp_path):
