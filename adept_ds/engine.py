@@ -469,7 +469,13 @@ class Trainer:
             f"resume: {newest} was written by {written_by} ranks, this run has {self.world_size}: converting it to a universal checkpoint"
         )
         started = time.perf_counter()
-        tag, converted = convert(directory, newest.name)
+        try:  # any failure becomes the ValueError every rank raises: the others wait for rank 0's answer
+            tag, converted = convert(directory, newest.name)
+        except Exception as err:
+            raise ValueError(
+                f"--resume: converting {newest} to a universal checkpoint failed ({type(err).__name__}: {err}); "
+                f"resume on the {written_by} ranks that wrote it"
+            ) from err
         what = f"converted in {time.perf_counter() - started:.0f} s" if converted else "converted by an earlier attempt"
         tqdm.write(f"resume: {directory / tag} ({what}) loads at any world size")
         return tag
