@@ -53,8 +53,7 @@ from adept_ds.train_checkpoints import (
     tag_for,
 )
 from adept_ds.units import Unit, adept_units, build_param_groups, full_model_units, set_trainable
-from adept_ds.universal import MARKER as UNIVERSAL_MARKER
-from adept_ds.universal import convert, derived_seed, group_hyperparameters, is_universal, keep_global_batch, repair_after_load
+from adept_ds.universal import convert, derived_seed, group_hyperparameters, is_universal, keep_global_batch, repair_after_load, source_tag
 
 
 class NonFiniteLoss(RuntimeError):
@@ -497,7 +496,7 @@ class Trainer:
             random.seed(seed)
             np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
-            path = directory / json.loads((path / UNIVERSAL_MARKER).read_text())["source"]
+            path = directory / source_tag(tag)  # the state is that checkpoint's: later saves and export name it
         else:
             _set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
         self.scheduler.set_scales(self.state.scales)

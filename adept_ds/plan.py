@@ -91,6 +91,10 @@ class ModelShape:
     def head_dim(self) -> int:
         return self.config.get("head_dim") or self.hidden // self.config["num_attention_heads"]
 
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
     def trainable(self) -> list[Tensor]:
         if self.trains_everything:
             return list(self.tensors)
@@ -125,7 +129,7 @@ def layer_activation_bytes(config: dict, tokens: int, dtype_bytes: int) -> int:
     return tokens * (dtype_bytes * in_dtype + 4 * in_fp32)
 
 
-def _meta_tensors(config: dict, layers: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def _meta_tensors(config: dict) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(tensors outside the decoder layers, tensors of one layer) of this architecture, from a one-layer meta model."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -187,7 +191,7 @@ def model_shape(config: RunConfig, k: int | None = None) -> ModelShape:
         chosen = read_probe_result(config.probe)["least_important"][: config.k] if config.probe else [0]
         trainable = tuple(sorted(chosen))
         placement = f"layers {list(trainable)}" if config.probe else "lowest trained layer 0 (no probe result: the worst case)"
-    outside, per_layer = _meta_tensors(hf, layers)
+    outside, per_layer = _meta_tensors(hf)
     tensors = [Tensor(name, numel, None) for name, numel in outside]
     tensors += [Tensor(f"layers.{index}.{name}", numel, index) for index in range(layers) for name, numel in per_layer]
     base_dir = config_file.parent
@@ -277,7 +281,7 @@ def plan_run(config: RunConfig, shape: ModelShape, world_size: int, gpu: bool, d
     parameters = sum(_partition(t.numel, W) * d + (t.numel * d if t.numel < persist else 0) for t in shape.tensors)
     outside_layers = max(t.numel for t in shape.tensors if t.layer is None)
     live = zero.get("stage3_max_live_parameters", 1_000_000_000)
-    window = min(live + outside_layers, sum(t.numel for t in shape.tensors)) * d
+    window = min(live + outside_layers, shape.numel) * d
     bucket = int(zero.get("reduce_bucket_size", 500_000_000))
     bucket = bucket if gpu else min(bucket, sum(t.numel for t in trainable))
 
@@ -355,7 +359,7 @@ def plan_run(config: RunConfig, shape: ModelShape, world_size: int, gpu: bool, d
         checkpoint_bytes_per_rank=trainable_parts * 12 + 4 * shape.param_groups,  # + AdamW's fp32 step per group
         checkpoint_files=W,
     )
-    plan.notes += [f"trainable layers: {shape.placement}", *said.getvalue().splitlines()]
+    plan.notes += said.getvalue().splitlines()
     return plan
 
 
@@ -408,17 +412,18 @@ def suggestions(config: RunConfig, shape: ModelShape, plan: Plan, nodes: int, gp
 
 def render(config: RunConfig, shape: ModelShape, plan: Plan, nodes: int, gpus_per_node: int, write_gb_per_s: float) -> str:
     trainable = sum(t.numel for t in shape.trainable())
-    total = sum(t.numel for t in shape.tensors)
+    total = shape.numel
     device = f"{plan.device_bytes / GIB:.0f} GiB per GPU" if plan.device_bytes else "no memory limit given"
     lines = [
         f"plan: {config.method} on {config.model}: {total / 1e9:.2f}B parameters, {trainable / 1e9:.3f}B trainable "
-        f"({shape.num_layers} layers; {plan.notes[0].removeprefix('trainable layers: ')})",
+        f"({shape.num_layers} layers; {shape.placement})",
         f"world: {nodes} node(s) x {gpus_per_node} = {plan.world_size} ranks, {device}; micro batch "
         f"{config.train.micro_batch_size} x {config.data.block_size} tokens, activation checkpointing "
         f"{'on' if config.train.activation_checkpointing else 'off'}",
-        *[f"note: {note}" for note in plan.notes[1:]],
+        *[f"note: {note}" for note in plan.notes],
         "",
     ]
+    train = plan.phases["train"].terms
     for phase in plan.phases.values():
         where = "per GPU" if phase.where == "device" and plan.gpu else ("per rank" if phase.where == "device" else "host RAM")
         reserve = GPU_RESERVE_BYTES if plan.gpu else CPU_RUNTIME_BYTES
@@ -427,7 +432,6 @@ def render(config: RunConfig, shape: ModelShape, plan: Plan, nodes: int, gpus_pe
             verdict = f" (+{_gb(reserve)} reserve = {_gb(plan.needed(phase.name))} GiB)"
             if plan.device_bytes:
                 verdict += ": fits" if plan.fits(phase.name) else ": DOES NOT FIT"
-        train = plan.phases["train"].terms
         shown = {term: value for term, value in phase.terms.items() if value >= SHOWN_BYTES}
         if phase.name == "importance":  # the training terms again, at importance.batch_size: show what differs
             shown = {term: value for term, value in shown.items() if train.get(term) != value}

@@ -76,6 +76,11 @@ def is_universal(tag: str) -> bool:
     return tag.startswith(PREFIX)
 
 
+def source_tag(tag: str) -> str:
+    """The regular checkpoint a universal one was converted from."""
+    return tag.removeprefix(PREFIX)
+
+
 def keep_global_batch(config: RunConfig, world_size: int, directory: Path) -> tuple[RunConfig, list[str]]:
     """`config` with micro-batch x accumulation (and the importance passes' per-rank batch) re-derived so that
     the global batches of the run in `directory` stay what they were; unchanged for a run with no checkpoint.

@@ -77,23 +77,14 @@ def save_checkpoint_run(model: Path, work: Path, args) -> Path:
     return output
 
 
-def planned_peak(method: str, model: Path, args, extra: dict) -> int:
-    """`adept-ds plan`'s peak for the run suite.run_ranks makes: the training steps or the importance pass after them."""
+def planned_peak(run: dict) -> int:
+    """`adept-ds plan`'s peak for a run config of suite.run_ranks (`run_overrides`): its steps or its importance pass."""
     from adept_ds.config import load_run_config
-    from adept_ds.plan import model_shape, plan_run
+    from adept_ds.plan import TRAINING_PHASES, model_shape, plan_run
 
-    settings = {
-        "model": model,
-        "method": method,
-        "deepspeed": ds_config(),
-        "data.block_size": args.block_size,
-        "train.micro_batch_size": args.micro_batch_size,
-        "importance.interval": 500,
-        **extra,
-    }
-    config = load_run_config(None, [f"{key}={value}" for key, value in settings.items()])
+    config = load_run_config(None, [f"{key}={value}" for key, value in run.items()])
     plan = plan_run(config, model_shape(config), 1, gpu=torch.cuda.is_available(), device_bytes=None)
-    return max(plan.phases[phase].total for phase in ("train", "importance") if phase in plan.phases)
+    return max(plan.phases[phase].total for phase in TRAINING_PHASES if phase in plan.phases)
 
 
 def main() -> None:
@@ -108,7 +99,7 @@ def main() -> None:
 
     from flop_model import full_step_flops, partial_step_flops
     from scale import build_model
-    from suite import run_ranks
+    from suite import run_overrides, run_ranks
 
     from adept_ds.evaluate import evaluate_model
     from adept_ds.expand import expand_checkpoint, read_manifest
@@ -164,11 +155,12 @@ def main() -> None:
         "pt_full, checkpointing": ("pt_full", original, {"train.activation_checkpointing": True}),
     }
     for name, (method, model, extra) in runs.items():
-        rank = run_ranks(name.replace(", ", "_").replace(" ", "_"), method, model, work, args, ds_config(), extra=extra)[0]
+        run_name = name.replace(", ", "_").replace(" ", "_")
+        rank = run_ranks(run_name, method, model, work, args, ds_config(), extra=extra)[0]
         step = statistics.median(rank["step_seconds"])
         tokens_per_s = rank["tokens_per_step_per_rank"] / step
         report["train"][name] = {
-            "planned_peak_gb": planned_peak(method, model, args, extra) / 2**30,
+            "planned_peak_gb": planned_peak(run_overrides(run_name, method, model, work, args, ds_config(), extra)) / 2**30,
             "step_seconds": step,
             "tokens_per_second": tokens_per_s,
             "peak_gpu_gb": (rank["peak_gpu_mb"] or 0) / 1024,

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -49,25 +51,11 @@ SIZES = {
 }
 
 
-def overrides(model: Path, run_dir: Path, micro: int, block: int, checkpointing: bool) -> dict:
-    from adept_ds.pipeline import DOMAIN_TRAIN, GENERAL
+def run_settings(micro: int, block: int) -> SimpleNamespace:
+    """What suite.run_ranks reads: 2 ranks, 1 warm-up and 2 timed steps."""
+    from adept_ds.distributed import free_port
 
-    return {
-        "model": model,
-        "method": "adept",
-        "deepspeed": REPO / "ds_configs" / "zero3.json",
-        "output_dir": run_dir / "run",
-        "data.domain": DOMAIN_TRAIN,
-        "data.general": GENERAL,
-        "data.block_size": block,
-        "data.cache_dir": run_dir.parent / "blocks",
-        "train.micro_batch_size": micro,
-        "train.max_steps": 1000,
-        "train.activation_checkpointing": checkpointing,
-        "scheduler.type": "constant",
-        "importance.interval": 500,
-        "importance.batch_size": micro,
-    }
+    return SimpleNamespace(num_procs=2, block_size=block, micro_batch_size=micro, warmup_steps=1, timed_steps=2, port=free_port())
 
 
 def planned(settings: dict) -> dict:
@@ -75,25 +63,6 @@ def planned(settings: dict) -> dict:
     command += [f"{key}={value}" for key, value in settings.items()]
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def measured(name: str, settings: dict, run_dir: Path, glibc_default: bool) -> list[dict]:
-    import os
-
-    from adept_ds.distributed import free_port
-
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--no_local_rank", "--num_gpus", "2", "--master_port", str(free_port())]
-    command += [str(REPO / "benchmarks" / "train_step.py"), str(run_dir), "1", "2", "1", "--save-checkpoint"]
-    command += [f"{key}={value}" for key, value in settings.items()]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
-    if not glibc_default:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-    print(f"[plan_check] {name}: training 3 steps, 1 importance pass, 1 checkpoint on 2 ranks", flush=True)
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stdout[-4000:]}")
-    return [json.loads((run_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
 def optimizer_tensor_bytes(path: Path) -> int:
@@ -124,15 +93,20 @@ def check_size(name: str, work: Path, glibc_default: bool) -> dict:
     expanded = work / "models" / f"{base_name}_expanded"
     if not (expanded / "adept_expansion.json").is_file():
         expand_checkpoint(original, expanded, copied, overwrite=True, show_progress=False)
-    run_dir = work / "runs" / (name + ("_glibc" if glibc_default else ""))
-    if run_dir.exists():
-        import shutil
+    from suite import run_overrides, run_ranks
 
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    settings = overrides(expanded, run_dir, micro, block, checkpointing)
-    plan = planned(settings)
-    ranks = measured(name, settings, run_dir, glibc_default)
+    run_name = name + ("_glibc" if glibc_default else "")
+    shutil.rmtree(work / "runs" / run_name, ignore_errors=True)
+    args = run_settings(micro, block)
+    extra = {
+        "data.cache_dir": work / "runs" / "blocks",
+        "train.activation_checkpointing": checkpointing,
+        "importance.batch_size": micro,
+    }
+    plan = planned(run_overrides(run_name, "adept", expanded, work, args, extra=extra))
+    env = {} if glibc_default else {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    print(f"[plan_check] {run_name}: training 3 steps, 1 importance pass, 1 checkpoint on 2 ranks", flush=True)
+    ranks = run_ranks(run_name, "adept", expanded, work, args, extra=extra, importance_repeats=1, save_checkpoint=True, env=env)
     mb = 2**20
     checkpoint = Path(ranks[0]["checkpoint"])
     files = sorted(checkpoint.glob("*optim_states.pt"))

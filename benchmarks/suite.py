@@ -103,18 +103,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, warmup_steps: int, timed_
     parser.add_argument("--port", type=int, default=port)
 
 
-def run_ranks(
+def run_overrides(
     name: str, method: str, model: Path, output: Path, args, ds_config: Path = REPO / "ds_configs" / "zero3.json", extra: dict | None = None
-) -> list[dict]:
+) -> dict:
+    """The run config `run_ranks` trains (also what `adept-ds plan` is asked about by plan_check.py and gpu_check.py)."""
     from adept_ds.pipeline import DOMAIN_TRAIN, GENERAL
 
-    result_dir = output / "runs" / name
-    result_dir.mkdir(parents=True, exist_ok=True)
-    overrides = {
+    return {
         "model": model,
         "method": method,
         "deepspeed": ds_config,
-        "output_dir": result_dir / "run",
+        "output_dir": output / "runs" / name / "run",
         "data.domain": DOMAIN_TRAIN,
         "data.general": GENERAL,
         "data.block_size": args.block_size,
@@ -124,11 +123,31 @@ def run_ranks(
         "importance.interval": 500,
         **(extra or {}),
     }
+
+
+def run_ranks(
+    name: str,
+    method: str,
+    model: Path,
+    output: Path,
+    args,
+    ds_config: Path = REPO / "ds_configs" / "zero3.json",
+    extra: dict | None = None,
+    importance_repeats: int = 2,
+    save_checkpoint: bool = False,
+    env: dict | None = None,
+) -> list[dict]:
+    """benchmarks/train_step.py on `args.num_procs` ranks under the DeepSpeed launcher; each rank's record.
+    `env`: extra environment variables for the ranks."""
+    result_dir = output / "runs" / name
+    result_dir.mkdir(parents=True, exist_ok=True)
+    overrides = run_overrides(name, method, model, output, args, ds_config, extra)
     launcher = Path(sys.executable).parent / "deepspeed"
     command = [str(launcher), "--no_local_rank", "--num_gpus", str(args.num_procs), "--master_port", str(args.port)]
-    command += [str(BENCHMARKS / "train_step.py"), str(result_dir), str(args.warmup_steps), str(args.timed_steps), "2"]
+    command += [str(BENCHMARKS / "train_step.py"), str(result_dir), str(args.warmup_steps), str(args.timed_steps), str(importance_repeats)]
+    command += ["--save-checkpoint"] if save_checkpoint else []
     command += [f"{key}={value}" for key, value in overrides.items()]
-    env = dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning")
+    env = dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning", **(env or {}))
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     print(f"[suite] {name}: {method} on {model.name}, {args.warmup_steps} + {args.timed_steps} steps", flush=True)
