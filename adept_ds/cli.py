@@ -147,6 +147,7 @@ def cmd_check(args: argparse.Namespace) -> None:
         f"x accumulation {ds['gradient_accumulation_steps']} x {world_size} ranks; ZeRO stage "
         f"{ds.get('zero_optimization', {}).get('stage', 0)}, {'bf16' if ds.get('bf16', {}).get('enabled') else 'fp32'}"
     )
+    print(f"memory: {checked.layout.note}")
     if not args.skip_data:
         from transformers import AutoTokenizer
 
@@ -168,7 +169,7 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from adept_ds.config import load_run_config
-    from adept_ds.plan import GIB, model_shape, plan_run, render
+    from adept_ds.plan import GIB, layout_and_plan, model_shape, render
 
     for name in ("nodes", "gpus_per_node"):
         if getattr(args, name) < 1:
@@ -183,12 +184,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
     shape = model_shape(config, args.k)
     gpu = args.device == "gpu"
     memory = None if args.gpu_memory_gb is None else int(args.gpu_memory_gb * GIB)
-    plan = plan_run(config, shape, args.nodes * args.gpus_per_node, gpu, memory)
+    layout, plan = layout_and_plan(config, shape, args.nodes * args.gpus_per_node, gpu, memory)
     if args.json:
         print(
             json.dumps(
                 {name: {"total": phase.total, "where": phase.where, **phase.terms} for name, phase in plan.phases.items()}
                 | {"checkpoint_bytes": plan.checkpoint_bytes, "checkpoint_bytes_per_rank": plan.checkpoint_bytes_per_rank}
+                | {"frozen_weights": layout.frozen_weights, "wide_window": layout.wide_window}
             )
         )
         return

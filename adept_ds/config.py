@@ -43,6 +43,7 @@ SCHEDULERS = ("WarmupCosineLR", "WarmupLR", "WarmupDecayLR", "constant")
 LR_MAPPINGS = ("linear", "power", "uniform")
 NORMALIZATIONS = ("global", "per_type", "rank")
 NONFINITE_POLICIES = ("skip", "stop")
+FROZEN_WEIGHTS = ("auto", "sharded", "replicated")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -140,6 +141,17 @@ class TrainConfig:
     (adept_ds/activation_checkpointing.py). Same loss and gradients; most activation memory saved for one more
     forward through those layers. Off by default: on the demo it costs 15-28 % step time to save 7-10 % of a
     rank's memory (benchmarks/RESULTS.md); turn it on when activations do not fit (pt_full, 70B, 4k tokens: ~100 GB)."""
+    frozen_weights: str = "auto"
+    """ZeRO-3 runs: where the frozen backbone lives. sharded: partitioned like every weight, so each step all-gathers
+    it for forward and again, from the lowest copy up, for backward (~2x the model in bytes per step). replicated:
+    gathered once at the start and kept whole on every rank in the model's dtype; only the trainable units (and
+    their optimizer state) stay partitioned, so a step all-gathers just those. auto: replicated when the memory
+    plan (adept_ds/plan.py) fits in `memory_gb` with it, else sharded. ZeRO-1/2 replicate every weight anyway."""
+    threads: int = 0
+    """Intra-op CPU threads per rank; 0: OMP_NUM_THREADS when set, else this node's cores / its ranks."""
+    memory_gb: float = 0
+    """Device memory per rank (GiB) that the automatic choices plan against (frozen_weights=auto and ZeRO-3's
+    "auto" window); 0: the GPU's memory, or on CPU the machine's RAM / its ranks."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_interval"):
@@ -159,6 +171,15 @@ class TrainConfig:
         )
         _check(self.gradient_clipping >= 0, f"train.gradient_clipping={self.gradient_clipping!r}: need >= 0 (0 disables)")
         _check(self.timeout_minutes > 0, f"train.timeout_minutes={self.timeout_minutes!r}: need a number of minutes > 0")
+        _check(
+            self.frozen_weights in FROZEN_WEIGHTS,
+            f"train.frozen_weights={self.frozen_weights!r}: choose one of {', '.join(FROZEN_WEIGHTS)}",
+        )
+        _check(isinstance(self.threads, int) and self.threads >= 0, f"train.threads={self.threads!r}: need an int >= 0 (0 = automatic)")
+        _check(
+            isinstance(self.memory_gb, (int, float)) and self.memory_gb >= 0,
+            f"train.memory_gb={self.memory_gb!r}: need GiB >= 0 (0 = the device's own memory)",
+        )
 
 
 @dataclass(kw_only=True)

@@ -24,11 +24,11 @@ DEFAULT_TIMEOUT_MINUTES = 30.0
 """The process-group timeout unless the run config sets `train.timeout_minutes` (DeepSpeed's own default is 10)."""
 
 
-def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> tuple[int, int]:
+def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, threads: int = 0) -> tuple[int, int]:
     """Start (or join) the process group DeepSpeed's launcher, torchrun or a single process set up.
 
-    Returns (rank, world_size). gloo on CPU, nccl on GPU. On CPU the machine's cores are shared
-    between the ranks of this node, so each rank takes its share of intra-op threads.
+    Returns (rank, world_size). gloo on CPU, nccl on GPU. Each rank takes `threads` intra-op threads, or
+    its share of this node's cores (`threads_per_rank`).
     """
     from datetime import timedelta
 
@@ -45,12 +45,78 @@ def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> tuple[
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
         deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", verbose=False, timeout=timedelta(minutes=timeout_minutes))
-    if cpu:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    else:
+    torch.set_num_threads(threads_per_rank(threads))
+    if not cpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
+
+
+def threads_per_rank(requested: int = 0) -> int:
+    """`requested` when set, else OMP_NUM_THREADS when the user or launcher set it (torchrun sets 1, DeepSpeed's
+    --bind_cores_to_rank its cores per rank), else the cores this process may run on (its affinity: a Slurm
+    or container CPU set, not the whole machine) shared between this node's ranks. torch's own default is every
+    core in every rank: 2 ranks x 2 threads on 2 cores run measurably slower than 2 x 1 (issue 16)."""
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_world))
+
+
+def agreed_minimum(value: int) -> int:
+    """The smallest `value` of any rank (e.g. device memory, so that every rank plans for the tightest)."""
+    device = torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+class AllGatherCounter:
+    """Counts the bytes DeepSpeed all-gathers (the gathered tensors' size) while active, without blocking anything.
+
+    ZeRO-3 gathers parameters through `deepspeed.comm` (`allgather_fn` -> `all_gather_into_tensor`, or `all_gather`
+    where that is missing), looked up at each call: wrapping both sees every parameter gather, coalesced or not,
+    quantized or hierarchical (hpZ). DeepSpeed's comms logger counts the same calls but synchronizes after each,
+    which would distort the step times measured beside.
+    """
+
+    def __init__(self):
+        self.bytes = 0
+        self.calls = 0
+
+    def __enter__(self):
+        import deepspeed.comm
+        import deepspeed.comm.comm
+
+        # Both namespaces: ZeRO-3 calls `deepspeed.comm.<op>`, and `allgather_fn` calls its own module's globals.
+        self._namespaces = (deepspeed.comm, deepspeed.comm.comm)
+        self._originals = {name: getattr(deepspeed.comm.comm, name) for name in ("all_gather_into_tensor", "all_gather")}
+
+        def counting(name, outputs):
+            original = self._originals[name]
+
+            def counted(*args, **kwargs):
+                output = args[0] if args else kwargs.get("output_tensor", kwargs.get("tensor_list"))
+                self.bytes += sum(t.numel() * t.element_size() for t in outputs(output))
+                self.calls += 1
+                return original(*args, **kwargs)
+
+            return counted
+
+        wrapped = {
+            "all_gather_into_tensor": counting("all_gather_into_tensor", lambda output: [output]),
+            "all_gather": counting("all_gather", list),
+        }
+        for namespace in self._namespaces:
+            for name, function in wrapped.items():
+                setattr(namespace, name, function)
+        return self
+
+    def __exit__(self, *_):
+        for namespace in self._namespaces:
+            for name, original in self._originals.items():
+                setattr(namespace, name, original)
 
 
 # Where mpirun/mpiexec put (rank, world size, local rank, local world size). The DeepSpeed launcher and

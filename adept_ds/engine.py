@@ -1,7 +1,8 @@
 """Stage 2: the DeepSpeed training engine with unit-wise, importance-adaptive learning rates.
 
 `Trainer` owns one run: it loads the model partitioned by ZeRO-3 from the start, freezes all but
-the trainable units, builds one named param group per unit, and every `importance.interval` steps
+the trainable units (keeping the frozen backbone whole on every rank where the memory plan allows:
+frozen_weights.py), builds one named param group per unit, and every `importance.interval` steps
 measures unit importance on general probe batches (from each rank's local partitions) and rescales
 the groups' learning rates. Checkpoints are DeepSpeed's own without the frozen weights, plus the
 trainer state (step, data positions, importance, scales, RNG), sealed as complete only once every
@@ -22,7 +23,6 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,25 +35,42 @@ from adept_ds.activation_checkpointing import checkpoint_layers
 from adept_ds.checkpoint import fingerprint_checkpoint
 from adept_ds.config import RunConfig
 from adept_ds.data import gather_blocks, load_blocks, usable_blocks
-from adept_ds.distributed import all_reduce_sum, decided_by_rank_zero, init_distributed, local_share, on_cpu, shutdown_distributed
+from adept_ds.distributed import (
+    agreed_minimum,
+    all_reduce_sum,
+    decided_by_rank_zero,
+    init_distributed,
+    local_share,
+    on_cpu,
+    shutdown_distributed,
+)
 from adept_ds.faults import EXIT_STOPPED, RankRegistry, StopRequest, exit_after_failure, fault_point
+from adept_ds.frozen_weights import replicate_frozen
 from adept_ds.importance import AbsGradAccumulator, unit_importance
 from adept_ds.lm_loss import use_chunked_loss
 from adept_ds.lr import ScaledScheduler, build_base_scheduler, lr_scales, normalised_importance
-from adept_ds.preflight import check_corpus_size, launched_world_size, preflight
+from adept_ds.preflight import check_corpus_size, launched_world_size, memory_layout, preflight
 from adept_ds.sampler import Mixture, sample_order
 from adept_ds.train_checkpoints import (
     CHECKPOINT_DIR,
-    check_same_run,
-    checkpoint_info,
+    TrainState,
     incomplete_reason,
     mark_complete,
-    newest_complete,
     prune,
+    rng_state,
+    set_rng_state,
     tag_for,
 )
 from adept_ds.units import Unit, adept_units, build_param_groups, full_model_units, set_trainable
-from adept_ds.universal import convert, derived_seed, group_hyperparameters, is_universal, keep_global_batch, repair_after_load, source_tag
+from adept_ds.universal import (
+    derived_seed,
+    group_hyperparameters,
+    is_universal,
+    keep_global_batch,
+    repair_after_load,
+    resume_tag,
+    source_tag,
+)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -67,38 +84,6 @@ class Stopped(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    """Everything beyond DeepSpeed's own engine state that a resumed run needs."""
-
-    step: int = 0
-    samples_seen: int = 0
-    """Domain samples consumed (global), i.e. the position in the sample stream."""
-    source_samples: list[int] = field(default_factory=list)
-    """Of those, how many came from each source of the domain mixture (the mixture's resumable state)."""
-    probe_samples_seen: int = 0
-    importance: list[float] | None = None
-    scales: list[float] = field(default_factory=list)
-    skipped_steps: int = 0
-    """Global batches dropped for a non-finite loss (they do not count as steps)."""
-
-    def state_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
 
 
 class Trainer:
@@ -143,9 +128,17 @@ class Trainer:
             self.general_blocks = usable_blocks(self.general, config.importance.max_tokens)
         check_corpus_size("domain", data.domain, sum(len(s) for s in self.domain), config, launched)
 
-        self.rank, self.world_size = init_distributed(config.train.timeout_minutes)
+        self.rank, self.world_size = init_distributed(config.train.timeout_minutes, config.train.threads)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
         self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        # Every rank takes the layout planned for the smallest memory of any rank (nodes may differ).
+        self.layout, local = checked.layout, checked.layout.memory
+        agreed = agreed_minimum(-1 if local is None else local)
+        agreed = None if agreed < 0 else agreed
+        if agreed != local:
+            self.layout, self.ds_config = memory_layout(config, self.world_size, self.gpu, checked.checkpoint.config, agreed)
+        if self.rank == 0:
+            print(f"memory: {self.layout.note}", flush=True)
         random.seed(config.train.seed)
         np.random.seed(config.train.seed)
         torch.manual_seed(config.train.seed)
@@ -171,14 +164,16 @@ class Trainer:
             "probe_batch": config.importance.batch_size * self.world_size,
         }
         # Decided before the engine exists: a checkpoint of another world size loads as a universal one.
-        tag = decided_by_rank_zero(lambda: self._resume_tag(resume))
+        tag = decided_by_rank_zero(lambda: resume_tag(self.output_dir / CHECKPOINT_DIR, resume, self.run_identity, self.world_size))
         if tag is not None and is_universal(tag):
             self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
         set_trainable(model, self.units)
+        self.numels = {name: getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters()}
+        if self.stage == 3 and self.layout.frozen_weights == "replicated":
+            replicate_frozen(model)  # gathered once; ZeRO-3 then partitions and gathers only the trainable units
         if config.train.activation_checkpointing:
             checkpoint_layers(model, self.family, [name for unit in self.units for name in unit.param_names])
         groups = build_param_groups(model, self.units, config.optimizer.lr, config.optimizer.weight_decay)
-        self.numels = {name: getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters()}
         optimizer = torch.optim.AdamW(groups, lr=config.optimizer.lr, betas=config.optimizer.betas, eps=config.optimizer.eps)
         sched = config.scheduler
 
@@ -432,7 +427,7 @@ class Trainer:
             save_latest=False,
             exclude_frozen_parameters=True,
         )
-        torch.save(_rng_state(), path / f"rng_rank{self.rank}.pt")
+        torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         fault_point("checkpoint_written", self.state.step, self.rank)
         dist.barrier()
         if self.rank == 0:
@@ -443,44 +438,8 @@ class Trainer:
         self.saved = path
         return path
 
-    def _resume_tag(self, resume: bool | str) -> str | None:
-        """Rank 0's decision (see `__init__`): the checkpoint to resume from, None to start, or a ValueError."""
-        directory = self.output_dir / CHECKPOINT_DIR
-        newest = None
-        if resume:
-            newest, skipped = newest_complete(directory)
-            for incomplete, reason in skipped:
-                tqdm.write(f"resume: ignoring incomplete checkpoint {incomplete} ({reason})")
-            if newest is None and resume != "auto":
-                raise ValueError(f"--resume: no complete checkpoint in {directory} (nothing to resume from)")
-        if newest is None:
-            if any(directory.glob("step*")):
-                raise ValueError(
-                    f"{directory} holds checkpoints of an earlier run; pass --resume (or --auto-resume) "
-                    "to continue it, or choose a new output_dir"
-                )
-            return None
-        check_same_run(newest, self.run_identity)  # before any conversion: never convert another run's checkpoint
-        written_by = checkpoint_info(newest)["world_size"]
-        if written_by == self.world_size:
-            return newest.name
-        tqdm.write(
-            f"resume: {newest} was written by {written_by} ranks, this run has {self.world_size}: converting it to a universal checkpoint"
-        )
-        started = time.perf_counter()
-        try:  # any failure becomes the ValueError every rank raises: the others wait for rank 0's answer
-            tag, converted = convert(directory, newest.name)
-        except Exception as err:
-            raise ValueError(
-                f"--resume: converting {newest} to a universal checkpoint failed ({type(err).__name__}: {err}); "
-                f"resume on the {written_by} ranks that wrote it"
-            ) from err
-        what = f"converted in {time.perf_counter() - started:.0f} s" if converted else "converted by an earlier attempt"
-        tqdm.write(f"resume: {directory / tag} ({what}) loads at any world size")
-        return tag
-
     def load_checkpoint(self, tag: str) -> None:
-        """Continue from checkpoint `tag` (chosen by rank 0 for every rank: `_resume_tag`)."""
+        """Continue from checkpoint `tag` (chosen by rank 0 for every rank: `universal.resume_tag`)."""
         directory = self.output_dir / CHECKPOINT_DIR
         path = directory / tag
         universal = is_universal(tag)
@@ -498,7 +457,7 @@ class Trainer:
             torch.manual_seed(seed)
             path = directory / source_tag(tag)  # the state is that checkpoint's: later saves and export name it
         else:
-            _set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
+            set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
         self.scheduler.set_scales(self.state.scales)
         self.saved = path
         if self.rank == 0:

@@ -7,12 +7,14 @@ world size. Every term is one line of `Plan.rows`, so a user can see where the m
 Training under ZeRO-3, per rank (W ranks; n elements of a tensor; part(n) = ceil(n / W), DeepSpeed's padded
 partition; d = 2 bytes in bf16 runs, 4 in fp32; g = 4 with fp32 gradient accumulation, else d):
 - parameters: every tensor's part(n) * d, plus the whole tensor again for those below
-  `stage3_param_persistence_threshold` (norms: ZeRO-3 keeps them gathered);
+  `stage3_param_persistence_threshold` (norms: ZeRO-3 keeps them gathered); with train.frozen_weights=replicated
+  the frozen tensors count whole (n * d) and only the trainable ones are partitioned;
 - fp32 master weights and AdamW's two moments: 4 + 8 bytes per trainable part(n);
 - gradient partitions: g per trainable part(n); the reduce bucket: `reduce_bucket_size` * d (on CPU only
   the pages gradients ever fill: min(bucket, trainable parameters));
 - the ZeRO-3 window: gathered weights, `stage3_max_live_parameters` plus the largest non-layer tensor
-  (the embedding or LM head, gathered whole while layers are live), in d;
+  (the embedding or LM head, gathered whole while layers are live), in d; with replicated frozen weights, at
+  most the trainable tensors;
 - activations of one micro-batch (T = micro batch * block tokens) in every layer that gets a backward, from the
   lowest trainable layer up: `layer_activation_bytes` (counted from HF's Llama code with SDPA attention,
   tests/test_plan.py checks it against saved-tensor hooks); with activation checkpointing each of those
@@ -158,7 +160,7 @@ def model_shape(config: RunConfig, k: int | None = None) -> ModelShape:
     copies are planned; without a probe result their placement is unknown, so the lowest copy is assumed after
     layer 0, the most activation memory any placement needs.
     """
-    from adept_ds.probe import read_probe_result
+    from adept_ds.probe import least_important_layers, read_probe_result
 
     model_dir = Path(config.model)
     config_file = model_dir if model_dir.is_file() else model_dir / "config.json"
@@ -180,7 +182,7 @@ def model_shape(config: RunConfig, k: int | None = None) -> ModelShape:
             if config.probe:
                 from adept_ds.expand import plan_expansion
 
-                chosen = read_probe_result(config.probe)["least_important"][:copies]
+                chosen = least_important_layers(read_probe_result(config.probe)["scores"], copies)
                 trainable = tuple(i for i, (_, copy) in enumerate(plan_expansion(layers, chosen).layer_sources()) if copy)
                 placement = f"{copies} copies after the probe's layers {sorted(chosen)}"
             else:
@@ -188,7 +190,7 @@ def model_shape(config: RunConfig, k: int | None = None) -> ModelShape:
                 placement = f"{copies} copies, lowest after layer 0 (no expansion manifest or probe: the worst case)"
             layers += copies
     elif spec.trains == "probe_layers":
-        chosen = read_probe_result(config.probe)["least_important"][: config.k] if config.probe else [0]
+        chosen = least_important_layers(read_probe_result(config.probe)["scores"], config.k) if config.probe else [0]
         trainable = tuple(sorted(chosen))
         placement = f"layers {list(trainable)}" if config.probe else "lowest trained layer 0 (no probe result: the worst case)"
     outside, per_layer = _meta_tensors(hf)
@@ -256,15 +258,25 @@ def _partition(numel: int, world: int) -> int:
     return math.ceil(numel / world)
 
 
-def plan_run(config: RunConfig, shape: ModelShape, world_size: int, gpu: bool, device_bytes: int | None) -> Plan:
-    """Per-rank memory of every stage of `config` on `world_size` ranks, and its checkpoint size."""
+def plan_run(
+    config: RunConfig,
+    shape: ModelShape,
+    world_size: int,
+    gpu: bool,
+    device_bytes: int | None,
+    frozen_weights: str = "sharded",
+    wide_window: bool = False,
+) -> Plan:
+    """Per-rank memory of every stage of `config` on `world_size` ranks, and its checkpoint size.
+
+    `frozen_weights` and `wide_window`: the memory layout (adept_ds/frozen_weights.py) training runs with."""
     from adept_ds.lm_loss import chunk_rows
     from adept_ds.mask_probe import ACTIVATION_BUDGET_BYTES
     from adept_ds.preflight import resolve_ds_config
 
     said = io.StringIO()
     with contextlib.redirect_stdout(said):  # preflight's one-line notices, kept for the report (a plan is replanned often)
-        ds = resolve_ds_config(config.deepspeed, config, world_size, gpu, shape.config)
+        ds = resolve_ds_config(config.deepspeed, config, world_size, gpu, shape.config, wide_window)
     zero = ds.get("zero_optimization", {})
     if zero.get("stage") != 3:
         raise ValueError(f"{config.deepspeed}: the planner models ZeRO stage 3 only (this config has stage {zero.get('stage', 0)})")
@@ -278,10 +290,19 @@ def plan_run(config: RunConfig, shape: ModelShape, world_size: int, gpu: bool, d
     optimizer_offloaded = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
     params_offloaded = zero.get("offload_param", {}).get("device") in ("cpu", "nvme")
 
-    parameters = sum(_partition(t.numel, W) * d + (t.numel * d if t.numel < persist else 0) for t in shape.tensors)
-    outside_layers = max(t.numel for t in shape.tensors if t.layer is None)
+    sharded_params = sum(_partition(t.numel, W) * d + (t.numel * d if t.numel < persist else 0) for t in shape.tensors)
     live = zero.get("stage3_max_live_parameters", 1_000_000_000)
-    window = min(live + outside_layers, shape.numel) * d
+    replicated = frozen_weights == "replicated" and not shape.trains_everything
+    if replicated:  # the frozen tensors whole; ZeRO-3 partitions and gathers only the trainable ones
+        trainable_numel = sum(t.numel for t in trainable)
+        frozen_numel = shape.numel - trainable_numel
+        parameters = frozen_numel * d + sum(_partition(t.numel, W) * d + (t.numel * d if t.numel < persist else 0) for t in trainable)
+        window = min(live, trainable_numel) * d
+    else:
+        parameters = sharded_params
+        outside_layers = max(t.numel for t in shape.tensors if t.layer is None)
+        window = min(live + outside_layers, shape.numel) * d
+    parameters_term = "parameters (frozen whole + trainable partitions)" if replicated else "parameters (partitions + persistent norms)"
     bucket = int(zero.get("reduce_bucket_size", 500_000_000))
     bucket = bucket if gpu else min(bucket, sum(t.numel for t in trainable))
 
@@ -315,7 +336,7 @@ def plan_run(config: RunConfig, shape: ModelShape, world_size: int, gpu: bool, d
         return max(at_loss, in_backward, key=lambda terms: sum(terms.values()))
 
     states = {
-        "parameters (partitions + persistent norms)": 0 if params_offloaded else parameters,
+        parameters_term: 0 if params_offloaded else parameters,
         "fp32 master + AdamW moments": 0 if optimizer_offloaded else trainable_parts * 12,
         "gradient partitions": 0 if optimizer_offloaded else trainable_parts * g,
         "reduce bucket": bucket * d,
@@ -334,8 +355,8 @@ def plan_run(config: RunConfig, shape: ModelShape, world_size: int, gpu: bool, d
     phases["probe"] = Phase(
         "probe",
         {
-            "parameters (partitions + persistent norms)": parameters,
-            "ZeRO-3 window (gathered weights)": window,
+            "parameters (partitions + persistent norms)": sharded_params,
+            "ZeRO-3 window (gathered weights)": min(live + max(t.numel for t in shape.tensors if t.layer is None), shape.numel) * d,
             "recorded layer inputs": min(ACTIVATION_BUDGET_BYTES, base_layers * probe_tokens * h * d),
             "one layer's forward": probe_tokens * (3 * shape.config["intermediate_size"] + 4 * h) * d,
             "logits and loss": probe_tokens * vocab * (d + 4),
@@ -363,6 +384,17 @@ def plan_run(config: RunConfig, shape: ModelShape, world_size: int, gpu: bool, d
     return plan
 
 
+def layout_and_plan(config: RunConfig, shape: ModelShape, world_size: int, gpu: bool, device_bytes: int | None):
+    """(the MemoryLayout training would take, its Plan): frozen weights and window chosen as the engine does."""
+    from adept_ds.frozen_weights import choose_layout
+    from adept_ds.preflight import window_is_auto
+
+    layout = choose_layout(config, world_size, gpu, device_bytes, shape, window_is_auto(config.deepspeed))
+    plan = plan_run(config, shape, world_size, gpu, device_bytes, layout.frozen_weights, layout.wide_window)
+    plan.notes.insert(0, layout.note)
+    return layout, plan
+
+
 def _gb(value: int) -> str:
     return f"{value / GIB:,.1f}"
 
@@ -376,7 +408,7 @@ def suggestions(config: RunConfig, shape: ModelShape, plan: Plan, nodes: int, gp
     def peak(train, deepspeed=None, world=None) -> int | None:
         """The training peak (with the reserve) of the changed run, or None when it does not fit."""
         changed = dataclasses.replace(config, train=train, deepspeed=deepspeed or config.deepspeed)
-        other = plan_run(changed, shape, world or plan.world_size, plan.gpu, plan.device_bytes)
+        _, other = layout_and_plan(changed, shape, world or plan.world_size, plan.gpu, plan.device_bytes)
         return max(other.needed(phase) for phase in TRAINING_PHASES if phase in other.phases) if other.fits_training() else None
 
     def fits(text: str, *args, **kwargs) -> list[str]:
@@ -388,6 +420,10 @@ def suggestions(config: RunConfig, shape: ModelShape, plan: Plan, nodes: int, gp
         if train.activation_checkpointing:
             return fits("train.activation_checkpointing=false (faster)", dataclasses.replace(train, activation_checkpointing=False))
         return []
+    if train.frozen_weights == "replicated" and (
+        tip := fits("train.frozen_weights=sharded", dataclasses.replace(train, frozen_weights="sharded"))
+    ):
+        return tip
     checkpointed = dataclasses.replace(train, activation_checkpointing=True)
     named = "" if train.activation_checkpointing else "train.activation_checkpointing=true "
     if named and (tip := fits(named.strip(), checkpointed)):

@@ -25,12 +25,15 @@ class Preflight:
     manifest: dict | None
     probe_layers: list[int] | None
     ds_config: dict
+    layout: object
+    """Where frozen weights live and the ZeRO-3 window (adept_ds.frozen_weights.MemoryLayout)."""
 
 
 def preflight(config: RunConfig, world_size: int, gpu: bool) -> Preflight:
     from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
     from adept_ds.expand import read_manifest
     from adept_ds.families import get_family
+    from adept_ds.frozen_weights import device_bytes
     from adept_ds.probe import layers_from_probe
 
     config.validate_paths()
@@ -46,8 +49,22 @@ def preflight(config: RunConfig, world_size: int, gpu: bool) -> Preflight:
     probe_layers = None
     if config.spec.trains == "probe_layers":
         probe_layers = layers_from_probe(config.probe, config.k, fingerprint_checkpoint(checkpoint), num_layers)
-    ds_config = resolve_ds_config(config.deepspeed, config, world_size, gpu, checkpoint.config)
-    return Preflight(checkpoint, family, manifest, probe_layers, ds_config)
+    layout, ds_config = memory_layout(config, world_size, gpu, checkpoint.config, device_bytes(config, gpu))
+    return Preflight(checkpoint, family, manifest, probe_layers, ds_config, layout)
+
+
+def memory_layout(config: RunConfig, world_size: int, gpu: bool, model_config: dict, memory: int | None):
+    """(MemoryLayout, the resolved DeepSpeed config) for `memory` bytes per rank (frozen_weights.py chooses).
+
+    The engine calls it again once the process group exists, with the smallest memory of any rank, so that
+    every rank takes the same layout on nodes that differ."""
+    from adept_ds.frozen_weights import MemoryLayout, choose_layout
+
+    ds_config = resolve_ds_config(config.deepspeed, config, world_size, gpu, model_config)
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return MemoryLayout("replicated", False, "ZeRO stage < 3 keeps every weight whole on every rank"), ds_config
+    layout = choose_layout(config, world_size, gpu, memory, auto_window=window_is_auto(config.deepspeed))
+    return layout, resolve_ds_config(config.deepspeed, config, world_size, gpu, model_config, layout.wide_window)
 
 
 def check_corpus_size(name: str, path: str, num_blocks: int, config: RunConfig, world_size: int) -> None:
@@ -79,11 +96,20 @@ WINDOW_LAYERS = {"stage3_prefetch_bucket_size": 1, "stage3_max_live_parameters":
 """The "auto" values in decoder layers: prefetch one ahead, about three gathered, release unless reused within one."""
 
 
-def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu: bool, model_config: dict) -> dict:
+def window_is_auto(path: str | Path) -> bool:
+    """The DeepSpeed config leaves (some of) ZeRO-3's parameter window to adept_ds ("auto")."""
+    zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
+    return any(zero.get(key) == "auto" for key in DEEPSPEED_WINDOW)
+
+
+def resolve_ds_config(
+    path: str | Path, config: RunConfig, world_size: int, gpu: bool, model_config: dict, wide_window: bool = False
+) -> dict:
     """The DeepSpeed config with every "auto" filled from the run config, the world size, the device and the model.
 
-    ZeRO-3's parameter window is sized in decoder layers (`model_config`'s shape), capped at DeepSpeed's
-    defaults: prefetch one layer ahead, about three layers gathered, and a gathered layer released once
+    ZeRO-3's parameter window: `wide_window` (when the memory plan says gathered weights fit: frozen_weights.py)
+    takes DeepSpeed's defaults, so a layer gathered for forward stays live for its backward. Otherwise it is
+    sized in decoder layers (`model_config`'s shape), capped at DeepSpeed's defaults: prefetch one layer ahead, about three layers gathered, and a gathered layer released once
     used unless it is needed again within a layer. The fixed defaults (5e7 / 1e9 / 1e9 parameters) gather
     a small model whole: its prefetch runs ahead without bound and every layer stays gathered from
     forward to backward (for SmolLM2-135M, ~400 MB of fp32 weights per rank the step never needs at once).
@@ -115,7 +141,7 @@ def resolve_ds_config(path: str | Path, config: RunConfig, world_size: int, gpu:
         # Never above DeepSpeed's defaults: a model whose layers are that large already gets a window of layers.
         layer = decoder_layer_numel(model_config)
         for key, default in DEEPSPEED_WINDOW.items():
-            auto[("zero_optimization", key)] = min(WINDOW_LAYERS[key] * layer, default)
+            auto[("zero_optimization", key)] = default if wide_window else min(WINDOW_LAYERS[key] * layer, default)
 
     def fill(node, keys):
         for key, value in list(node.items()):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CHECKPOINT_DIR = "checkpoints"
@@ -135,3 +136,46 @@ def _delete(path: Path) -> None:
     trash = path.with_name(f".deleting-{path.name}")
     os.replace(path, trash)
     shutil.rmtree(trash)
+
+
+@dataclass
+class TrainState:
+    """Everything beyond DeepSpeed's own engine state that a resumed run needs (saved as a dict in its client state)."""
+
+    step: int = 0
+    samples_seen: int = 0
+    """Domain samples consumed (global), i.e. the position in the sample stream."""
+    source_samples: list[int] = field(default_factory=list)
+    """Of those, how many came from each source of the domain mixture (the mixture's resumable state)."""
+    probe_samples_seen: int = 0
+    importance: list[float] | None = None
+    scales: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    """Global batches dropped for a non-finite loss (they do not count as steps)."""
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def rng_state() -> dict:
+    """This process's Python, numpy and torch RNG states (saved per rank as rng_rank{R}.pt)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

@@ -24,13 +24,14 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from adept_ds.config import RunConfig
-from adept_ds.train_checkpoints import checkpoint_info, newest_complete, write_atomically
+from adept_ds.train_checkpoints import check_same_run, checkpoint_info, newest_complete, write_atomically
 
 PREFIX = "universal-"
 MARKER = "universal.json"
@@ -140,3 +141,40 @@ def repair_after_load(engine, hyperparameters: list[dict]) -> None:
 def derived_seed(seed: int, step: int, rank: int) -> int:
     """A rank's RNG seed after a resume at another world size (the old ranks' RNG states map to no new rank)."""
     return (seed * 1_000_003 + step * 10_007 + rank) % 2**63
+
+
+def resume_tag(directory: Path, resume: bool | str, run_identity: dict, world_size: int) -> str | None:
+    """Rank 0's decision for every rank (engine.Trainer): the checkpoint in `directory` to resume from, converted
+    to a universal one when another world size wrote it; None to start afresh; or a ValueError.
+    `resume`: False (a new run), True (--resume), "auto" (--auto-resume)."""
+    from tqdm import tqdm
+
+    newest = None
+    if resume:
+        newest, skipped = newest_complete(directory)
+        for incomplete, reason in skipped:
+            tqdm.write(f"resume: ignoring incomplete checkpoint {incomplete} ({reason})")
+        if newest is None and resume != "auto":
+            raise ValueError(f"--resume: no complete checkpoint in {directory} (nothing to resume from)")
+    if newest is None:
+        if any(directory.glob("step*")):
+            raise ValueError(
+                f"{directory} holds checkpoints of an earlier run; pass --resume (or --auto-resume) to continue it, or choose a new output_dir"
+            )
+        return None
+    check_same_run(newest, run_identity)  # before any conversion: never convert another run's checkpoint
+    written_by = checkpoint_info(newest)["world_size"]
+    if written_by == world_size:
+        return newest.name
+    tqdm.write(f"resume: {newest} was written by {written_by} ranks, this run has {world_size}: converting it to a universal checkpoint")
+    started = time.perf_counter()
+    try:  # any failure becomes the ValueError every rank raises: the others wait for rank 0's answer
+        tag, converted = convert(directory, newest.name)
+    except Exception as err:
+        raise ValueError(
+            f"--resume: converting {newest} to a universal checkpoint failed ({type(err).__name__}: {err}); "
+            f"resume on the {written_by} ranks that wrote it"
+        ) from err
+    what = f"converted in {time.perf_counter() - started:.0f} s" if converted else "converted by an earlier attempt"
+    tqdm.write(f"resume: {directory / tag} ({what}) loads at any world size")
+    return tag

@@ -5,7 +5,8 @@
 On a random-weight Llama (~1.1B parameters, bf16, built from a config: no hub access):
 1. the probe, mask and grad, on the GPU in the model's dtype (timed; the mask probe's recorded peak);
 2. adept (k=2 copies at the mask probe's least important layers) and pt_full training in bf16 under
-   ZeRO-3 on one rank: median step time, tokens/s, peak GPU memory, model FLOPs utilisation; each also with
+   ZeRO-3 on one rank: median step time, tokens/s, peak GPU memory, model FLOPs utilisation, bytes all-gathered;
+   adept also with train.frozen_weights=sharded (the default picks replicated when it fits); each also with
    activation checkpointing, and adept with HF's loss instead of the bf16 chunked one; every run's peak
    beside `adept-ds plan`'s prediction for it;
 3. export of the adept run (streamed, bf16 kept) and evaluation of the export on the GPU.
@@ -80,10 +81,12 @@ def save_checkpoint_run(model: Path, work: Path, args) -> Path:
 def planned_peak(run: dict) -> int:
     """`adept-ds plan`'s peak for a run config of suite.run_ranks (`run_overrides`): its steps or its importance pass."""
     from adept_ds.config import load_run_config
-    from adept_ds.plan import TRAINING_PHASES, model_shape, plan_run
+    from adept_ds.frozen_weights import device_bytes
+    from adept_ds.plan import TRAINING_PHASES, layout_and_plan, model_shape
 
     config = load_run_config(None, [f"{key}={value}" for key, value in run.items()])
-    plan = plan_run(config, model_shape(config), 1, gpu=torch.cuda.is_available(), device_bytes=None)
+    gpu = torch.cuda.is_available()
+    _, plan = layout_and_plan(config, model_shape(config), 1, gpu, device_bytes(config, gpu))  # the layout the run takes
     return max(plan.phases[phase].total for phase in TRAINING_PHASES if phase in plan.phases)
 
 
@@ -149,6 +152,7 @@ def main() -> None:
     }
     runs = {
         "adept": ("adept", expanded, {}),
+        "adept, frozen weights sharded": ("adept", expanded, {"train.frozen_weights": "sharded"}),
         "adept, checkpointing": ("adept", expanded, {"train.activation_checkpointing": True}),
         "adept, HF loss": ("adept", expanded, {"train.chunked_loss": False}),
         "pt_full": ("pt_full", original, {}),
@@ -167,6 +171,8 @@ def main() -> None:
             "importance_seconds": statistics.median(rank["importance_seconds"]) if rank["importance_seconds"] else None,
             "mfu": tokens_per_s * flops_per_token[method] / (peak * 1e12) if peak else None,
             "trainable_parameters": rank["trainable_parameters"],
+            "gathered_gb_per_step": rank["gathered_bytes_per_step"] / 2**30,
+            "layout": rank["layout"],
         }
         print(f"[gpu_check] train {name}: {step:.3f} s/step", flush=True)
 
@@ -198,7 +204,8 @@ def markdown(report: dict) -> str:
         mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
         lines.append(
             f"| train {method} (bf16, ZeRO-3, 1 rank) | {run['step_seconds']:.3f} s/step, {run['tokens_per_second']:.0f} tok/s, "
-            f"peak {run['peak_gpu_gb']:.2f} GiB (planned {run['planned_peak_gb']:.2f}){mfu} |"
+            f"peak {run['peak_gpu_gb']:.2f} GiB (planned {run['planned_peak_gb']:.2f}){mfu}, all-gathered "
+            f"{run['gathered_gb_per_step']:.2f} GiB/step ({run['layout'].split(':')[0]}) |"
         )
     lines.append(f"| export (streamed) | {report['export_seconds']:.1f} s |")
     ppl = ", ".join(f"{name} ppl {value:.1f}" for name, value in report["eval"].items() if name != "dtype")

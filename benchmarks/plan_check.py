@@ -59,7 +59,10 @@ def run_settings(micro: int, block: int) -> SimpleNamespace:
 
 
 def planned(settings: dict) -> dict:
+    """The plan for `settings` at the memory the run plans its layout against (train.memory_gb), so both choose
+    the same frozen-weights layout and ZeRO-3 window."""
     command = [sys.executable, "-m", "adept_ds.cli", "plan", "--device", "cpu", "--nodes", "1", "--gpus-per-node", "2", "--json"]
+    command += ["--gpu-memory-gb", str(settings["train.memory_gb"])]
     command += [f"{key}={value}" for key, value in settings.items()]
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -82,7 +85,11 @@ def optimizer_tensor_bytes(path: Path) -> int:
     return total
 
 
-def check_size(name: str, work: Path, glibc_default: bool) -> dict:
+RANK_MEMORY_GB = 11.0
+"""Memory per rank the runs and their plans choose a layout against (this machine's RAM / 2 ranks, rounded down)."""
+
+
+def check_size(name: str, work: Path, glibc_default: bool, frozen_weights: str) -> dict:
     from scale import build_model
 
     from adept_ds.expand import expand_checkpoint
@@ -95,13 +102,15 @@ def check_size(name: str, work: Path, glibc_default: bool) -> dict:
         expand_checkpoint(original, expanded, copied, overwrite=True, show_progress=False)
     from suite import run_overrides, run_ranks
 
-    run_name = name + ("_glibc" if glibc_default else "")
+    run_name = name + ("_glibc" if glibc_default else "") + ("" if frozen_weights == "auto" else f"_{frozen_weights}")
     shutil.rmtree(work / "runs" / run_name, ignore_errors=True)
     args = run_settings(micro, block)
     extra = {
         "data.cache_dir": work / "runs" / "blocks",
         "train.activation_checkpointing": checkpointing,
         "importance.batch_size": micro,
+        "train.memory_gb": RANK_MEMORY_GB,
+        "train.frozen_weights": frozen_weights,
     }
     plan = planned(run_overrides(run_name, "adept", expanded, work, args, extra=extra))
     env = {} if glibc_default else {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
@@ -111,6 +120,7 @@ def check_size(name: str, work: Path, glibc_default: bool) -> dict:
     checkpoint = Path(ranks[0]["checkpoint"])
     files = sorted(checkpoint.glob("*optim_states.pt"))
     result = {
+        "layout": ranks[0]["layout"],
         "parameters": ranks[0]["parameters"],
         "trainable_parameters": ranks[0]["trainable_parameters"],
         "micro_batch": micro,
@@ -135,9 +145,9 @@ def markdown(results: dict) -> str:
         "is added to every prediction. Measured: peak RSS of the phase less the RSS after the imports, the larger rank, with "
         f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (RSS follows live memory; rows marked _glibc: glibc's default, which keeps freed heap).",
         "",
-        "| size | params | trainable | tokens / micro-batch | ckpt | checkpoint per rank: predicted / tensors / file | "
+        "| size | layout | params | trainable | tokens / micro-batch | ckpt | checkpoint per rank: predicted / tensors / file | "
         "train MB: predicted / measured / ratio | importance MB: predicted / measured / ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["sizes"].items():
         cells = []
@@ -146,7 +156,7 @@ def markdown(results: dict) -> str:
             cells.append(f"{predicted / mb:.0f} / {r[phase]['measured_growth'] / mb:.0f} / {predicted / r[phase]['measured_growth']:.2f}")
         exact = "exact" if all(b == r["checkpoint_predicted_per_rank"] for b in r["checkpoint_tensor_bytes"]) else "DIFFERS"
         lines.append(
-            f"| {name} | {r['parameters'] / 1e6:.0f}M | {r['trainable_parameters'] / 1e6:.1f}M | {r['micro_batch']} x {r['block_size']} | "
+            f"| {name} | {r.get('layout', 'sharded, ~3-layer window (before train.frozen_weights)').split(':')[0]} | {r['parameters'] / 1e6:.0f}M | {r['trainable_parameters'] / 1e6:.1f}M | {r['micro_batch']} x {r['block_size']} | "
             f"{'on' if r['activation_checkpointing'] else 'off'} | {r['checkpoint_predicted_per_rank']:,} / "
             f"{r['checkpoint_tensor_bytes'][0]:,} ({exact}) / {r['checkpoint_file_bytes'][0]:,} | {cells[0]} | {cells[1]} |"
         )
@@ -161,6 +171,12 @@ def main() -> None:
     parser.add_argument(
         "--glibc-default", action="store_true", help="measure under glibc's default malloc settings (recorded as SIZE_glibc)"
     )
+    parser.add_argument(
+        "--frozen-weights",
+        default="auto",
+        choices=("auto", "sharded", "replicated"),
+        help="train.frozen_weights (recorded as SIZE_sharded ...)",
+    )
     args = parser.parse_args()
     started = time.time()
     sizes = [size for size in args.sizes.split(",") if size]
@@ -171,7 +187,8 @@ def main() -> None:
     record = output / "plan_check.json"
     results = json.loads(record.read_text()) if record.is_file() else {"sizes": {}}
     for name in sizes:
-        results["sizes"][name + ("_glibc" if args.glibc_default else "")] = check_size(name, Path(args.work), args.glibc_default)
+        row = name + ("_glibc" if args.glibc_default else "") + ("" if args.frozen_weights == "auto" else f"_{args.frozen_weights}")
+        results["sizes"][row] = check_size(name, Path(args.work), args.glibc_default, args.frozen_weights)
         results["date"], results["seconds"] = time.strftime("%Y-%m-%d"), time.time() - started
         record.write_text(json.dumps(results, indent=2))  # after every size: a long run keeps what it measured
     table = markdown(results)

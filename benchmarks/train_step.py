@@ -1,7 +1,7 @@
 """One rank of a step-time / memory measurement (run by benchmarks/suite.py under the DeepSpeed launcher).
 
 argv: RESULT_DIR WARMUP_STEPS TIMED_STEPS IMPORTANCE_REPEATS [--save-checkpoint] key=value overrides...
-Writes RESULT_DIR/rank{R}.json: per-step seconds, unit-importance recompute seconds, peak memory (also per
+Writes RESULT_DIR/rank{R}.json: per-step seconds and bytes all-gathered, unit-importance recompute seconds, peak memory (also per
 phase: the peak RSS is reset after the engine is ready and again before the importance passes), and with
 --save-checkpoint the checkpoint written after them.
 """
@@ -18,6 +18,7 @@ import psutil
 import torch
 
 from adept_ds.config import load_run_config
+from adept_ds.distributed import AllGatherCounter
 from adept_ds.engine import Trainer
 
 
@@ -57,11 +58,15 @@ def main() -> None:
     rss_mb["steps_start"] = _reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    step_seconds = []
+    step_seconds, gathered = [], AllGatherCounter()
     for index in range(int(warmup) + int(timed)):
         synchronize()
         started = time.perf_counter()
-        trainer.train_step()
+        if index >= int(warmup):  # ZeRO-3 records its gather trace in the first step
+            with gathered:
+                trainer.train_step()
+        else:
+            trainer.train_step()
         synchronize()
         if index >= int(warmup):
             step_seconds.append(time.perf_counter() - started)
@@ -81,6 +86,9 @@ def main() -> None:
         "rank": trainer.rank,
         "world_size": trainer.world_size,
         "step_seconds": step_seconds,
+        "gathered_bytes_per_step": gathered.bytes / max(1, int(timed)),
+        "layout": trainer.layout.note,
+        "threads": torch.get_num_threads(),
         "importance_seconds": importance_seconds,
         "tokens_per_step_per_rank": config.train.micro_batch_size * config.train.gradient_accumulation_steps * config.data.block_size,
         "trainable_parameters": sum(trainer.numels[name] for unit in trainer.units for name in unit.param_names),

@@ -40,9 +40,14 @@ SLURM_PACKAGES = {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm
 
 
 class SlurmCluster:
-    """A one-node Slurm (this machine) for real `sbatch` submissions; clients need `self.env`."""
+    """A real Slurm on this machine for `sbatch` submissions; clients need `self.env`.
 
-    def __init__(self, root: Path):
+    One node by default, this machine as `slurmd -C` describes it. With `nodes=N`, N slurmd daemons run here as
+    nodes n1..nN of one CPU each (`slurmd -N`, each with its own port, spool, pid and log), so that a job can
+    span nodes and be requeued onto fewer of them; their names do not resolve (give jobs MASTER_ADDR)."""
+
+    def __init__(self, root: Path, nodes: int = 1):
+        self.nodes = nodes
         ensure_packages(SLURM_PACKAGES)
         self.root = root
         for sub in ("munge", "state", "spool", "log"):
@@ -54,24 +59,34 @@ class SlurmCluster:
         self.conf = root / "slurm.conf"
         self.conf.write_text(self._slurm_conf())
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
-        self.pid_files = [root / "munged.pid", root / "slurmctld.pid", root / "slurmd.pid"]
+        names = ["slurmd"] if nodes == 1 else [f"slurmd.n{i}" for i in range(1, nodes + 1)]
+        self.pid_files = [root / "munged.pid", root / "slurmctld.pid", *[root / f"{name}.pid" for name in names]]
 
     def _slurm_conf(self) -> str:
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()[0]
-        r = self.root
+        r, host = self.root, socket.gethostname().split(".")[0]
+        if self.nodes == 1:
+            node_lines, node_names = [f"{node} NodeAddr=127.0.0.1 State=UNKNOWN"], node.split()[0].split("=")[1]
+            daemon_paths = [r / "slurmd.pid", r / "spool", r / "log" / "slurmd.log"]
+        else:  # %n: the node's name, so that the daemons keep apart
+            node_lines = [
+                f"NodeName=n{i} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs=1 State=UNKNOWN"
+                for i in range(1, self.nodes + 1)
+            ]
+            node_names, daemon_paths = f"n[1-{self.nodes}]", [r / "slurmd.%n.pid", r / "spool" / "%n", r / "log" / "slurmd.%n.log"]
+            for i in range(1, self.nodes + 1):
+                (r / "spool" / f"n{i}").mkdir(parents=True, exist_ok=True)
         return "\n".join(
             [
                 "ClusterName=adepttest",
-                f"SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)",
+                f"SlurmctldHost={host}(127.0.0.1)",
                 # cred_expire: a requeued job may start again this many seconds after it ended (default 120)
                 f"AuthInfo=socket={self.socket},cred_expire=5",
                 "SlurmUser=root",
                 f"StateSaveLocation={r / 'state'}",
-                f"SlurmdSpoolDir={r / 'spool'}",
+                *[f"{key}={path}" for key, path in zip(["SlurmdPidFile", "SlurmdSpoolDir", "SlurmdLogFile"], daemon_paths)],
                 f"SlurmctldPidFile={r / 'slurmctld.pid'}",
-                f"SlurmdPidFile={r / 'slurmd.pid'}",
                 f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
-                f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
                 f"SlurmctldPort={free_port()}",
                 f"SlurmdPort={free_port()}",
                 "ProctrackType=proctrack/linuxproc",
@@ -84,8 +99,8 @@ class SlurmCluster:
                 "ReturnToService=2",
                 "EnforcePartLimits=ALL",
                 "MinJobAge=600",  # keep finished jobs visible to `scontrol show job` (no accounting DB here)
-                f"{node} NodeAddr=127.0.0.1 State=UNKNOWN",
-                f"PartitionName=test Nodes={node.split()[0].split('=')[1]} Default=YES MaxTime=INFINITE State=UP",
+                *node_lines,
+                f"PartitionName=test Nodes={node_names} Default=YES MaxTime=INFINITE State=UP",
                 "",
             ]
         )
@@ -101,9 +116,10 @@ class SlurmCluster:
             timeout=60, env=self.env,
         )  # fmt: skip
         run_command(["slurmctld", "-f", str(self.conf)], timeout=60, env=self.env)
-        run_command(["slurmd", "-f", str(self.conf)], timeout=60, env=self.env)
+        for node in [[]] if self.nodes == 1 else [["-N", f"n{i}"] for i in range(1, self.nodes + 1)]:
+            run_command(["slurmd", "-f", str(self.conf), *node], timeout=60, env=self.env)
         deadline = time.monotonic() + 60
-        while self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() != "idle":
+        while self.run("sinfo", "-h", "-o", "%T", check=False).stdout.split() != ["idle"]:
             assert time.monotonic() < deadline, f"Slurm did not come up:\n{self.logs()}"
             time.sleep(0.3)
         return self

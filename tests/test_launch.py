@@ -191,9 +191,9 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def sbatch(slurm: SlurmCluster, options: str, script: str, log: Path, *args: str) -> str:
+def sbatch(slurm: SlurmCluster, options: str, script: str, log: Path, *args: str, ranks_per_node: int = 2, **env: str) -> str:
     """`sbatch OPTIONS launch/slurm/SCRIPT args` from the repository root, as README says, 2 CPU ranks per node."""
-    env = launch_env(GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), SLURM_CONF=str(slurm.conf))
+    env = launch_env(GPUS_PER_NODE=str(ranks_per_node), MASTER_PORT=str(free_port()), SLURM_CONF=str(slurm.conf), **env)
     command = f"cd {REPO} && sbatch --parsable --output={log} {options} launch/slurm/{script} " + " ".join(args)
     return run_command(["bash", "-c", command], timeout=60, env=env).stdout.strip().split(";")[0]
 
@@ -256,3 +256,37 @@ def test_slurm_job_requeues_on_sigterm_and_resumes(setup, slurm):
     resumed_at = int(re.search(r"resumed from \S+ \(the newest complete checkpoint\) at step (\d+)", text).group(1))
     assert 2 <= resumed_at < 10  # the checkpoint the stopped run saved, not a fresh start or the end
     assert [m["step"] for m in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())] == list(range(1, 11))
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes(tmp_path_factory):
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm_two_nodes"), nodes=2).start()
+    yield cluster
+    cluster.stop()
+
+
+def test_slurm_job_requeued_onto_fewer_nodes_continues_by_itself(setup, slurm_two_nodes):
+    """A 2-node job (one rank per node) is preempted while one of its nodes is drained; requeued, it waits for
+    2 nodes until it is allowed 1 (`scontrol update JobId=... NumNodes=1-1 ...`, as an admin or a requeue hook would).
+    The rerun, on 1 rank, continues the 2-rank checkpoint by itself (`--auto-resume` converts it to a universal
+    checkpoint and keeps the global batch) to the end."""
+    slurm = slurm_two_nodes
+    root, run_config = setup
+    config, output = run_config("slurm_fewer_nodes", **{"train.max_steps": 8, "train.save_interval": 0})
+    log = root / "slurm_fewer_nodes.log"
+    # The nodes' names (n1, n2) do not resolve: the rendezvous is on this machine's loopback.
+    job_id = sbatch(slurm, "--nodes=2", "train_multinode.sbatch", log, "--config", str(config), ranks_per_node=1, MASTER_ADDR="127.0.0.1")
+    slurm.wait(job_id, timeout=240, until=lambda job: (output / "metrics.jsonl").is_file() and len(losses(output)) >= 2)
+    slurm.run("scontrol", "update", "NodeName=n2", "State=DRAIN", "Reason=adept_ds-test")
+    slurm.run("scancel", "--batch", "--signal=TERM", job_id)
+    slurm.wait(job_id, timeout=240, until=lambda job: job["Restarts"] == "1" and job["JobState"] == "PENDING")
+    slurm.run("scontrol", "update", f"JobId={job_id}", "NumNodes=1-1", "NumTasks=1", "NumCPUs=1")  # NumNodes alone keeps 2 tasks
+    job = slurm.wait(job_id, timeout=400, until=lambda job: job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
+    text = log.read_text()  # both runs' output (--open-mode=append)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["NumNodes"] == "1", text[-6000:]
+    assert "node 0 of 2" in text and "node 1 of 2" in text and "node 0 of 1" in text
+    assert "was written by 2 ranks, this run has 1: converting it to a universal checkpoint" in text
+    assert "resume on 1 ranks: global batch 4 = micro 2 x accumulation 2 x 1 ranks" in text  # the global batch kept
+    resumed_at = int(re.search(r"resumed from \S+ \(the newest complete checkpoint\) at step (\d+)", text).group(1))
+    assert 2 <= resumed_at < 8
+    assert [m["step"] for m in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())] == list(range(1, 9))

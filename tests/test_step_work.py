@@ -11,7 +11,9 @@ import pytest
 from distributed import read_rank_results, run_deepspeed
 from train_setup import make_training_inputs, overrides
 
+from adept_ds.config import load_run_config
 from adept_ds.expand import expand_checkpoint
+from adept_ds.plan import GIB, model_shape, plan_run
 from adept_ds.preflight import DEEPSPEED_WINDOW
 
 pytestmark = pytest.mark.dist
@@ -25,9 +27,22 @@ def two_steps(tmp_path, name: str, inputs: dict, zero_settings: dict, **extra) -
     (tmp_path / f"{name}.json").write_text(json.dumps(ds_config))
     out = tmp_path / name
     out.mkdir()
-    extra = {"train.max_steps": 2, "deepspeed": tmp_path / f"{name}.json", **extra}
-    run_deepspeed("backward_reach.py", out, *overrides(inputs, tmp_path / f"run_{name}", **extra))
+    extra = {"train.max_steps": 2, "deepspeed": tmp_path / f"{name}.json", "train.frozen_weights": "sharded", **extra}
+    args = overrides(inputs, tmp_path / f"run_{name}", **extra)
+    run_deepspeed("backward_reach.py", out, *args, f"train.memory_gb={layered_window_memory_gb(args)!r}")
     return read_rank_results(out, world_size=2)
+
+
+def layered_window_memory_gb(args: list[str]) -> float:
+    """Memory per rank in which an "auto" window is the ~3-layer one: what the plan needs with it, less than with
+    DeepSpeed's wide window (frozen_weights.choose_layout). A config with the window set explicitly needs the same."""
+    config = load_run_config(None, args)
+    shape = model_shape(config)
+    needed = {}
+    for wide in (True, False):
+        plan = plan_run(config, shape, 2, False, None, "sharded", wide)
+        needed[wide] = max(plan.needed(phase) for phase in ("train", "importance"))
+    return needed[False] / GIB
 
 
 def test_backward_stops_at_the_lowest_copy_frozen_tensors_have_no_optimizer_state_and_few_layers_are_gathered(tmp_path):
@@ -45,7 +60,7 @@ def test_backward_stops_at_the_lowest_copy_frozen_tensors_have_no_optimizer_stat
     trainable = results[0]["trainable_elements"]
     assert trainable <= partition <= trainable + 2 * 64  # padding to the ranks' alignment at most
 
-    # ZeRO-3's window ("auto": prefetch one layer, about three live, release once used) bounds what is
+    # ZeRO-3's window ("auto" where wider does not fit: prefetch one layer, about three live, release once used) bounds what is
     # gathered or in flight at once: three layers, plus the embedding (a needed fetch is never deferred). DeepSpeed's own
     # defaults gather this model whole and keep every layer above the lowest copy from forward to backward.
     first = results[0]
