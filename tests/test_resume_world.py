@@ -1,4 +1,4 @@
-"""Resume at another world size, for real: 2 ranks -> 1 and 1 -> 2, DeepSpeed ZeRO-3 (and ZeRO-2) on CPU, gloo.
+"""Resume at another world size, for real: 2 ranks -> 1 and 1 -> 2, DeepSpeed ZeRO-3 (and ZeRO-2 2 -> 1) on CPU, gloo.
 
 A run at the old world size is stopped at step 6 and resumed at the new one; it must then take the steps an
 uninterrupted run at the new world size takes over the same global batches: the same losses, the same
@@ -107,20 +107,23 @@ def test_a_run_continues_at_another_world_size_as_if_it_had_run_there(uninterrup
 
 
 def test_zero2_resumes_at_another_world_size(uninterrupted, tmp_path):
-    """ZeRO-2's universal path (per-parameter fragments, a step per group), with the copies' 18 groups.
-
-    Uninterrupted ZeRO-2 runs at 1 and 2 ranks already part from step 5 (rel ~2e-3 in the loss, with or
-    without gradient accumulation, with or without unit importance; ZeRO-3's do not): a difference of
-    ZeRO-2's own, left open. So the check here is the state a resume restores: on the restored weights and
-    sample position, the next global batch's loss is the one the old world size computes for it."""
+    """ZeRO-2's universal path (per-parameter fragments, a step per group), with the copies' 18 groups: 2 ranks -> 1
+    takes the steps an uninterrupted 1-rank ZeRO-2 run takes, and ends on its weights."""
     inputs, runs, root = uninterrupted
     zero2 = REPO / "ds_configs" / "zero2.json"
-    old = root / "zero2_2"
+    old, reference = root / "zero2_2", root / "zero2_1"
     train(inputs, old, 2, deepspeed=zero2, method="adept_no_stage2")
+    train(inputs, reference, 1, deepspeed=zero2, method="adept_no_stage2")
     resumed = tmp_path / "zero2_2to1"
     done = resume_at(inputs, old, resumed, 1, 2, deepspeed=zero2, method="adept_no_stage2")
     assert "converting it to a universal checkpoint" in done.stdout + done.stderr
-    assert metrics(resumed)[7] == pytest.approx(metrics(old)[7], rel=1e-5)
+    continued, expected = metrics(resumed), metrics(reference)
+    assert sorted(continued) == [7, 8]
+    for step in (7, 8):
+        assert continued[step] == pytest.approx(expected[step], rel=1e-5), step
+    after, want = load_state(resumed / "final"), load_state(reference / "final")
+    for name, tensor in want.items():
+        torch.testing.assert_close(after[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     started = torch.load(resumed / "record.pt", weights_only=False)["started"]
     assert started["adam_steps"] == [6.0] and len(started["lrs"]) == 18
     assert started["weight_decays"] == torch.load(old / "record.pt", weights_only=False)["started"]["weight_decays"]
