@@ -125,6 +125,11 @@ class SlurmCluster:
         return self
 
     def stop(self) -> None:
+        # Jobs first: a job still running when its slurmd goes (a failed test's) would leave its steps behind.
+        self.run("scancel", "--user", "root", "--full", check=False)
+        deadline = time.monotonic() + 30
+        while self.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.3)
         for pid_file in reversed(self.pid_files):
             if pid_file.exists():
                 try:
