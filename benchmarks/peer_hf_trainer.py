@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,6 +123,8 @@ def rank_main(argv: list[str]) -> None:
 
 
 def hf_trainer_run(name: str, model: Path, ds_config: dict, work: Path, args, checkpointing: bool) -> dict:
+    from suite import launch_ranks
+
     from adept_ds.distributed import free_port
 
     result_dir = work / "runs" / name
@@ -151,16 +152,8 @@ def hf_trainer_run(name: str, model: Path, ds_config: dict, work: Path, args, ch
         "1e-4",
         "1" if checkpointing else "0",
     ]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    import torch
-
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
     print(f"[peer] {name}: HF Trainer + DeepSpeed ZeRO-3, {args.steps} steps", flush=True)
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
-    ranks = [json.loads((result_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+    ranks = launch_ranks(name, command, result_dir, 2)
     return {"step_seconds": max(statistics.median(r["step_seconds"][2:]) for r in ranks), "threads": ranks[0]["threads"]}
 
 

@@ -147,14 +147,20 @@ def run_ranks(
     command += [str(BENCHMARKS / "train_step.py"), str(result_dir), str(args.warmup_steps), str(args.timed_steps), str(importance_repeats)]
     command += ["--save-checkpoint"] if save_checkpoint else []
     command += [f"{key}={value}" for key, value in overrides.items()]
+    print(f"[suite] {name}: {method} on {model.name}, {args.warmup_steps} + {args.timed_steps} steps", flush=True)
+    return launch_ranks(name, command, result_dir, args.num_procs, env)
+
+
+def launch_ranks(name: str, command: list[str], result_dir: Path, num_procs: int, env: dict | None = None) -> list[dict]:
+    """Run a launcher `command` (on CPU with DeepSpeed's CPU accelerator); each rank's `result_dir/rank{R}.json`.
+    A failure ends the benchmark with the tail of the job's output."""
     env = dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning", **(env or {}))
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
-    print(f"[suite] {name}: {method} on {model.name}, {args.warmup_steps} + {args.timed_steps} steps", flush=True)
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
-    return [json.loads((result_dir / f"rank{rank}.json").read_text()) for rank in range(args.num_procs)]
+    return [json.loads((result_dir / f"rank{rank}.json").read_text()) for rank in range(num_procs)]
 
 
 def summarise(ranks: list[dict]) -> dict:
