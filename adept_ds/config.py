@@ -44,6 +44,7 @@ LR_MAPPINGS = ("linear", "power", "uniform")
 NORMALIZATIONS = ("global", "per_type", "rank")
 NONFINITE_POLICIES = ("skip", "stop")
 FROZEN_WEIGHTS = ("auto", "sharded", "replicated")
+GUARD_ACTIONS = ("stop", "rollback", "cool")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -68,6 +69,12 @@ class DataConfig:
     `name: N`) or a plain path (weight 1), e.g. the domain corpus plus general replay. Weights are shares of samples."""
     general: str = ""
     """General-competence probe corpus, used for unit importance."""
+    general_eval: str = ""
+    """Held-out general corpus for validation during training (eval.interval); default: the last blocks of
+    data.general, which the importance probe then never draws."""
+    domain_eval: str = ""
+    """Held-out domain corpus for validation; default: the last blocks of data.domain (of its first source in a
+    mixture), which training then never draws."""
     text_field: str = "text"
     """Name of the text field in JSONL/Parquet records."""
     block_size: int = 256
@@ -246,6 +253,52 @@ class ImportanceConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    interval: int = 200
+    """Validate on held-out general and domain blocks every this many steps, at step 0 (the guard's reference)
+    and at the end; 0 = never. Forward passes only, on every rank, token-weighted over all ranks."""
+    max_tokens: int = 0
+    """Validation tokens per corpus; 0 = 2 % of the tokens trained per interval (interval x global batch x block),
+    at least one block per rank and at most 4M tokens: about 1 % of training time (benchmarks/validation_cost.py)."""
+
+    def __post_init__(self):
+        _check(isinstance(self.interval, int) and self.interval >= 0, f"eval.interval={self.interval!r}: need an int >= 0 (0 = never)")
+        _check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 0,
+            f"eval.max_tokens={self.max_tokens!r}: need an int >= 0 (0 = sized from eval.interval)",
+        )
+
+
+@dataclass(kw_only=True)
+class GuardConfig:
+    max_general_increase: float = 0.0
+    """Forgetting guard: act when the general validation loss rises more than this fraction above its step-0
+    value (0.05: 5 %); 0 = off. Needs validation (eval.interval > 0) and a general corpus."""
+    action: str = "stop"
+    """stop: save a checkpoint and stop; rollback: make the best complete checkpoint the run's newest (newer ones
+    move to checkpoints/rolled_back/), export it and stop; cool: multiply every unit's LR by cool_factor and go on."""
+    cool_factor: float = 0.5
+    """action=cool: each trigger multiplies every unit's learning rate by this (the product persists on resume)."""
+
+    def __post_init__(self):
+        _check(
+            isinstance(self.max_general_increase, (int, float))
+            and 0 <= self.max_general_increase
+            and math.isfinite(self.max_general_increase),
+            f"guard.max_general_increase={self.max_general_increase!r}: need a fraction >= 0 (0.05 = 5 %; 0 = off)",
+        )
+        _check(self.action in GUARD_ACTIONS, f"guard.action={self.action!r}: choose one of {', '.join(GUARD_ACTIONS)}")
+        _check(
+            isinstance(self.cool_factor, (int, float)) and 0 < self.cool_factor < 1,
+            f"guard.cool_factor={self.cool_factor!r}: need a number in (0, 1), e.g. 0.5",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_general_increase > 0
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: str = ""
     """Expanded model from `adept-ds expand` (adept, llama_pro, adept_no_stage2), or the original (pt_full, adept_no_stage1)."""
@@ -267,10 +320,22 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self):
         _check(self.method in METHODS, f"method={self.method!r}: choose one of {', '.join(METHODS)}")
         _check(isinstance(self.k, int) and self.k >= 1, f"k={self.k!r}: need an int >= 1")
+        if self.guard.enabled:
+            _check(
+                self.eval.interval > 0,
+                f"guard.max_general_increase={self.guard.max_general_increase} needs validation: set eval.interval > 0",
+            )
+            _check(
+                bool(self.data.general_eval or self.data.general),
+                "the forgetting guard (guard.max_general_increase > 0) needs general text to validate on: "
+                "set data.general_eval or data.general (`adept-ds make-probe-corpus` makes one from the model)",
+            )
 
     @property
     def spec(self) -> MethodSpec:
@@ -288,6 +353,9 @@ class RunConfig:
         for source in self.data.domain_sources():
             where = "data.domain" if isinstance(self.data.domain, str) else f"data.domain source '{source.name}'"
             _check(bool(source.path) and Path(source.path).exists(), f"{where}={source.path!r} does not exist")
+        for name in ("general_eval", "domain_eval"):
+            path = getattr(self.data, name)
+            _check(not path or Path(path).exists(), f"data.{name}={path!r} does not exist")
         if self.spec.trains == "probe_layers":
             _check(bool(self.probe) and Path(self.probe).is_file(), f"probe={self.probe!r}: method {self.method} needs a probe result file")
         if self.adaptive_lr:
@@ -330,6 +398,8 @@ def _build(cls, values: dict, prefix: str = ""):
             "OptimizerConfig": OptimizerConfig,
             "SchedulerConfig": SchedulerConfig,
             "ImportanceConfig": ImportanceConfig,
+            "EvalConfig": EvalConfig,
+            "GuardConfig": GuardConfig,
         }.get(kind)
         if sub is not None:
             kwargs[key] = _build(sub, value, f"{prefix}{key}.")

@@ -9,6 +9,8 @@ trainer state (step, data positions, importance, scales, RNG), sealed as complet
 rank has written (train_checkpoints.py), so `--resume` continues exactly from the newest complete
 one, on the backbone it names by fingerprint. Rank 0 answers every filesystem question (which checkpoint
 to resume, whether a step is saved) for all ranks.
+Every `eval.interval` steps (and at step 0 and the end) it validates on held-out general and domain blocks
+(validation.py), and the forgetting guard acts on the general loss (guard.py).
 A non-finite loss is caught before the optimizer step, in the one all-reduce a step makes, and handled by
 `train.nonfinite`; SIGTERM checkpoints at the next step boundary; an exception on one rank ends the job
 at once, without any collective (faults.py).
@@ -46,10 +48,12 @@ from adept_ds.distributed import (
 )
 from adept_ds.faults import EXIT_STOPPED, RankRegistry, StopRequest, exit_after_failure, fault_point
 from adept_ds.frozen_weights import replicate_frozen
+from adept_ds.guard import ForgettingGuard, GuardStopped
 from adept_ds.importance import AbsGradAccumulator, unit_importance
 from adept_ds.lm_loss import use_chunked_loss
 from adept_ds.lr import ScaledScheduler, build_base_scheduler, lr_scales, normalised_importance
 from adept_ds.preflight import check_corpus_size, launched_world_size, memory_layout, preflight
+from adept_ds.run_log import RunLog
 from adept_ds.sampler import Mixture, sample_order
 from adept_ds.train_checkpoints import (
     CHECKPOINT_DIR,
@@ -71,6 +75,7 @@ from adept_ds.universal import (
     resume_tag,
     source_tag,
 )
+from adept_ds.validation import Validator, held_out_sets
 
 
 class NonFiniteLoss(RuntimeError):
@@ -126,7 +131,12 @@ class Trainer:
         if self.uses_importance:
             self.general = store(data.general, config.importance.max_tokens)
             self.general_blocks = usable_blocks(self.general, config.importance.max_tokens)
-        check_corpus_size("domain", data.domain, sum(len(s) for s in self.domain), config, launched)
+        held_out, domain_sizes, probe_limit = held_out_sets(
+            config, launched, self.domain, self.general if self.uses_importance else None, store
+        )
+        if probe_limit is not None:
+            self.general_blocks = min(self.general_blocks, probe_limit)
+        check_corpus_size("domain", data.domain, sum(domain_sizes), config, launched)
 
         self.rank, self.world_size = init_distributed(config.train.timeout_minutes, config.train.threads)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
@@ -143,7 +153,7 @@ class Trainer:
         np.random.seed(config.train.seed)
         torch.manual_seed(config.train.seed)
         self.global_batch = config.train.micro_batch_size * config.train.gradient_accumulation_steps * self.world_size
-        self.mixture = Mixture([len(s) for s in self.domain], [source.weight for source in self.sources], config.train.seed)
+        self.mixture = Mixture(domain_sizes, [source.weight for source in self.sources], config.train.seed)
 
         # Model: with ZeRO-3 the HfDeepSpeedConfig makes from_pretrained load straight into partitions.
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
@@ -188,7 +198,7 @@ class Trainer:
         )
         self.params = dict(self.engine.module.named_parameters())
         self.state = TrainState(scales=[1.0] * len(self.units), source_samples=[0] * len(self.sources))
-        self.writer = None
+        self.log: RunLog | None = None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.registry = RankRegistry(self.output_dir, self.rank, self.world_size)
         self.stop_request = StopRequest(self.registry)
@@ -197,9 +207,9 @@ class Trainer:
         if self.rank == 0:
             (self.output_dir / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            self.log = RunLog(self.output_dir)
+        self.validator = Validator(config, held_out, self.rank, self.world_size, self.device, all_reduce_sum, self.log)
+        self.guard = ForgettingGuard(config.guard, self.output_dir / CHECKPOINT_DIR, self.rank, self.log)
         self.saved: Path | None = None  # the checkpoint holding the current state (last saved or resumed from)
         if tag is not None:
             self.load_checkpoint(tag)
@@ -256,7 +266,8 @@ class Trainer:
             self.state.importance = importance
             adaptive = lr_scales(importance, cfg.mapping, cfg.power, cfg.normalize, names)
             # The matched-LR ablation: ADEPT's mean LR, without its adaptivity.
-            self.state.scales = [sum(adaptive) / len(adaptive)] * len(adaptive) if self.config.spec.matched_lr else adaptive
+            scales = [sum(adaptive) / len(adaptive)] * len(adaptive) if self.config.spec.matched_lr else adaptive
+            self.state.scales = [scale * self.state.lr_multiplier for scale in scales]  # the guard's cooling stays
             self.scheduler.set_scales(self.state.scales)
         elif self.rank == 0:
             tqdm.write(f"step {self.state.step}: non-finite unit importance {importance}; keeping the previous learning rates")
@@ -268,13 +279,11 @@ class Trainer:
                 "normalized": dict(zip(names, normalised)) if normalised else None,
                 "scales": dict(zip(names, self.state.scales)),
             }
-            with open(self.output_dir / "importance_history.jsonl", "a") as history:
-                history.write(json.dumps(record) + "\n")
+            self.log.record(record, "importance_history.jsonl")
             for index, (name, value, scale) in enumerate(zip(names, importance, self.state.scales)):
-                self.writer.add_scalar(f"importance/{name}", value, self.state.step)
-                self.writer.add_scalar(f"lr_scale/{name}", scale, self.state.step)
+                self.log.scalars({f"importance/{name}": value, f"lr_scale/{name}": scale}, self.state.step)
                 if normalised:
-                    self.writer.add_scalar(f"importance_normalized/{name}", normalised[index], self.state.step)
+                    self.log.scalars({f"importance_normalized/{name}": normalised[index]}, self.state.step)
 
     # -- training -----------------------------------------------------------------------------
 
@@ -338,9 +347,7 @@ class Trainer:
                 f"stopped ({reason}) after saving {saved}. Fix the data or resume with train.nonfinite=skip"
             )
         if self.rank == 0:
-            record = {"step": self.state.step + 1, "skipped": True, "position": self.state.samples_seen}
-            with open(self.output_dir / "metrics.jsonl", "a") as metrics:
-                metrics.write(json.dumps(record) + "\n")
+            self.log.record({"step": self.state.step + 1, "skipped": True, "position": self.state.samples_seen})
         self.state.samples_seen += self.global_batch
         self.state.source_samples = source_samples
         self.state.skipped_steps += 1
@@ -363,6 +370,7 @@ class Trainer:
             disable=not self.show_progress or self.rank != 0,
         )
         measured_at = None  # a dropped batch retries the same step: measure importance once per step
+        self.validate_if_due()  # at step 0: the guard's reference
         while self.state.step < cfg.train.max_steps:
             if self.uses_importance and self.state.step % cfg.importance.interval == 0 and measured_at != self.state.step:
                 self.update_learning_rates()
@@ -376,7 +384,8 @@ class Trainer:
             if self.rank == 0:
                 self._log(loss, tokens_per_step / elapsed)
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / elapsed:.0f}")
+                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / elapsed:.0f}", **self.validator.postfix(self.state))
+            self.validate_if_due()
             if self.stop_agreed:
                 saved = self.save_checkpoint()
                 signal_name = self.stop_request.signal_name or "a peer's stop request"
@@ -384,23 +393,28 @@ class Trainer:
             if cfg.train.save_interval and self.state.step % cfg.train.save_interval == 0:
                 self.save_checkpoint()
         progress.close()
+        self.validate_if_due()  # a resumed run that was already at max_steps
         self.save_checkpoint()
+        if self.rank == 0 and self.validator.held_out:
+            self.log.plot_validation()
         return losses
+
+    def validate_if_due(self) -> None:
+        """Validation (validation.py), then the forgetting guard (guard.py), which may stop the run."""
+        if self.validator.due(self.state):
+            self.validator.run(self.engine, self.state)
+            self.guard.check(self.state, self.save_checkpoint, self.scheduler.set_scales)
 
     def _log(self, loss: float, tokens_per_s: float) -> None:
         step = self.state.step
         tokens = {source.name: count * self.config.data.block_size for source, count in zip(self.sources, self.state.source_samples)}
-        record = {"step": step, "loss": loss, "tokens_per_s": tokens_per_s, "lr_base": self.scheduler.base_lr(), "tokens": tokens}
-        with open(self.output_dir / "metrics.jsonl", "a") as metrics:
-            metrics.write(json.dumps(record) + "\n")
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        record = {"step": step, "loss": loss, "tokens_per_s": tokens_per_s, "lr_base": self.scheduler.base_lr(), "lr_max": max(lrs)}
+        self.log.record({**record, "lr_multiplier": self.state.lr_multiplier, "tokens": tokens})
         if step % self.config.train.log_interval == 0:
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
-            self.writer.add_scalar("lr/base", self.scheduler.base_lr(), step)
-            for name, count in tokens.items():
-                self.writer.add_scalar(f"data/tokens/{name}", count, step)
-            for unit, group in zip(self.units, self.optimizer.param_groups):
-                self.writer.add_scalar(f"lr/{unit.name}", group["lr"], step)
+            self.log.scalars({"train/loss": loss, "train/tokens_per_s": tokens_per_s, "lr/base": self.scheduler.base_lr()}, step)
+            self.log.scalars({f"data/tokens/{name}": count for name, count in tokens.items()}, step)
+            self.log.scalars({f"lr/{unit.name}": lr for unit, lr in zip(self.units, lrs)}, step)
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -432,7 +446,7 @@ class Trainer:
         dist.barrier()
         if self.rank == 0:
             mark_complete(path, self.state.step, self.world_size, self.run_identity)
-            for deleted in prune(directory, self.config.train.keep_checkpoints):
+            for deleted in prune(directory, self.config.train.keep_checkpoints, self.guard.protected(self.state)):
                 tqdm.write(f"deleted checkpoint {deleted.name} (train.keep_checkpoints={self.config.train.keep_checkpoints})")
         dist.barrier()
         self.saved = path
@@ -469,8 +483,8 @@ class Trainer:
 
     def close(self, shutdown: bool = True) -> None:
         """Drop the engine (before the process group: see shutdown_distributed) and optionally end the group."""
-        if self.writer is not None:
-            self.writer.close()
+        if self.log is not None:
+            self.log.close()
         self.stop_request.restore()
         del self.engine, self.optimizer, self.scheduler, self.params, self._hf_ds_config
         gc.collect()
@@ -485,6 +499,14 @@ def run_training(config: RunConfig, resume: bool | str = False, show_progress: b
     trainer = Trainer(config, resume=resume, show_progress=show_progress)
     try:
         losses = trainer.train()
+    except GuardStopped as stop:
+        if config.train.export and stop.rolled_back_to is not None:  # the run's result: the best checkpoint
+            if trainer.rank == 0:
+                tag, output = stop.rolled_back_to.name, Path(config.output_dir) / "final"
+                export_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, tag, config.model, output, overwrite=True)
+            dist.barrier()  # launchers kill every rank once one exits non-zero: the others wait for the export
+        trainer.close()  # every rank took the same decision on the same all-reduced losses: a normal teardown
+        raise
     except (Stopped, NonFiniteLoss):
         trainer.close()  # every rank stopped at the same step, after saving together: a normal teardown
         raise
@@ -492,8 +514,8 @@ def run_training(config: RunConfig, resume: bool | str = False, show_progress: b
         if trainer.world_size == 1:  # no peer waits in a collective: an ordinary exception its caller may handle
             trainer.close()
             raise
-        if trainer.writer is not None:
-            trainer.writer.flush()
+        if trainer.log is not None:
+            trainer.log.flush()
         exit_after_failure(trainer.registry)  # this rank's failure, or a peer's: no collective may follow
     tag, rank = trainer.latest_tag(), trainer.rank
     trainer.registry.finished()  # from here on, this rank exiting is not a failure its peers must report

@@ -30,6 +30,34 @@ def plot_losses(runs: dict[str, Path], path: Path) -> None:
     plt.close(figure)
 
 
+def validation_records(run_dir: Path) -> list[dict]:
+    """The validation records of a run's metrics.jsonl, the last per step (a resumed run may repeat one)."""
+    records = {m["step"]: m["validation"] for m in _read_jsonl(run_dir / "metrics.jsonl") if "validation" in m}
+    return [{"step": step, **results} for step, results in sorted(records.items())]
+
+
+def plot_validation(runs: dict[str, Path], path: Path) -> bool:
+    """General and domain validation loss against step, one line per run (False if no run validated)."""
+    curves = {method: validation_records(run_dir) for method, run_dir in runs.items()}
+    if not any(curves.values()):
+        return False
+    figure, panels = plt.subplots(1, 2, figsize=(10, 3.5))
+    for axes, corpus in zip(panels, ("general", "domain")):
+        for method, records in curves.items():
+            points = [(r["step"], r[corpus]["loss"]) for r in records if corpus in r]
+            if points:
+                axes.plot(*zip(*points), marker="o", markersize=3, label=method)
+        axes.set_xlabel("step")
+        axes.set_ylabel(f"{corpus} validation loss")
+        axes.set_title(f"held-out {corpus} text" + (" (forgetting: up is bad)" if corpus == "general" else ""), fontsize=9)
+        if len(curves) > 1:
+            axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 def plot_lr_heatmap(history_file: Path, path: Path) -> bool:
     """Unit LR scales (rows: units, columns: recomputes). False if there is no history."""
     history = _read_jsonl(history_file)
@@ -101,6 +129,8 @@ def write_report(
         "![training loss](training_loss.png)",
         "",
     ]
+    if plot_validation(runs, output / "validation_loss.png"):
+        lines += ["Validation during training, on held-out general and domain blocks:", "", "![validation loss](validation_loss.png)", ""]
     if "adept" in runs and plot_lr_heatmap(runs["adept"] / "importance_history.jsonl", output / "lr_scales.png"):
         lines += ["Unit learning-rate scales of the ADEPT run at each importance recompute:", "", "![unit LR scales](lr_scales.png)", ""]
     path = output / "report.md"

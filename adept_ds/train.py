@@ -1,7 +1,7 @@
 """`deepspeed launch/train.py --config RUN.yaml [key.sub=value ...] [--resume | --auto-resume]` (also `deepspeed --module adept_ds.train`).
 
 Parses, validates (before any process group starts), trains, exports.
-Exit codes: 0 done; 2 bad input; 143 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (rerun
+Exit codes: 0 done; 2 bad input; 4 stopped by the forgetting guard (guard.action stop or rollback); 143 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (rerun
 with --resume or --auto-resume); 3 a peer rank died or failed; 1 any other failure (a non-finite loss
 under train.nonfinite=stop; an error on this rank, which then exits at once without any collective).
 """
@@ -21,6 +21,7 @@ def _say(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from adept_ds.config import load_run_config
     from adept_ds.engine import NonFiniteLoss, Stopped, run_training
+    from adept_ds.guard import GuardStopped
 
     parser = argparse.ArgumentParser(prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (launch/configs/*.yaml)")
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Stopped as stop:
         _say(f"train: {stop}; rerun with --resume (or --auto-resume) to continue")
+        return stop.exit_code
+    except GuardStopped as stop:
+        _say(f"train: {stop}")
+        if stop.rolled_back_to is not None and config.train.export:
+            _say(f"exported {stop.rolled_back_to.name} to {config.output_dir}/final")
         return stop.exit_code
     except NonFiniteLoss as err:
         _say(f"train: error: {err}")

@@ -104,13 +104,18 @@ def check_same_run(checkpoint: Path, expected: dict) -> None:
             )
 
 
-def prune(directory: Path, keep: int) -> list[Path]:
+def saved_steps(directory: Path) -> set[int]:
+    """The steps of the complete checkpoints under `directory`."""
+    return {int(p.name.removeprefix("step")) for p in Path(directory).glob("step*") if p.is_dir() and incomplete_reason(p) is None}
+
+
+def prune(directory: Path, keep: int, protect: set[str] = frozenset()) -> list[Path]:
     """Keep the `keep` newest complete checkpoints; delete older complete ones and the remains of killed writes.
 
     Only directories older than the newest complete checkpoint are touched, so neither the newest complete
     one nor one being written is ever deleted; an incomplete one never counts towards `keep`. Each doomed
     directory is first renamed out of the `step*` namespace, so a kill mid-deletion leaves nothing that looks
-    like a checkpoint. `keep` 0 keeps everything."""
+    like a checkpoint. `keep` 0 keeps everything; the tags in `protect` are kept too."""
     for leftover in Path(directory).glob(".deleting-*"):  # a deletion an earlier kill interrupted
         shutil.rmtree(leftover, ignore_errors=True)
     candidates = sorted(p for p in Path(directory).glob("step*") if p.is_dir())
@@ -124,7 +129,7 @@ def prune(directory: Path, keep: int) -> list[Path]:
         _delete(path)
     if keep <= 0:
         return stale
-    kept = set(complete[-keep:])
+    kept = set(complete[-keep:]) | {p for p in complete if p.name in protect}
     doomed = [p for p in candidates if p not in kept and p.name < complete[-1].name]
     for path in doomed:
         _delete(path)
@@ -152,6 +157,11 @@ class TrainState:
     scales: list[float] = field(default_factory=list)
     skipped_steps: int = 0
     """Global batches dropped for a non-finite loss (they do not count as steps)."""
+    validation: list[dict] = field(default_factory=list)
+    """Every validation's losses, {"step", "general", "domain"}: the forgetting guard's history."""
+    lr_multiplier: float = 1.0
+    """Product of the forgetting guard's cool factors so far, applied to every unit's LR scale."""
+    guard_triggers: list[dict] = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
