@@ -163,6 +163,21 @@ def cmd_check(args: argparse.Namespace) -> None:
             )
             domain_blocks += blocks if name != "general" else 0
             print(f"data: {name} {path}: {blocks} blocks of {config.data.block_size} tokens (token store in {cache} unless prepared)")
+        if config.eval.interval:
+            from adept_ds.validation import validation_blocks
+
+            count, data = validation_blocks(config, world_size), config.data
+            general = data.general_eval or (f"the last blocks of {data.general}" if data.general else "none (no general corpus)")
+            domain = data.domain_eval or f"the last blocks of {config.data.domain_sources()[0].path}, not trained on"
+            print(f"validation: every {config.eval.interval} steps, {count} blocks per corpus; general: {general}; domain: {domain}")
+            if not data.domain_eval:
+                global_batch = config.train.micro_batch_size * config.train.gradient_accumulation_steps * world_size
+                if domain_blocks - count < global_batch:
+                    raise ValueError(
+                        f"data.domain has {domain_blocks} blocks; holding out {count} for validation leaves {max(domain_blocks - count, 0)}, "
+                        f"fewer than one global batch ({global_batch}): give data.domain_eval, lower eval.max_tokens or set eval.interval=0"
+                    )
+                domain_blocks -= count
         check_corpus_size("domain", config.data.domain, domain_blocks, config, world_size)
     print("ok: nothing wrong found")
 

@@ -259,7 +259,7 @@ class EvalConfig:
     and at the end; 0 = never. Forward passes only, on every rank, token-weighted over all ranks."""
     max_tokens: int = 0
     """Validation tokens per corpus; 0 = 2 % of the tokens trained per interval (interval x global batch x block),
-    at least one block per rank and at most 4M tokens: about 1 % of training time (benchmarks/validation_cost.py)."""
+    at least one block per rank and at most 4M tokens: 2.3 % of ADEPT's training time on the demo (benchmarks/validation_cost.py)."""
 
     def __post_init__(self):
         _check(isinstance(self.interval, int) and self.interval >= 0, f"eval.interval={self.interval!r}: need an int >= 0 (0 = never)")

@@ -68,6 +68,10 @@ def train_method(
         "importance.interval": max(1, steps // 5),
         "importance.batches": 1,
         "importance.batch_size": 2,
+        "eval.interval": max(1, steps // 5),  # validation curves for the report, on the demo's held-out files
+        "eval.max_tokens": 4096,  # the default (2 % of an interval's tokens) would be 2 blocks at this interval
+        "data.general_eval": GENERAL_HELDOUT,
+        "data.domain_eval": DOMAIN_TEST,
         "train.export": True,
     }
     if method == "pt_full":

@@ -6,8 +6,9 @@ draws only the blocks before them) and of the first domain source (which trainin
 same blocks are scored at every validation, so the curve moves only with the model.
 
 How many: `eval.max_tokens` per corpus, or by default 2 % of the tokens trained per interval, at least one
-block per rank and at most 4M tokens. A validation forward costs about a third of a training step's
-forward+backward per token, so the default is about 1 % of training time (benchmarks/validation_cost.py).
+block per rank and at most 4M tokens. Per token a validation forward costs about half an ADEPT step (whose
+backward stops at the lowest copy; less for pt_full): measured 2.3 % of training time on the demo at the default
+interval (benchmarks/validation_cost.py).
 
 The score is the token-weighted mean next-token loss: each rank sums `loss x predicted tokens` over its share
 of the blocks (`blocks[rank::world]`), under `no_grad`, and one all-reduce adds the sums. Every rank makes the

@@ -221,17 +221,28 @@ def expected_scales(method: str, normalize: str, names: list[str], importance: l
     return [sum(scales) / len(scales)] * len(scales) if method == "adept_no_stage2_matched" else scales
 
 
-@pytest.mark.parametrize("method,normalize", [("adept", "per_type"), ("adept", "rank"), ("adept_no_stage2_matched", "global")])
-def test_group_lrs_follow_the_chosen_normalisation_and_the_matched_ablation(trained, tmp_path, method, normalize):
+NORMALISATIONS = (("adept", "per_type"), ("adept", "rank"), ("adept_no_stage2_matched", "global"))
+
+
+@pytest.fixture(scope="module")
+def normalisation_lrs(trained, tmp_path_factory):
+    """Each (method, normalisation) trained under WarmupCosineLR, all in one job: {"method-normalize": records}."""
+    inputs, _, _ = trained
+    out = tmp_path_factory.mktemp("lr")
+    settings = {"train.save_interval": 0, "train.max_steps": 7, "importance.interval": 3, "scheduler.warmup_steps": 3}
+    variants = {f"{m}-{n}": [f"method={m}", f"importance.normalize={n}"] for m, n in NORMALISATIONS}
+    run_deepspeed(
+        "lr_readback.py", out, *overrides(inputs, out / "unused", **settings), SCHEDULERS="WarmupCosineLR", VARIANTS=json.dumps(variants)
+    )
+    report = json.loads((out / "rank0.json").read_text())["report"]
+    return {name: report[f"{name}/WarmupCosineLR"] for name in variants}
+
+
+@pytest.mark.parametrize("method,normalize", NORMALISATIONS)
+def test_group_lrs_follow_the_chosen_normalisation_and_the_matched_ablation(normalisation_lrs, method, normalize):
     from deepspeed.runtime import lr_schedules
 
-    inputs, _, _ = trained
-    out = tmp_path / "lr"
-    out.mkdir()
-    settings = {"method": method, "importance.normalize": normalize, "train.save_interval": 0, "train.max_steps": 7}
-    args = overrides(inputs, out / "unused", **settings, **{"importance.interval": 3, "scheduler.warmup_steps": 3})
-    run_deepspeed("lr_readback.py", out, *args, SCHEDULERS="WarmupCosineLR")
-    records = json.loads((out / "rank0.json").read_text())["report"]["WarmupCosineLR"]
+    records = normalisation_lrs[f"{method}-{normalize}"]
     dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
     base = lr_schedules.WarmupCosineLR(
         dummy, total_num_steps=7, warmup_min_ratio=0.0, cos_min_ratio=0.1, warmup_num_steps=3, warmup_type="linear"
@@ -250,21 +261,15 @@ def test_group_lrs_follow_the_chosen_normalisation_and_the_matched_ablation(trai
 def test_importance_pass_leaves_no_gradient_behind(trained, tmp_path):
     """With uniform LRs, recomputing importance every step must not change training at all."""
     inputs, _, _ = trained
-    runs = {}
-    for name, interval in (("with", 1), ("without", 0)):
-        run_dir = tmp_path / name
-        run_deepspeed(
-            "train_run.py",
-            tmp_path / f"{name}.pt",
-            *overrides(
-                inputs,
-                run_dir,
-                **{"importance.mapping": "uniform", "importance.interval": interval, "train.max_steps": 4, "train.save_interval": 0},
-            ),
-        )
-        runs[name] = [m["loss"] for m in metrics(run_dir)]
-    assert len(importance_history(tmp_path / "with")) == 4
-    assert runs["with"] == runs["without"]
+    settings = {"importance.mapping": "uniform", "train.max_steps": 4, "train.save_interval": 0}
+    runs = {name: tmp_path / name for name in ("with", "without")}
+    args = [
+        [str(arg) for arg in overrides(inputs, runs[name], **settings, **{"importance.interval": int(name == "with")})] for name in runs
+    ]
+    (tmp_path / "runs.json").write_text(json.dumps(args))
+    run_deepspeed("train_each.py", tmp_path / "runs.json")  # both in one job
+    assert len(importance_history(runs["with"])) == 4
+    assert [m["loss"] for m in metrics(runs["with"])] == [m["loss"] for m in metrics(runs["without"])]
 
 
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero1.json", "zero3_offload.json"])
@@ -347,27 +352,41 @@ def _write_probe(path, model_dir, scores):
     return path
 
 
-@pytest.mark.parametrize("method", ["pt_full", "llama_pro", "adept_no_stage1", "adept_no_stage2"])
-def test_each_method_trains_exactly_its_tensors_and_exports(trained, tmp_path, method):
+EACH_METHOD = ("pt_full", "llama_pro", "adept_no_stage1", "adept_no_stage2")
+
+
+@pytest.fixture(scope="module")
+def each_method(trained, tmp_path_factory):
+    """Every other method trained in one 2-rank job (tests/scripts/train_each.py): {method: (model, run_dir)}."""
     from adept_ds.expand import expand_checkpoint, uniform_layers
 
     inputs, _, _ = trained
-    model = {"pt_full": inputs["original"], "adept_no_stage1": inputs["original"], "adept_no_stage2": inputs["expanded"]}.get(method)
-    # Warmup gives lr 0 to the first two steps, and the zero output projections shield the rest of a
-    # copy until they have moved once: 5 steps make every trainable tensor move. Every method also runs
-    # with activation checkpointing (pt_full: every layer; the others: from their lowest trained layer up).
-    extra = {"method": method, "train.max_steps": 5, "train.save_interval": 0, "importance.interval": 1}
-    extra["train.activation_checkpointing"] = True
-    if method == "adept_no_stage2":  # retention, in the real engine: a checkpoint every step, the newest 2 kept
-        extra.update({"train.save_interval": 1, "train.keep_checkpoints": 2})
-    if method == "llama_pro":
-        model = tmp_path / "uniform"
-        expand_checkpoint(inputs["original"], model, uniform_layers(4, 2), show_progress=False)
-    if method == "adept_no_stage1":
-        extra.update(probe=_write_probe(tmp_path / "probe.json", model, [0.3, 0.1, 0.9, 0.2]), k=2)
-    out = tmp_path / "run"
-    run_deepspeed("train_run.py", tmp_path / "logits.pt", *overrides(inputs, out, model=model, **extra))
+    root = tmp_path_factory.mktemp("each_method")
+    runs, args = {}, []
+    for method in EACH_METHOD:
+        model = {"pt_full": inputs["original"], "adept_no_stage1": inputs["original"], "adept_no_stage2": inputs["expanded"]}.get(method)
+        # Warmup gives lr 0 to the first two steps, and the zero output projections shield the rest of a
+        # copy until they have moved once: 5 steps make every trainable tensor move. Every method also runs
+        # with activation checkpointing (pt_full: every layer; the others: from their lowest trained layer up).
+        extra = {"method": method, "train.max_steps": 5, "train.save_interval": 0, "importance.interval": 1}
+        extra["train.activation_checkpointing"] = True
+        if method == "adept_no_stage2":  # retention, in the real engine: a checkpoint every step, the newest 2 kept
+            extra.update({"train.save_interval": 1, "train.keep_checkpoints": 2})
+        if method == "llama_pro":
+            model = root / "uniform"
+            expand_checkpoint(inputs["original"], model, uniform_layers(4, 2), show_progress=False)
+        if method == "adept_no_stage1":
+            extra.update(probe=_write_probe(root / "probe.json", model, [0.3, 0.1, 0.9, 0.2]), k=2)
+        runs[method] = (model, root / method)
+        args.append([str(arg) for arg in overrides(inputs, root / method, model=model, **extra)])
+    (root / "runs.json").write_text(json.dumps(args))
+    run_deepspeed("train_each.py", root / "runs.json")
+    return runs
 
+
+@pytest.mark.parametrize("method", EACH_METHOD)
+def test_each_method_trains_exactly_its_tensors_and_exports(each_method, method):
+    model, out = each_method[method]
     before, after = load_state(model), load_state(out / "final")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     if method == "pt_full":

@@ -117,3 +117,13 @@ def test_check_reports_each_source_of_a_mixture_and_refuses_a_missing_one(inputs
     sources[1]["path"] = str(tmp_path / "gone.jsonl")
     code, output = check(capsys, "--num-gpus", 2, *overrides(inputs, tmp_path / "run", **{"data.domain": json.dumps(sources)}))
     assert code == 2 and "data.domain source 'replay'=" in output and "gone.jsonl' does not exist" in output
+
+
+def test_check_says_what_validation_holds_out_and_refuses_a_split_that_leaves_too_little(inputs, tmp_path, capsys):
+    run = overrides(inputs, tmp_path / "run", **{"eval.interval": 100})
+    code, output = check(capsys, "--num-gpus", 2, *run)  # 2 % of 100 steps x 4 blocks: 8 blocks
+    assert code == 0, output
+    assert f"validation: every 100 steps, 8 blocks per corpus; general: the last blocks of {inputs['general']}" in output
+    assert f"domain: the last blocks of {inputs['domain']}, not trained on" in output
+    code, output = check(capsys, *run, "eval.max_tokens=100000000")
+    assert code == 2 and "holding out 3125000 for validation leaves 0, fewer than one global batch (2)" in output, output

@@ -1,6 +1,7 @@
 """For each DeepSpeed scheduler: train a few steps with real importance and record, after every step,
 each param group's lr, the unit importance in force, and the step count. argv: out_dir overrides...
-$SCHEDULERS (comma-separated) limits the schedulers."""
+$SCHEDULERS (comma-separated) limits the schedulers. $VARIANTS (JSON {name: [overrides]}) runs each scheduler
+once per variant, in this one job, reported as "name/scheduler"."""
 
 import json
 import os
@@ -13,8 +14,10 @@ from adept_ds.engine import Trainer
 out_dir, *overrides = sys.argv[1:]
 report = {}
 kinds = os.environ.get("SCHEDULERS", "WarmupLR,WarmupCosineLR,WarmupDecayLR").split(",")
-for kind in kinds:
-    config = load_run_config(None, [*overrides, f"scheduler.type={kind}", f"output_dir={out_dir}/{kind}"])
+variants = json.loads(os.environ.get("VARIANTS", '{"": []}'))
+runs = [(f"{name}/{kind}" if name else kind, extra, kind) for name, extra in variants.items() for kind in kinds]
+for label, extra, kind in runs:
+    config = load_run_config(None, [*overrides, *extra, f"scheduler.type={kind}", f"output_dir={out_dir}/{label}"])
     trainer = Trainer(config, show_progress=False)
     records = []
     while trainer.state.step < config.train.max_steps:
@@ -29,7 +32,7 @@ for kind in kinds:
                 "importance": trainer.state.importance,
             }
         )
-    report[kind] = records
+    report[label] = records
     rank = trainer.rank
-    trainer.close(shutdown=kind == kinds[-1])
+    trainer.close(shutdown=label == runs[-1][0])
 Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "report": report}))
