@@ -110,6 +110,28 @@ def cmd_probe(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_make_probe_corpus(args: argparse.Namespace) -> None:
+    from adept_ds.probe_corpus import make_probe_corpus
+
+    stats = make_probe_corpus(
+        _model_dir(args.model),
+        args.output,
+        args.tokens,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"probe corpus: {stats['tokens']:,} tokens in {stats['documents']:,} documents (from {stats['start_token']!r}) -> "
+            f"{args.output}; sampled {stats['sampled_tokens']:,} tokens in {stats['seconds']:.1f} s "
+            f"({stats['tokens_per_second']:,.1f} tokens/s on {stats['world_size']} rank(s), {stats['dtype']})"
+        )
+
+
 def cmd_prepare_data(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
@@ -304,6 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--offload-activations", action="store_true", help="mask: hold the recorded layer inputs in CPU memory")
     probe.set_defaults(func=cmd_probe)
+
+    corpus = commands.add_parser(
+        "make-probe-corpus", help="sample a general probe corpus from the model itself (for users with only domain data)"
+    )
+    corpus.add_argument("--model", help="HF checkpoint directory to sample from (default: the demo model)")
+    corpus.add_argument("--tokens", type=int, required=True, help="stop once the documents hold this many generated tokens")
+    corpus.add_argument("--output", required=True, help="JSONL file to write ({'text': ...} per line), for probe --data")
+    corpus.add_argument("--seed", type=int, default=0, help="sampling seed (default 0); batch b is seeded from (seed, b)")
+    corpus.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    corpus.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; no top-k)")
+    corpus.add_argument("--batch-size", type=int, default=16, help="documents per generate call and rank (default 16)")
+    corpus.add_argument("--max-new-tokens", type=int, default=256, help="tokens per document at most (default 256)")
+    corpus.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto (default): the model's dtype on GPU, float32 on CPU"
+    )
+    corpus.set_defaults(func=cmd_make_probe_corpus)
 
     prepare = commands.add_parser("prepare-data", help="tokenise and pack a corpus once into a memory-mapped token store")
     prepare.add_argument("--model", help="model (its tokenizer) the store is for (default: the demo model)")
