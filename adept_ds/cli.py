@@ -113,17 +113,8 @@ def cmd_probe(args: argparse.Namespace) -> None:
 def cmd_make_probe_corpus(args: argparse.Namespace) -> None:
     from adept_ds.probe_corpus import make_probe_corpus
 
-    stats = make_probe_corpus(
-        _model_dir(args.model),
-        args.output,
-        args.tokens,
-        seed=args.seed,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        dtype=args.dtype,
-    )
+    options = {name: getattr(args, name) for name in ("seed", "temperature", "top_p", "batch_size", "max_new_tokens", "dtype")}
+    stats = make_probe_corpus(_model_dir(args.model), args.output, args.tokens, **options)
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"probe corpus: {stats['tokens']:,} tokens in {stats['documents']:,} documents (from {stats['start_token']!r}) -> "

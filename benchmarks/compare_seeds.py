@@ -52,6 +52,7 @@ def main() -> None:
         method, _, normalize = variant.partition(":")
         if REPLAY.get(method, (method,))[0] not in METHODS or (normalize and normalize not in NORMALIZATIONS):
             raise SystemExit(f"unknown variant {variant!r}: a method ({', '.join([*METHODS, *REPLAY])}) or method:normalisation")
+    methods = {variant.partition(":")[0] for variant in variants}
     output = args.output.absolute()
     output.mkdir(parents=True, exist_ok=True)
     results_file = output / "results.jsonl"
@@ -85,7 +86,10 @@ def main() -> None:
             layers = layers_from_probe(probe_file, k, fingerprint, num_layers)
         # One uniform expansion per k: an automatic k can differ between seeds' probes.
         models = {"adept": seed_dir / "adept_expanded", "llama_pro": output / f"llama_pro_expanded_k{k}"}
-        for name, chosen in (("adept", layers), ("llama_pro", uniform_layers(num_layers, k))):
+        expansions = {"adept": layers}
+        if "llama_pro" in methods:  # only what some variant trains from
+            expansions["llama_pro"] = uniform_layers(num_layers, k)
+        for name, chosen in expansions.items():
             if not (models[name] / "adept_expansion.json").is_file():
                 expand_checkpoint(original, models[name], chosen, overwrite=True, show_progress=False)
         for variant in variants:
