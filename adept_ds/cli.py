@@ -16,6 +16,15 @@ def _parse_layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,7,11, got {text!r}") from None
 
 
+def _parse_k(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of layers like 4, or auto, got {text!r}") from None
+
+
 def _model_dir(arg: str | None) -> Path:
     """An explicit --model, else the built-in demo model (fetched on first use)."""
     if arg:
@@ -34,14 +43,24 @@ def cmd_fetch_demo_model(args: argparse.Namespace) -> None:
 def cmd_expand(args: argparse.Namespace) -> None:
     from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
     from adept_ds.expand import expand_checkpoint, uniform_layers
-    from adept_ds.probe import layers_from_probe
+    from adept_ds.probe import layers_from_probe, probe_result_for
 
     model = _model_dir(args.model)
+    choice = None
     if args.probe or args.uniform:
         checkpoint = open_checkpoint(model)
         num_layers = checkpoint.config.get("num_hidden_layers")
         if args.uniform:
             layers = uniform_layers(num_layers, args.k)
+        elif args.k == "auto":
+            from adept_ds.auto_k import choose_k, parameter_counts
+            from adept_ds.families import get_family
+
+            result = probe_result_for(args.probe, fingerprint_checkpoint(checkpoint), num_layers)
+            layer_params, model_params = parameter_counts(checkpoint, get_family(checkpoint.config.get("model_type")))
+            choice = choose_k(result["scores"], layer_params, model_params, args.budget_params, args.budget_fraction)
+            layers = choice.layers
+            print(choice.reason())
         else:
             layers = layers_from_probe(args.probe, args.k, fingerprint_checkpoint(checkpoint), num_layers)
     else:
@@ -51,6 +70,13 @@ def cmd_expand(args: argparse.Namespace) -> None:
         f"expanded {model} -> {args.output}: {manifest['num_original_layers']} -> {manifest['num_layers']} layers, "
         f"copies of original layers {manifest['expanded_layers']} at indices {manifest['copied_layers']}"
     )
+    if choice is not None:
+        from adept_ds.auto_k import plot_choice
+
+        # Beside the probe file, where `adept-ds probe` wrote its chart: the same chart, now marking this choice.
+        chart = Path(args.probe).with_suffix(".png")
+        plot_choice(result, choice, chart)
+        print(f"chart: {chart} (chosen layers in orange, the threshold dashed)")
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
@@ -81,6 +107,19 @@ def cmd_probe(args: argparse.Namespace) -> None:
         print(
             f"probe ({result['method']}): base loss {result['base_loss']:.4f} on {result['num_tokens']} tokens; "
             f"least important layers: {order[:8]}; wrote {args.output} and {Path(args.output).with_suffix('.png')}"
+        )
+
+
+def cmd_make_probe_corpus(args: argparse.Namespace) -> None:
+    from adept_ds.probe_corpus import make_probe_corpus
+
+    options = {name: getattr(args, name) for name in ("seed", "temperature", "top_p", "batch_size", "max_new_tokens", "dtype")}
+    stats = make_probe_corpus(_model_dir(args.model), args.output, args.tokens, **options)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"probe corpus: {stats['tokens']:,} tokens in {stats['documents']:,} documents (from {stats['start_token']!r}) -> "
+            f"{args.output}; sampled {stats['sampled_tokens']:,} tokens in {stats['seconds']:.1f} s "
+            f"({stats['tokens_per_second']:,.1f} tokens/s on {stats['world_size']} rank(s), {stats['dtype']})"
         )
 
 
@@ -259,7 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--layers", type=_parse_layers, help="original 0-based layer indices, e.g. 3,7,11")
     choice.add_argument("--probe", help="probe result file from `adept-ds probe`; use with --k")
     choice.add_argument("--uniform", action="store_true", help="LLaMA-Pro placement: a copy after every L/k-th layer; use with --k")
-    expand.add_argument("--k", type=int, help="how many of the probe's least important layers to expand")
+    expand.add_argument(
+        "--k",
+        type=_parse_k,
+        help="how many of the probe's least important layers to expand, or auto (with --probe): every layer scoring at "
+        "most 0.5 x the median score (at least 1), capped by --budget-params / --budget-fraction",
+    )
+    budget = expand.add_mutually_exclusive_group()
+    budget.add_argument("--budget-params", type=int, help="with --k auto: the most parameters the copies may add (k x one layer's)")
+    budget.add_argument(
+        "--budget-fraction", type=float, help="with --k auto: the most parameters the copies may add, as a fraction of the model's"
+    )
     expand.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     expand.set_defaults(func=cmd_expand)
 
@@ -283,6 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     probe.add_argument("--offload-activations", action="store_true", help="mask: hold the recorded layer inputs in CPU memory")
     probe.set_defaults(func=cmd_probe)
+
+    corpus = commands.add_parser(
+        "make-probe-corpus", help="sample a general probe corpus from the model itself (for users with only domain data)"
+    )
+    corpus.add_argument("--model", help="HF checkpoint directory to sample from (default: the demo model)")
+    corpus.add_argument("--tokens", type=int, required=True, help="stop once the documents hold this many generated tokens")
+    corpus.add_argument("--output", required=True, help="JSONL file to write ({'text': ...} per line), for probe --data")
+    corpus.add_argument("--seed", type=int, default=0, help="sampling seed (default 0); batch b is seeded from (seed, b)")
+    corpus.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    corpus.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; no top-k)")
+    corpus.add_argument("--batch-size", type=int, default=16, help="documents per generate call and rank (default 16)")
+    corpus.add_argument("--max-new-tokens", type=int, default=256, help="tokens per document at most (default 256)")
+    corpus.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto (default): the model's dtype on GPU, float32 on CPU"
+    )
+    corpus.set_defaults(func=cmd_make_probe_corpus)
 
     prepare = commands.add_parser("prepare-data", help="tokenise and pack a corpus once into a memory-mapped token store")
     prepare.add_argument("--model", help="model (its tokenizer) the store is for (default: the demo model)")
@@ -366,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--probe and --uniform need --k (how many layers to expand)")
         if args.layers is not None and args.k is not None:
             parser.error("--k goes with --probe or --uniform; with --layers the layers are given explicitly")
+        if args.k == "auto" and not args.probe:
+            parser.error("--k auto needs --probe: k is chosen from the probe's scores")
+        if (args.budget_params is not None or args.budget_fraction is not None) and args.k != "auto":
+            parser.error("--budget-params and --budget-fraction go with --k auto; an explicit --k is used as given")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

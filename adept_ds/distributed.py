@@ -242,6 +242,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return reduced.cpu()
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def decided_by_rank_zero(decide):
     """`decide()` run on rank 0 only, its answer (or the ValueError it raised) broadcast and returned on every rank.
 

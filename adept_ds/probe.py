@@ -70,6 +70,11 @@ def least_important_layers(scores: list[float], k: int) -> list[int]:
 
 def layers_from_probe(path: str | Path, k: int, model_fingerprint: str, num_layers: int) -> list[int]:
     """The k least important layers of a probe result, after checking it was measured on this model."""
+    return least_important_layers(probe_result_for(path, model_fingerprint, num_layers)["scores"], k)
+
+
+def probe_result_for(path: str | Path, model_fingerprint: str, num_layers: int) -> dict:
+    """A probe result, after checking it was measured on this model (its layer count and fingerprint)."""
     result = read_probe_result(path)
     if len(result["scores"]) != num_layers:
         raise ValueError(
@@ -82,7 +87,7 @@ def layers_from_probe(path: str | Path, k: int, model_fingerprint: str, num_laye
             f"probe result {path} was measured on a different model (fingerprint {probed}, this model is "
             f"{model_fingerprint}); rerun `adept-ds probe` on this model"
         )
-    return least_important_layers(result["scores"], k)
+    return result
 
 
 METHODS = ("mask", "grad", "fisher")
@@ -212,7 +217,11 @@ def write_probe_result(path: str | Path, result: dict) -> None:
     plot_probe_result(result, path.with_suffix(".png"))
 
 
-def plot_probe_result(result: dict, path: Path, selected: list[int] | None = None) -> None:
+def plot_probe_result(
+    result: dict, path: Path, selected: list[int] | None = None, threshold: float | None = None, title: str | None = None
+) -> None:
+    """Bar chart of the scores, `selected` layers (default: the 4 least important) in orange, written atomically;
+    `threshold` draws a horizontal line at that score, `title` replaces the default title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,8 +234,12 @@ def plot_probe_result(result: dict, path: Path, selected: list[int] | None = Non
     axes.bar(range(len(scores)), scores, color=colors)
     axes.set_xlabel("decoder layer")
     axes.set_ylabel({"mask": "loss increase when bypassed", "grad": "sum |theta * grad|", "fisher": "sum grad^2"}[result["method"]])
-    axes.set_title(f"general-competence importance ({result['method']}); orange: {len(selected)} least important")
-    if result["method"] != "mask":
+    if threshold is not None:
+        axes.axhline(threshold, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
+        axes.legend(loc="upper right")
+    axes.set_title(title or f"general-competence importance ({result['method']}); orange: {len(selected)} least important", fontsize=9)
+    # Log scale for the gradient methods' sums, and where a threshold near the bottom must stay readable.
+    if result["method"] != "mask" or (threshold is not None and min(scores) > 0):
         axes.set_yscale("log")
     staging = path.with_name(f".{path.stem}.partial-{os.getpid()}.png")
     figure.tight_layout()

@@ -3,7 +3,8 @@
     python benchmarks/compare_seeds.py --seeds 3 --steps 60 [--variants adept,adept:rank,...] [--output runs/compare]
 
 A variant is `method` or `method:normalisation` (adept:per_type, adept:rank). Each seed s probes the
-demo model on a seeded draw of general blocks, expands its k least important layers, and trains every
+demo model on a seeded draw of general blocks, expands its k least important layers (`--k auto`: k chosen from
+that probe by adept_ds.auto_k), and trains every
 variant with train.seed = s (data order and importance probe batches), 2 CPU ranks under ZeRO-3, then
 evaluates held-out general and domain perplexity and domain accuracy. Writes `<output>/results.jsonl`
 (one line per run), `<output>/study.md` (mean ± sd per variant, the Pareto front) and
@@ -29,11 +30,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--variants", default=VARIANTS, help=f"comma-separated (default {VARIANTS})")
     parser.add_argument("--output", type=Path, default=Path("runs/compare"))
-    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--k", default="4", help="layers to expand, or auto: chosen from each seed's probe (adept_ds.auto_k)")
     parser.add_argument("--probe-tokens", type=int, default=4096)
     parser.add_argument("--max-questions", type=int, default=100)
     parser.add_argument("--num-procs", type=int, default=2)
     args = parser.parse_args()
+    if args.k != "auto" and not args.k.isdigit():
+        raise SystemExit(f"--k {args.k!r}: a number of layers or auto")
 
     from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
     from adept_ds.config import METHODS, NORMALIZATIONS
@@ -41,7 +44,7 @@ def main() -> None:
     from adept_ds.evaluate import evaluate_model
     from adept_ds.expand import expand_checkpoint, uniform_layers
     from adept_ds.pipeline import DOMAIN_TEST, GENERAL, GENERAL_HELDOUT, REPLAY, train_method
-    from adept_ds.probe import layers_from_probe, probe_model
+    from adept_ds.probe import layers_from_probe, probe_model, probe_result_for
     from adept_ds.study import aggregate, markdown_table, pareto_front, plot_tradeoff, run_result
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -49,6 +52,7 @@ def main() -> None:
         method, _, normalize = variant.partition(":")
         if REPLAY.get(method, (method,))[0] not in METHODS or (normalize and normalize not in NORMALIZATIONS):
             raise SystemExit(f"unknown variant {variant!r}: a method ({', '.join([*METHODS, *REPLAY])}) or method:normalisation")
+    methods = {variant.partition(":")[0] for variant in variants}
     output = args.output.absolute()
     output.mkdir(parents=True, exist_ok=True)
     results_file = output / "results.jsonl"
@@ -67,9 +71,25 @@ def main() -> None:
         probe_file = seed_dir / "probe.json"
         if not probe_file.is_file():
             probe_model(original, GENERAL, probe_file, max_tokens=args.probe_tokens, block_size=128, batch_size=4, seed=seed)
-        layers = layers_from_probe(probe_file, args.k, fingerprint_checkpoint(open_checkpoint(original)), num_layers)
-        models = {"adept": seed_dir / "adept_expanded", "llama_pro": output / "llama_pro_expanded"}
-        for name, chosen in (("adept", layers), ("llama_pro", uniform_layers(num_layers, args.k))):
+        checkpoint = open_checkpoint(original)
+        fingerprint = fingerprint_checkpoint(checkpoint)
+        if args.k == "auto":
+            from adept_ds.auto_k import choose_k, parameter_counts
+            from adept_ds.families import get_family
+
+            counts = parameter_counts(checkpoint, get_family(checkpoint.config["model_type"]))
+            choice = choose_k(probe_result_for(probe_file, fingerprint, num_layers)["scores"], *counts)
+            k, layers = choice.k, choice.layers
+            print(f"[compare] seed {seed}: {choice.reason()}", flush=True)
+        else:
+            k = int(args.k)
+            layers = layers_from_probe(probe_file, k, fingerprint, num_layers)
+        # One uniform expansion per k: an automatic k can differ between seeds' probes.
+        models = {"adept": seed_dir / "adept_expanded", "llama_pro": output / f"llama_pro_expanded_k{k}"}
+        expansions = {"adept": layers}
+        if "llama_pro" in methods:  # only what some variant trains from
+            expansions["llama_pro"] = uniform_layers(num_layers, k)
+        for name, chosen in expansions.items():
             if not (models[name] / "adept_expansion.json").is_file():
                 expand_checkpoint(original, models[name], chosen, overwrite=True, show_progress=False)
         for variant in variants:
@@ -84,7 +104,7 @@ def main() -> None:
                 method, model, seed_dir / variant.replace(":", "_"), probe_file, args.steps, args.num_procs, replay, extra
             )
             after = evaluate_model(run_dir / "final", corpora, DOMAIN_TEST, max_questions=args.max_questions)
-            result = run_result(variant, seed, before, after)
+            result = run_result(variant, seed, before, after) | {"k": k, "layers": layers}
             results.append(result)
             with open(results_file, "a") as handle:
                 handle.write(json.dumps(result) + "\n")
