@@ -157,3 +157,30 @@ def test_validation_size_and_bad_settings_are_explained(inputs):
         load_run_config(None, [*base, "guard.action=undo"])
     with pytest.raises(ValueError, match=r"guard.cool_factor=1.5: need a number in \(0, 1\)"):
         load_run_config(None, [*base, "guard.cool_factor=1.5"])
+
+
+def test_held_out_sets_are_the_given_corpora_or_the_training_corpora_tails(inputs):
+    from adept_ds.validation import held_out_sets
+
+    tokenizer = AutoTokenizer.from_pretrained(inputs["expanded"])
+    base = overrides(inputs, inputs["root"] / "unused", **{"eval.interval": 100})
+    config = load_run_config(None, base)
+
+    def store(path, max_tokens=None):
+        return load_blocks(path, tokenizer, 32, config.block_cache(), max_tokens=max_tokens)
+
+    domain, general = [store(inputs["domain"])], store(inputs["general"])
+    held_out, sizes, probe_limit = held_out_sets(config, 2, domain, general, store)
+    count = validation_blocks(config, 2)
+    assert [(h.name, h.start, h.count) for h in held_out] == [
+        ("general", len(general) - count, count),
+        ("domain", len(domain[0]) - count, count),
+    ]
+    assert sizes == [len(domain[0]) - count] and probe_limit == len(general) - count  # neither trains nor probes on them
+
+    given = load_run_config(None, [*base, f"data.general_eval={inputs['digits']}", f"data.domain_eval={inputs['digits']}"])
+    held_out, sizes, probe_limit = held_out_sets(given, 2, domain, general, store)
+    assert [(h.name, h.start, h.count) for h in held_out] == [("general", 0, count), ("domain", 0, count)]
+    assert held_out[0].store.fingerprint == store(inputs["digits"], count * 32).fingerprint
+    assert sizes == [len(domain[0])] and probe_limit is None  # the training corpora are left whole
+    assert held_out_sets(load_run_config(None, [*base, "eval.interval=0"]), 2, domain, general, store) == ([], [len(domain[0])], None)
