@@ -210,7 +210,7 @@ def cmd_check(args: argparse.Namespace) -> None:
             domain = data.domain_eval or f"the last blocks of {config.data.domain_sources()[0].path}, not trained on"
             print(f"validation: every {config.eval.interval} steps, {count} blocks per corpus; general: {general}; domain: {domain}")
             if not data.domain_eval:
-                global_batch = config.train.micro_batch_size * config.train.gradient_accumulation_steps * world_size
+                global_batch = config.train.global_batch(world_size)
                 if domain_blocks - count < global_batch:
                     raise ValueError(
                         f"data.domain has {domain_blocks} blocks; holding out {count} for validation leaves {max(domain_blocks - count, 0)}, "

@@ -160,6 +160,10 @@ class TrainConfig:
     """Device memory per rank (GiB) that the automatic choices plan against (frozen_weights=auto and ZeRO-3's
     "auto" window); 0: the GPU's memory, or on CPU the machine's RAM / its ranks."""
 
+    def global_batch(self, world_size: int) -> int:
+        """Blocks per optimizer step over all ranks: micro batch x accumulation x ranks."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * world_size
+
     def __post_init__(self):
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_interval"):
             value = getattr(self, name)
@@ -259,7 +263,7 @@ class EvalConfig:
     and at the end; 0 = never. Forward passes only, on every rank, token-weighted over all ranks."""
     max_tokens: int = 0
     """Validation tokens per corpus; 0 = 2 % of the tokens trained per interval (interval x global batch x block),
-    at least one block per rank and at most 4M tokens: 2.3 % of ADEPT's training time on the demo (benchmarks/validation_cost.py)."""
+    at least one block per rank and at most 4M tokens: 2.0-2.3 % of ADEPT's training time on the demo (benchmarks/validation_cost.py)."""
 
     def __post_init__(self):
         _check(isinstance(self.interval, int) and self.interval >= 0, f"eval.interval={self.interval!r}: need an int >= 0 (0 = never)")

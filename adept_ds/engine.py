@@ -152,7 +152,7 @@ class Trainer:
         random.seed(config.train.seed)
         np.random.seed(config.train.seed)
         torch.manual_seed(config.train.seed)
-        self.global_batch = config.train.micro_batch_size * config.train.gradient_accumulation_steps * self.world_size
+        self.global_batch = config.train.global_batch(self.world_size)
         self.mixture = Mixture(domain_sizes, [source.weight for source in self.sources], config.train.seed)
 
         # Model: with ZeRO-3 the HfDeepSpeedConfig makes from_pretrained load straight into partitions.

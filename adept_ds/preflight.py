@@ -70,7 +70,7 @@ def memory_layout(config: RunConfig, world_size: int, gpu: bool, model_config: d
 def check_corpus_size(name: str, path: str, num_blocks: int, config: RunConfig, world_size: int) -> None:
     """A corpus must fill at least one global batch (micro batch x accumulation x ranks)."""
     train = config.train
-    global_batch = train.micro_batch_size * train.gradient_accumulation_steps * world_size
+    global_batch = train.global_batch(world_size)
     if num_blocks < global_batch:
         raise ValueError(
             f"{name} corpus {path} has {num_blocks} blocks of {config.data.block_size} tokens, fewer than one global batch "

@@ -7,7 +7,7 @@ same blocks are scored at every validation, so the curve moves only with the mod
 
 How many: `eval.max_tokens` per corpus, or by default 2 % of the tokens trained per interval, at least one
 block per rank and at most 4M tokens. Per token a validation forward costs about half an ADEPT step (whose
-backward stops at the lowest copy; less for pt_full): measured 2.3 % of training time on the demo at the default
+backward stops at the lowest copy; less for pt_full): measured 2.0-2.3 % of training time on the demo at the default
 interval (benchmarks/validation_cost.py).
 
 The score is the token-weighted mean next-token loss: each rank sums `loss x predicted tokens` over its share
@@ -39,9 +39,7 @@ def validation_blocks(config, world_size: int) -> int:
     block = config.data.block_size
     tokens = config.eval.max_tokens
     if not tokens:
-        train = config.train
-        global_batch = train.micro_batch_size * train.gradient_accumulation_steps * world_size
-        tokens = min(AUTO_MAX_TOKENS, AUTO_FRACTION * config.eval.interval * global_batch * block)
+        tokens = min(AUTO_MAX_TOKENS, AUTO_FRACTION * config.eval.interval * config.train.global_batch(world_size) * block)
     return max(world_size, int(tokens // block))
 
 
@@ -118,10 +116,8 @@ def held_out_sets(
     if data.domain_eval:
         held_out.append(head_of("domain", store(data.domain_eval, count * data.block_size), count))
     else:
-        train = config.train
-        global_batch = train.micro_batch_size * train.gradient_accumulation_steps * world_size
         path = data.domain_sources()[0].path
-        held, sizes[0] = hold_out_tail("domain", domain[0], count, global_batch, path, "data.domain")
+        held, sizes[0] = hold_out_tail("domain", domain[0], count, config.train.global_batch(world_size), path, "data.domain")
         held_out.append(held)
     return held_out, sizes, probe_limit
 

@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from suite import BENCHMARKS, REPO, add_run_arguments, expanded_model, machine, run_ranks, summarise, write_result
+from suite import BENCHMARKS, REPO, add_run_arguments, demo_expansion, machine, run_ranks, summarise, write_result
 
 from adept_ds.families import decoder_layer_numel
 from adept_ds.preflight import DEEPSPEED_WINDOW, WINDOW_LAYERS
@@ -73,14 +73,9 @@ def main() -> None:
     add_run_arguments(parser, warmup_steps=2, timed_steps=4, port=29741)
     args = parser.parse_args()
 
-    from adept_ds.demo_model import fetch_demo_model
-
     started = time.time()
     output = Path(args.output)
-    work = output / "work" / "frozen_weights"
-    work.mkdir(parents=True, exist_ok=True)
-    layers = [int(layer) for layer in args.layers.split(",")]
-    model = expanded_model(fetch_demo_model(), work / "model", layers)
+    work, layers, model = demo_expansion(output, "frozen_weights", args.layers)
     layer = decoder_layer_numel(json.loads((model / "config.json").read_text()))
     layered = {key: min(WINDOW_LAYERS[key] * layer, default) for key, default in DEEPSPEED_WINDOW.items()}
     settings = {

@@ -151,16 +151,31 @@ def run_ranks(
     return launch_ranks(name, command, result_dir, args.num_procs, env)
 
 
-def launch_ranks(name: str, command: list[str], result_dir: Path, num_procs: int, env: dict | None = None) -> list[dict]:
-    """Run a launcher `command` (on CPU with DeepSpeed's CPU accelerator); each rank's `result_dir/rank{R}.json`.
-    A failure ends the benchmark with the tail of the job's output."""
+def run_launcher(name: str, command: list[str], env: dict | None = None) -> None:
+    """Run a launcher `command` (on CPU with DeepSpeed's CPU accelerator); a failure ends the benchmark with the
+    tail of the job's output."""
     env = dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning", **(env or {}))
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
+
+
+def launch_ranks(name: str, command: list[str], result_dir: Path, num_procs: int, env: dict | None = None) -> list[dict]:
+    """`run_launcher`, then each rank's `result_dir/rank{R}.json`."""
+    run_launcher(name, command, env)
     return [json.loads((result_dir / f"rank{rank}.json").read_text()) for rank in range(num_procs)]
+
+
+def demo_expansion(output: Path, name: str, layers: str) -> tuple[Path, list[int], Path]:
+    """(work dir `output/work/name`, the layers, the demo model expanded after `layers` ("12,14,16,17") in work/model)."""
+    from adept_ds.demo_model import fetch_demo_model
+
+    work = output / "work" / name
+    work.mkdir(parents=True, exist_ok=True)
+    chosen = [int(layer) for layer in layers.split(",")]
+    return work, chosen, expanded_model(fetch_demo_model(), work / "model", chosen)
 
 
 def summarise(ranks: list[dict]) -> dict:

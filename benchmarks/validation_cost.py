@@ -15,48 +15,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from suite import BENCHMARKS, REPO, expanded_model, machine, write_result
+from suite import BENCHMARKS, REPO, demo_expansion, machine, run_launcher, run_overrides, write_result
 
 from adept_ds.config import EvalConfig
 
 TARGET = 0.03
 
 
-def train(model: Path, run_dir: Path, work: Path, steps: int, interval: int, num_procs: int, port: int) -> list[dict]:
-    from adept_ds.pipeline import DOMAIN_TRAIN, GENERAL
-
-    overrides = {
-        "model": model,
-        "method": "adept",
-        "deepspeed": REPO / "ds_configs" / "zero3.json",
-        "output_dir": run_dir,
-        "data.domain": DOMAIN_TRAIN,
-        "data.general": GENERAL,
-        "data.block_size": 256,
-        "data.cache_dir": work / "blocks",
-        "train.micro_batch_size": 2,
-        "train.max_steps": steps,
-        "train.save_interval": 0,
-        "train.export": False,
-        "scheduler.type": "constant",
-        "eval.interval": interval,
-    }
+def train(model: Path, work: Path, args, interval: int) -> Path:
+    """launch/train.py under the DeepSpeed launcher; the run directory."""
+    name = f"interval{interval}"
+    extra = {"data.cache_dir": work / "blocks", "train.max_steps": args.steps, "train.save_interval": 0, "train.export": False}
+    overrides = run_overrides(name, "adept", model, work, args, extra={**extra, "eval.interval": interval})
+    run_dir = Path(overrides["output_dir"])
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # metrics.jsonl appends: start clean
     launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", str(num_procs), "--master_port", str(port), str(REPO / "launch" / "train.py")]
+    command = [str(launcher), "--num_gpus", str(args.num_procs), "--master_port", str(args.port), str(REPO / "launch" / "train.py")]
     command += [f"{key}={value}" for key, value in overrides.items()]
-    print(f"[validation_cost] eval.interval={interval}: {steps} steps", flush=True)
-    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    if done.returncode != 0:
-        raise SystemExit(f"training failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    print(f"[validation_cost] eval.interval={interval}: {args.steps} steps", flush=True)
+    run_launcher(name, command)
+    return run_dir
 
 
 def measure(records: list[dict], interval: int, tokens_per_step: int) -> dict:
@@ -75,9 +60,11 @@ def measure(records: list[dict], interval: int, tokens_per_step: int) -> dict:
 
 
 def markdown(result: dict) -> str:
+    settings = result["settings"]
     lines = [
         f"Machine: {result['machine']['cpu']} ({result['machine']['cores']} cores); demo model + 4 copies after layers "
-        f"{result['layers']}; 2 ranks, ZeRO-3, fp32, 2 x 256 tokens per rank per step; {result['date']}; {result['seconds']:.0f} s in all.",
+        f"{result['layers']}; {settings['num_procs']} ranks, ZeRO-3, fp32, {settings['micro_batch_size']} x {settings['block_size']} tokens "
+        f"per rank per step; {result['date']}; {result['seconds']:.0f} s in all.",
         "",
         "| eval.interval | median step s | validation s (step 0) | validation s | tokens per corpus | cost (share of training) |",
         "|---|---|---|---|---|---|",
@@ -101,30 +88,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--intervals", default=f"{EvalConfig().interval},50", help="eval.interval values to measure")
     parser.add_argument("--num-procs", type=int, default=2)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--port", type=int, default=29751)
     args = parser.parse_args()
 
-    from adept_ds.demo_model import fetch_demo_model
-
     started = time.time()
     output = Path(args.output)
-    work = output / "work" / "validation_cost"
-    work.mkdir(parents=True, exist_ok=True)
-    layers = [int(layer) for layer in args.layers.split(",")]
-    model = expanded_model(fetch_demo_model(), work / "model", layers)
-    tokens_per_step = 2 * 256 * args.num_procs
+    work, layers, model = demo_expansion(output, "validation_cost", args.layers)
+    tokens_per_step = args.micro_batch_size * args.block_size * args.num_procs
     runs, default = [], EvalConfig().interval
     intervals = [int(value) for value in args.intervals.split(",")]
     for interval in dict.fromkeys([default, *intervals]):  # the default always: the target is set there
-        run_dir = work / f"interval{interval}"
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        runs.append(measure(train(model, run_dir, work, args.steps, interval, args.num_procs, args.port), interval, tokens_per_step))
+        records = [json.loads(line) for line in (train(model, work, args, interval) / "metrics.jsonl").read_text().splitlines()]
+        runs.append(measure(records, interval, tokens_per_step))
     at_default = runs[0]
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "seconds": time.time() - started,
+        "settings": vars(args),
         "layers": layers,
         "default_interval": default,
         "runs": runs,
