@@ -169,15 +169,18 @@ def cmd_check(args: argparse.Namespace) -> None:
     from adept_ds.config import load_run_config
     from adept_ds.data import load_blocks
     from adept_ds.preflight import check_corpus_size, preflight, read_hostfile
+    from adept_ds.zeropp import describe as describe_zeropp
 
     config = load_run_config(args.config, args.overrides)
     if args.hostfile:
         hosts = read_hostfile(args.hostfile)
-        world_size = sum(min(slots, args.num_gpus or slots) for slots in hosts.values())
-        where = f"{len(hosts)} hosts in {args.hostfile}"
+        per_host = [min(slots, args.num_gpus or slots) for slots in hosts.values()]
+        world_size, per_node, where = sum(per_host), per_host[0], f"{len(hosts)} hosts in {args.hostfile}"
     else:
-        world_size, where = (args.num_gpus or 1) * args.num_nodes, f"{args.num_nodes} node(s) x {args.num_gpus or 1}"
+        per_node = args.num_gpus or 1
+        world_size, where = per_node * args.num_nodes, f"{args.num_nodes} node(s) x {per_node}"
     gpu = {"gpu": True, "cpu": False}.get(args.device, torch.cuda.is_available())
+    config = with_node_size(config, per_node)
     checked = preflight(config, world_size, gpu)
     ds = checked.ds_config
     print(f"config: {args.config or '(overrides only)'}: method {config.method}, model {config.model} ({checked.family.name})")
@@ -187,6 +190,7 @@ def cmd_check(args: argparse.Namespace) -> None:
         f"{ds.get('zero_optimization', {}).get('stage', 0)}, {'bf16' if ds.get('bf16', {}).get('enabled') else 'fp32'}"
     )
     print(f"memory: {checked.layout.note}")
+    print(f"zero++: {describe_zeropp(ds, config, world_size, checked.layout.frozen_weights)}")
     if not args.skip_data:
         from transformers import AutoTokenizer
 
@@ -221,6 +225,15 @@ def cmd_check(args: argparse.Namespace) -> None:
     print("ok: nothing wrong found")
 
 
+def with_node_size(config, ranks_per_node: int):
+    """train.hpz_ranks=0 means the launcher's ranks per node, which a login node cannot read: take the planned count."""
+    import dataclasses
+
+    if "hpz" in config.train.zeropp and not config.train.hpz_ranks:
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, hpz_ranks=ranks_per_node))
+    return config
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from adept_ds.config import load_run_config
     from adept_ds.plan import GIB, layout_and_plan, model_shape, render
@@ -238,6 +251,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     shape = model_shape(config, args.k)
     gpu = args.device == "gpu"
     memory = None if args.gpu_memory_gb is None else int(args.gpu_memory_gb * GIB)
+    config = with_node_size(config, args.gpus_per_node)
     layout, plan = layout_and_plan(config, shape, args.nodes * args.gpus_per_node, gpu, memory)
     if args.json:
         print(

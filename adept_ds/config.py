@@ -44,6 +44,7 @@ LR_MAPPINGS = ("linear", "power", "uniform")
 NORMALIZATIONS = ("global", "per_type", "rank")
 NONFINITE_POLICIES = ("skip", "stop")
 FROZEN_WEIGHTS = ("auto", "sharded", "replicated")
+ZEROPP = ("off", "hpz", "qwz", "hpz+qwz")
 GUARD_ACTIONS = ("stop", "rollback", "cool")
 
 
@@ -154,6 +155,16 @@ class TrainConfig:
     gathered once at the start and kept whole on every rank in the model's dtype; only the trainable units (and
     their optimizer state) stay partitioned, so a step all-gathers just those. auto: replicated when the memory
     plan (adept_ds/plan.py) fits in `memory_gb` with it, else sharded. ZeRO-1/2 replicate every weight anyway."""
+    zeropp: str = "off"
+    """ZeRO-3 runs: the ZeRO++ options that apply to a frozen backbone (adept_ds/zeropp.py). hpz: hierarchical
+    partitioning. Each weight also keeps a second shard over `hpz_ranks` ranks (a node). A frozen weight's second
+    shard never goes stale, so after the first step every gather of the frozen backbone stays inside a node and
+    only the trainable units' gathers cross nodes. It costs 1/hpz_ranks of the ZeRO-managed weights per rank and
+    changes no loss; it is off on one node (nothing to gain). qwz: gathers weights as int8 with a scale per group
+    of ~8k elements (a quarter of fp32's bytes, half of bf16's); lossy, so the forward sees quantized weights
+    (the quality cost on the demo is in benchmarks/RESULTS.md). hpz+qwz: both."""
+    hpz_ranks: int = 0
+    """zeropp=hpz: the ranks of one secondary shard; 0: the ranks of a node (the launcher's local world size)."""
     threads: int = 0
     """Intra-op CPU threads per rank; 0: OMP_NUM_THREADS when set, else this node's cores / its ranks."""
     memory_gb: float = 0
@@ -185,6 +196,11 @@ class TrainConfig:
         _check(
             self.frozen_weights in FROZEN_WEIGHTS,
             f"train.frozen_weights={self.frozen_weights!r}: choose one of {', '.join(FROZEN_WEIGHTS)}",
+        )
+        _check(self.zeropp in ZEROPP, f"train.zeropp={self.zeropp!r}: choose one of {', '.join(ZEROPP)}")
+        _check(
+            isinstance(self.hpz_ranks, int) and self.hpz_ranks >= 0,
+            f"train.hpz_ranks={self.hpz_ranks!r}: need an int >= 0 (0 = the ranks of one node)",
         )
         _check(isinstance(self.threads, int) and self.threads >= 0, f"train.threads={self.threads!r}: need an int >= 0 (0 = automatic)")
         _check(

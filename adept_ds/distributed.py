@@ -60,8 +60,13 @@ def threads_per_rank(requested: int = 0) -> int:
         return requested
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
-    return max(1, len(os.sched_getaffinity(0)) // max(1, local_world))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size()))
+
+
+def local_world_size(default: int = 1) -> int:
+    """This node's ranks as the launcher said (discover_ranks sets LOCAL_WORLD_SIZE for every launcher, DeepSpeed's
+    own sets LOCAL_SIZE); `default` where neither is set."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", default)))
 
 
 def agreed_minimum(value: int) -> int:
@@ -84,6 +89,8 @@ class AllGatherCounter:
     def __init__(self):
         self.bytes = 0
         self.calls = 0
+        self.bytes_in_subgroups = 0
+        """Of `bytes`, those gathered within a group smaller than the world (hpZ's node-local gathers)."""
 
     def __enter__(self):
         import deepspeed.comm
@@ -98,8 +105,12 @@ class AllGatherCounter:
 
             def counted(*args, **kwargs):
                 output = args[0] if args else kwargs.get("output_tensor", kwargs.get("tensor_list"))
-                self.bytes += sum(t.numel() * t.element_size() for t in outputs(output))
+                gathered = sum(t.numel() * t.element_size() for t in outputs(output))
+                group = args[2] if len(args) > 2 else kwargs.get("group")
+                self.bytes += gathered
                 self.calls += 1
+                if group is not None and deepspeed.comm.get_world_size(group) < deepspeed.comm.get_world_size():
+                    self.bytes_in_subgroups += gathered
                 return original(*args, **kwargs)
 
             return counted

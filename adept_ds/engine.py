@@ -76,6 +76,8 @@ from adept_ds.universal import (
     source_tag,
 )
 from adept_ds.validation import Validator, held_out_sets
+from adept_ds.zeropp import describe as describe_zeropp
+from adept_ds.zeropp import use_cpu_quantizer
 
 
 class NonFiniteLoss(RuntimeError):
@@ -149,6 +151,7 @@ class Trainer:
             self.layout, self.ds_config = memory_layout(config, self.world_size, self.gpu, checked.checkpoint.config, agreed)
         if self.rank == 0:
             print(f"memory: {self.layout.note}", flush=True)
+            print(f"zero++: {describe_zeropp(self.ds_config, config, self.world_size, self.layout.frozen_weights)}", flush=True)
         random.seed(config.train.seed)
         np.random.seed(config.train.seed)
         torch.manual_seed(config.train.seed)
@@ -156,6 +159,8 @@ class Trainer:
         self.mixture = Mixture(domain_sizes, [source.weight for source in self.sources], config.train.seed)
 
         # Model: with ZeRO-3 the HfDeepSpeedConfig makes from_pretrained load straight into partitions.
+        if not self.gpu and self.ds_config.get("zero_optimization", {}).get("zero_quantized_weights"):
+            use_cpu_quantizer()  # ZeRO++ qwZ: DeepSpeed's quantizer is CUDA-only (zeropp.py)
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
         dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)

@@ -47,8 +47,9 @@ def device_bytes(config: RunConfig, gpu: bool) -> int | None:
         return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
     import psutil
 
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
-    return psutil.virtual_memory().total // max(1, local_ranks)
+    from adept_ds.distributed import local_world_size
+
+    return psutil.virtual_memory().total // max(1, local_world_size())
 
 
 def choose_layout(config: RunConfig, world_size: int, gpu: bool, memory: int | None, shape=None, auto_window: bool = True) -> MemoryLayout:

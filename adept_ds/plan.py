@@ -15,6 +15,8 @@ partition; d = 2 bytes in bf16 runs, 4 in fp32; g = 4 with fp32 gradient accumul
 - the ZeRO-3 window: gathered weights, `stage3_max_live_parameters` plus the largest non-layer tensor
   (the embedding or LM head, gathered whole while layers are live), in d; with replicated frozen weights, at
   most the trainable tensors;
+- with ZeRO++ hpZ (train.zeropp=hpz, H ranks per secondary shard): each partitioned tensor's secondary shard,
+  ceil(n / H) * d (a frozen weight keeps it for the run, a trainable one between its forward and the step);
 - activations of one micro-batch (T = micro batch * block tokens) in every layer that gets a backward, from the
   lowest trainable layer up: `layer_activation_bytes` (counted from HF's Llama code with SDPA attention,
   tests/test_plan.py checks it against saved-tensor hooks); with activation checkpointing each of those
@@ -303,6 +305,9 @@ def plan_run(
         outside_layers = max(t.numel for t in shape.tensors if t.layer is None)
         window = min(live + outside_layers, shape.numel) * d
     parameters_term = "parameters (frozen whole + trainable partitions)" if replicated else "parameters (partitions + persistent norms)"
+    hpz = zero.get("zero_hpz_partition_size", 1)
+    managed = trainable if replicated else shape.tensors  # what ZeRO-3 partitions (persistent norms stay whole)
+    secondary = sum(_partition(t.numel, hpz) * d for t in managed if t.numel >= persist) if hpz > 1 else 0
     bucket = int(zero.get("reduce_bucket_size", 500_000_000))
     bucket = bucket if gpu else min(bucket, sum(t.numel for t in trainable))
 
@@ -341,6 +346,7 @@ def plan_run(
         "gradient partitions": 0 if optimizer_offloaded else trainable_parts * g,
         "reduce bucket": bucket * d,
         "ZeRO-3 window (gathered weights)": window,
+        **({f"hpZ secondary shards (1/{hpz} of ZeRO-managed weights)": secondary} if hpz > 1 else {}),
     }
     phases = {"train": Phase("train", {**states, **step_terms(config.train.micro_batch_size)})}
     if optimizer_offloaded or params_offloaded:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adept_ds.config import RunConfig
+from adept_ds.zeropp import apply_zeropp, check_quantized_options
 
 
 @dataclass
@@ -105,7 +106,8 @@ def window_is_auto(path: str | Path) -> bool:
 def resolve_ds_config(
     path: str | Path, config: RunConfig, world_size: int, gpu: bool, model_config: dict, wide_window: bool = False
 ) -> dict:
-    """The DeepSpeed config with every "auto" filled from the run config, the world size, the device and the model.
+    """The DeepSpeed config with every "auto" filled from the run config, the world size, the device and the model,
+    and train.zeropp's ZeRO++ keys set (quantized options refused where they cannot work: zeropp.py).
 
     ZeRO-3's parameter window: `wide_window` (when the memory plan says gathered weights fit: frozen_weights.py)
     takes DeepSpeed's defaults, so a layer gathered for forward stays live for its backward. Otherwise it is
@@ -165,6 +167,9 @@ def resolve_ds_config(
         if not gpu and ds.get(precision, {}).get("enabled"):
             raise ValueError(f'{path}: {precision} is enabled but this run is on CPU; use zero3.json ("auto": fp32 on CPU, bf16 on GPU)')
     fill_grad_accum_dtype(ds, path)
+    zero = ds.get("zero_optimization", {})
+    check_quantized_options(zero, gpu, path)
+    apply_zeropp(zero, config, world_size, path)
     ds.setdefault("steps_per_print", 1 << 30)
     return ds
 

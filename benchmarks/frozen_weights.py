@@ -10,7 +10,10 @@ ZeRO-3 (the shipped zero3.json), the same data and batch; the runs differ in one
 - DeepSpeed persistence: sharded, stage3_param_persistence_threshold=1e12, so every weight is ds_persist
   (DeepSpeed's own way of keeping weights gathered; it re-partitions and re-gathers them at every optimizer step);
 - replicated: train.frozen_weights=replicated, window "auto" (what `auto` picks on this machine);
-- replicated, 2 threads per rank: the same with train.threads=2 (torch's default here) on this 2-core machine.
+- replicated, 2 threads per rank: the same with train.threads=2 (torch's default here) on this 2-core machine;
+- sharded 4 ranks / hpz 4 ranks: sharded with the wide window on 4 ranks (micro batch 1: the same global batch),
+  without and with ZeRO++ hpZ over 2 ranks (train.zeropp=hpz, hpz_ranks=2: 2 "nodes" of 2). "Across groups" is
+  what a cluster would send between nodes: all of it without hpZ, and with it what is not gathered inside a group.
 Bytes are counted on rank 0 over the timed steps (distributed.AllGatherCounter). Peak memory is the larger
 rank's peak RSS over the whole run. Targets (issue 16): replicated all-gathers <= 0.1x and steps in <= 0.8x the
 time of `before`. Writes benchmarks/results/frozen_weights-<device>.{json,md}.
@@ -47,12 +50,14 @@ def markdown(result: dict) -> str:
         f"{result['settings']['micro_batch_size']} x {result['settings']['block_size']} tokens per rank per step; {result['date']}; "
         f"{result['seconds']:.0f} s in all.",
         "",
-        "| run | all-gathered MB / step | vs before | step s | vs before | importance s | peak RSS MB / rank | threads |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | ranks | all-gathered MB / step | vs before | across groups MB / step | step s | vs before | importance s | "
+        "peak RSS MB / rank | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, run in runs.items():
         lines.append(
-            f"| {name} | {run['gathered_mb_per_step']:.1f} | {run['gathered_mb_per_step'] / before['gathered_mb_per_step']:.3f} | "
+            f"| {name} | {run['ranks']} | {run['gathered_mb_per_step']:.1f} | "
+            f"{run['gathered_mb_per_step'] / before['gathered_mb_per_step']:.3f} | {run['across_groups_mb_per_step']:.1f} | "
             f"{run['step_seconds']:.2f} | {run['step_seconds'] / before['step_seconds']:.3f} | {run['importance_seconds']:.2f} | "
             f"{run['peak_memory_mb']:.0f} | {run['threads']} |"
         )
@@ -87,17 +92,27 @@ def main() -> None:
         ),
         "replicated": ({"train.frozen_weights": "replicated"}, REPO / "ds_configs" / "zero3.json"),
         "replicated, 2 threads per rank": ({"train.frozen_weights": "replicated", "train.threads": 2}, REPO / "ds_configs" / "zero3.json"),
+        "sharded 4 ranks": ({"train.frozen_weights": "sharded"}, ds_config(work, "wide", DEEPSPEED_WINDOW)),
+        "hpz 4 ranks": (
+            {"train.frozen_weights": "sharded", "train.zeropp": "hpz", "train.hpz_ranks": 2},
+            ds_config(work, "wide", DEEPSPEED_WINDOW),
+        ),
     }
     if args.runs:
         settings = {name: value for name, value in settings.items() if name in args.runs.split(",")}
     runs = {}
     for name, (extra, config) in settings.items():
         slug = name.replace(",", "").replace(" ", "_")
-        ranks = run_ranks(slug, "adept", model, work, args, config, {"data.cache_dir": work / "blocks", **extra}, importance_repeats=1)
+        # The 4-rank runs keep the global batch (micro batch x ranks) of the others.
+        four = {"num_procs": 4, "micro_batch_size": args.micro_batch_size * args.num_procs // 4}
+        launch = argparse.Namespace(**{**vars(args), **four}) if name.endswith("4 ranks") else args
+        ranks = run_ranks(slug, "adept", model, work, launch, config, {"data.cache_dir": work / "blocks", **extra}, importance_repeats=1)
         runs[name] = {
             **summarise(ranks),
+            "ranks": launch.num_procs,
             "gathered_mb_per_step": ranks[0]["gathered_bytes_per_step"] / 1e6,
-            "layout": ranks[0]["layout"],
+            "across_groups_mb_per_step": (ranks[0]["gathered_bytes_per_step"] - ranks[0]["subgroup_bytes_per_step"]) / 1e6,
+            "layout": f"{ranks[0]['layout']}; {ranks[0]['zeropp']}",
             "threads": ranks[0]["threads"],
         }
     before, replicated = runs["before"], runs["replicated"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, as one prepared script for a lent GPU machine: probe (mask, grad), adept and pt_full
 # training in bf16 under ZeRO-3 with step time, memory and MFU, export and eval; <= 8 minutes on one
-# GPU. Writes benchmarks/results/gpu-<date>.{md,json}. CI never runs it. Extra arguments go to
+# GPU, then the ZeRO++ quantizer stand-in against DeepSpeed's CUDA kernel (benchmarks/qwz_kernel_check.py).
+# Writes benchmarks/results/gpu-<date>.{md,json} and qwz-kernel-check-<date>.json. CI never runs it. Extra arguments go to
 # benchmarks/gpu_check.py (e.g. --peak-tflops 989; --smoke checks the script on CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +11,6 @@ PYTHON=${PYTHON:-python}
 "$PYTHON" -c "import torch, deepspeed, transformers" || { echo "gpu_check: install torch, deepspeed and transformers first" >&2; exit 2; }
 "$PYTHON" -c "import adept_ds" 2>/dev/null || "$PYTHON" -m pip install --no-deps --no-build-isolation -e . >/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-exec timeout 480 "$PYTHON" benchmarks/gpu_check.py "$@"
+timeout 480 "$PYTHON" benchmarks/gpu_check.py "$@"
+# The CPU stand-in for DeepSpeed's ZeRO++ quantizer (adept_ds.zeropp.TorchQuantizer) against the kernel itself; skipped by --smoke.
+case " $* " in *" --smoke "*) ;; *) timeout 150 "$PYTHON" benchmarks/qwz_kernel_check.py ;; esac

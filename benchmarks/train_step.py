@@ -1,7 +1,7 @@
 """One rank of a step-time / memory measurement (run by benchmarks/suite.py under the DeepSpeed launcher).
 
 argv: RESULT_DIR WARMUP_STEPS TIMED_STEPS IMPORTANCE_REPEATS [--save-checkpoint] key=value overrides...
-Writes RESULT_DIR/rank{R}.json: per-step seconds and bytes all-gathered, unit-importance recompute seconds, peak memory (also per
+Writes RESULT_DIR/rank{R}.json: per-step seconds and bytes all-gathered (and of them, within ZeRO++ hpZ groups), unit-importance recompute seconds, peak memory (also per
 phase: the peak RSS is reset after the engine is ready and again before the importance passes), and with
 --save-checkpoint the checkpoint written after them.
 """
@@ -20,6 +20,7 @@ import torch
 from adept_ds.config import load_run_config
 from adept_ds.distributed import AllGatherCounter
 from adept_ds.engine import Trainer
+from adept_ds.zeropp import describe as describe_zeropp
 
 
 def _rss_mb() -> float:
@@ -87,7 +88,9 @@ def main() -> None:
         "world_size": trainer.world_size,
         "step_seconds": step_seconds,
         "gathered_bytes_per_step": gathered.bytes / max(1, int(timed)),
+        "subgroup_bytes_per_step": gathered.bytes_in_subgroups / max(1, int(timed)),
         "layout": trainer.layout.note,
+        "zeropp": describe_zeropp(trainer.ds_config, config, trainer.world_size, trainer.layout.frozen_weights),
         "threads": torch.get_num_threads(),
         "importance_seconds": importance_seconds,
         "tokens_per_step_per_rank": config.train.micro_batch_size * config.train.gradient_accumulation_steps * config.data.block_size,

@@ -54,16 +54,21 @@ def layouts(tmp_path_factory):
     layer = decoder_layer_numel(model_config)
     # What the "auto" window was before it planned memory: ~3 layers, whatever memory there is.
     layered = {key: min(WINDOW_LAYERS[key] * layer, default) for key, default in DEEPSPEED_WINDOW.items()}
+    auto = ds_config(root, "auto.json", {})
+    # hpZ: 4 ranks as 2 "nodes" of 2, with the same global batch and probe batch as the 2-rank runs.
+    hpz = {"train.zeropp": "hpz", "train.hpz_ranks": 2, "train.micro_batch_size": 1, "importance.batch_size": 1}
     runs = {
-        "before": {"train.frozen_weights": "sharded", "deepspeed": ds_config(root, "layered.json", layered)},
-        "replicated": {"train.frozen_weights": "replicated", "deepspeed": ds_config(root, "auto.json", {})},
+        "before": (2, {"train.frozen_weights": "sharded", "deepspeed": ds_config(root, "layered.json", layered)}),
+        "replicated": (2, {"train.frozen_weights": "replicated", "deepspeed": auto}),
+        "hpz": (4, {"train.frozen_weights": "sharded", "deepspeed": auto, **hpz}),
+        "qwz": (2, {"train.frozen_weights": "sharded", "deepspeed": auto, "train.zeropp": "qwz"}),
     }
     results = {}
-    for name, extra in runs.items():
+    for name, (ranks, extra) in runs.items():
         out = root / f"out_{name}"
         out.mkdir()
-        run_deepspeed("frozen_layout.py", out, *overrides(inputs, root / name, **extra))
-        results[name] = (read_rank_results(out, 2), out)
+        run_deepspeed("frozen_layout.py", out, *overrides(inputs, root / name, **extra), num_procs=ranks)
+        results[name] = (read_rank_results(out, ranks), out)
     return inputs, results
 
 
@@ -105,6 +110,8 @@ def test_replicated_trains_measures_importance_checkpoints_and_exports_like_shar
     assert replicated[0]["losses"] == pytest.approx(before[0]["losses"], rel=1e-6)
     assert replicated[0]["importance"] == pytest.approx(before[0]["importance"], rel=1e-6)
     assert replicated[0]["checkpoint_files"] == before[0]["checkpoint_files"]
+    for rank in (*before, *replicated):  # the checkpoint continues the run exactly
+        assert rank["step_after_load"] == rank["step_after_save"]
     a, b = load_state(before_out / "final"), load_state(replicated_out / "final")
     assert a.keys() == b.keys()
     for name in a:
@@ -142,3 +149,54 @@ def test_auto_takes_the_first_layout_that_fits(tmp_path):
     assert chosen(10 * needed["replicated", True], frozen="sharded") == ("sharded", True)
     assert chosen(needed["sharded", True] - 1, frozen="sharded") == ("sharded", False)
     assert chosen(10 * needed["replicated", True], method="pt_full")[0] == "sharded"
+
+
+def test_hpz_keeps_the_frozen_backbone_inside_a_node_after_the_first_step(layouts):
+    """ZeRO++ hpZ over 2 of 4 ranks: every weight gets a secondary shard over its group of 2, and from the second
+    step on only the trainable copies are gathered across groups (across nodes, on a cluster); losses, importance
+    and the export equal the 2-rank sharded run's (the same global batches: rel 1e-5 for the other rank count)."""
+    inputs, results = layouts
+    (hpz, hpz_out), (before, before_out) = results["hpz"], results["before"]
+    base = load_state(inputs["expanded"])
+    trainable = {name for name in base if name.startswith(("model.layers.2.", "model.layers.4."))}
+    trainable_bytes = sum(base[name].numel() * 4 for name in trainable)
+    for rank in hpz:
+        assert rank["hpz_ranks"] == 2 and rank["layout"] == "sharded"
+        assert set(rank["secondary"]) >= set(base) - trainable  # every frozen weight keeps its node-local shard
+        for name, numel in rank["secondary"].items():
+            assert numel == math.ceil(base[name].numel() / 2)
+        for gathered, inside in zip(rank["gathered_bytes_per_step"], rank["subgroup_bytes_per_step"]):
+            assert gathered - inside <= trainable_bytes  # across groups: at most the copies, once
+            assert inside >= gathered - trainable_bytes > 0
+    for rank in before:  # without hpZ everything is gathered over the whole world
+        assert rank["subgroup_bytes_per_step"] == [0, 0]
+    assert hpz[0]["losses"] == pytest.approx(before[0]["losses"], rel=1e-5)
+    assert hpz[0]["step_after_load"] == hpz[0]["step_after_save"] == pytest.approx(before[0]["step_after_save"], rel=1e-5)
+    assert hpz[0]["importance"] == pytest.approx(before[0]["importance"], rel=1e-5)
+    a, b = load_state(before_out / "final"), load_state(hpz_out / "final")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_qwz_gathers_int8_and_trains_checkpoints_and_exports(layouts):
+    """ZeRO++ qwZ on 2 ranks (CPU: DeepSpeed's own qwZ path, with adept_ds.zeropp.TorchQuantizer as its quantizer):
+    a step gathers every weight once as int8 plus a scale per group, a quarter of fp32's bytes; the losses follow
+    the exact run's within the quantization error; a checkpoint continues the run exactly; the export holds the
+    exact fp32 masters, and the frozen weights as they were."""
+    inputs, results = layouts
+    (qwz, qwz_out), (before, _) = results["qwz"], results["before"]
+    base = load_state(inputs["expanded"])
+    numel = sum(t.numel() for t in base.values())
+    for rank in qwz:
+        for gathered in rank["gathered_bytes_per_step"]:
+            assert numel <= gathered <= 1.05 * numel  # int8 weights, fp32 scales; fp32 would be 4 * numel
+        assert rank["step_after_load"] == rank["step_after_save"]
+    assert qwz[0]["losses"][0] == pytest.approx(before[0]["losses"][0], rel=1e-3)  # the first forward: quantized weights
+    assert qwz[0]["losses"] != before[0]["losses"]
+    assert qwz[0]["losses"] == pytest.approx(before[0]["losses"], rel=0.02)
+    exported = load_state(qwz_out / "final")
+    trainable = ("model.layers.2.", "model.layers.4.")
+    for name, tensor in base.items():
+        if not name.startswith(trainable):
+            assert torch.equal(exported[name], tensor)
+    assert any(not torch.equal(exported[name], base[name]) for name in base if name.startswith(trainable))

@@ -31,6 +31,11 @@ def test_check_accepts_a_good_run_and_reports_the_batch_arithmetic(inputs, tmp_p
     assert code == 0, output
     assert "world: 4 ranks (2 hosts" in output and "global batch 8 = micro 2 x accumulation 1 x 4 ranks" in output
     assert "ok: nothing wrong found" in output
+    assert "zero++: ZeRO++ off" in output
+    # hpZ's node size on a login node: the hostfile's ranks per host (2 with --num-gpus 2), not this machine's.
+    code, output = check(capsys, "--hostfile", hostfile, "--num-gpus", 2, *overrides(inputs, tmp_path / "run", **{"train.zeropp": "hpz"}))
+    assert code == 0, output
+    assert "zero++: ZeRO++ hpZ: secondary shards over 2 ranks (2 groups)" in output
 
 
 @pytest.mark.parametrize(
