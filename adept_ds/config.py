@@ -429,6 +429,8 @@ def _build(cls, values: dict, prefix: str = ""):
                     value = float(value)
                 except ValueError:
                     pass
+            if kind == "str" and isinstance(value, bool):  # YAML 1.1 reads off/on (no/yes) as booleans: train.zeropp=off
+                value = "on" if value else "off"
             expected = {"str": str, "int": int, "float": (int, float), "bool": bool}.get(kind)
             if expected is not None and (not isinstance(value, expected) or (kind == "int" and isinstance(value, bool))):
                 raise ValueError(f"config key '{prefix}{key}' = {value!r}: expected {kind}")

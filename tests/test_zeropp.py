@@ -25,6 +25,16 @@ def resolved(tmp_path, overrides=(), data=ZERO3, world_size=8, gpu=False) -> dic
     return resolve_ds_config(write(tmp_path, data), config, world_size, gpu, MODEL_CONFIG)
 
 
+def test_off_is_off_in_yaml_and_on_the_command_line(tmp_path):
+    """YAML 1.1 reads an unquoted off as False: the setting still reads it as "off"."""
+    assert load_run_config(None, ["train.zeropp=off"]).train.zeropp == "off"
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  zeropp: off\n")
+    assert load_run_config(run).train.zeropp == "off"
+    with pytest.raises(ValueError, match="train.zeropp='on': choose one of off, hpz, qwz, hpz\\+qwz"):
+        load_run_config(None, ["train.zeropp=on"])
+
+
 def test_hpz_takes_the_ranks_of_a_node_and_is_off_where_one_group_spans_the_world(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert "zero_hpz_partition_size" not in resolved(tmp_path)["zero_optimization"]  # off by default
