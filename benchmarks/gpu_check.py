@@ -68,8 +68,9 @@ def save_checkpoint_run(model: Path, work: Path, args) -> Path:
         "scheduler.warmup_steps": 1,
         "importance.interval": 2,
     }
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--no_local_rank", "--num_gpus", "1", "--master_port", str(args.port + 1), "--module", "adept_ds.train"]
+    from suite import launcher_command
+
+    command = [*launcher_command(1, args.port + 1), "--module", "adept_ds.train"]
     command += ["--auto-resume", *[f"{key}={value}" for key, value in overrides.items()]]
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
     if not torch.cuda.is_available():

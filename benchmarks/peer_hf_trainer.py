@@ -123,7 +123,7 @@ def rank_main(argv: list[str]) -> None:
 
 
 def hf_trainer_run(name: str, model: Path, ds_config: dict, work: Path, args, checkpointing: bool) -> dict:
-    from suite import launch_ranks
+    from suite import launch_ranks, launcher_command
 
     from adept_ds.distributed import free_port
 
@@ -131,17 +131,7 @@ def hf_trainer_run(name: str, model: Path, ds_config: dict, work: Path, args, ch
     result_dir.mkdir(parents=True, exist_ok=True)
     ds_path = result_dir / "ds_config.json"
     ds_path.write_text(json.dumps(ds_config, indent=2))
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [
-        str(launcher),
-        "--no_local_rank",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(Path(__file__).resolve()),
-        "--rank-script",
-    ]
+    command = [*launcher_command(2, free_port()), str(Path(__file__).resolve()), "--rank-script"]
     command += [
         str(result_dir),
         str(model),

@@ -142,13 +142,17 @@ def run_ranks(
     result_dir = output / "runs" / name
     result_dir.mkdir(parents=True, exist_ok=True)
     overrides = run_overrides(name, method, model, output, args, ds_config, extra)
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--no_local_rank", "--num_gpus", str(args.num_procs), "--master_port", str(args.port)]
+    command = launcher_command(args.num_procs, args.port)
     command += [str(BENCHMARKS / "train_step.py"), str(result_dir), str(args.warmup_steps), str(args.timed_steps), str(importance_repeats)]
     command += ["--save-checkpoint"] if save_checkpoint else []
     command += [f"{key}={value}" for key, value in overrides.items()]
     print(f"[suite] {name}: {method} on {model.name}, {args.warmup_steps} + {args.timed_steps} steps", flush=True)
     return launch_ranks(name, command, result_dir, args.num_procs, env)
+
+
+def launcher_command(num_procs: int, port: int) -> list[str]:
+    """This environment's DeepSpeed launcher for `num_procs` local ranks on `port`; the script and its arguments follow."""
+    return [str(Path(sys.executable).parent / "deepspeed"), "--no_local_rank", "--num_gpus", str(num_procs), "--master_port", str(port)]
 
 
 def run_launcher(name: str, command: list[str], env: dict | None = None) -> None:

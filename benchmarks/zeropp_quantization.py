@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from suite import BENCHMARKS, demo_expansion, launch_ranks, machine, run_overrides, write_result
+from suite import BENCHMARKS, demo_expansion, launch_ranks, launcher_command, machine, run_overrides, write_result
 
 MODES = {"ZeRO-3": "off", "ZeRO-3 + qwZ": "qwz"}
 
@@ -84,8 +83,7 @@ def main() -> None:
         result_dir = work / "runs" / slug
         result_dir.mkdir(parents=True, exist_ok=True)
         overrides = run_overrides(slug, "adept", model, work, shape, extra={**schedule, "optimizer.lr": lr, "train.zeropp": mode})
-        launcher = Path(sys.executable).parent / "deepspeed"
-        command = [str(launcher), "--no_local_rank", "--num_gpus", "2", "--master_port", str(args.port)]
+        command = launcher_command(2, args.port)
         command += [str(BENCHMARKS / "qwz_rank.py"), str(result_dir), *[f"{key}={value}" for key, value in overrides.items()]]
         print(f"[zeropp] {name}, lr {lr:g}: adept, {args.steps} steps", flush=True)
         rank0 = launch_ranks(name, command, result_dir, 2)[0]
