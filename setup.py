@@ -9,6 +9,7 @@ INSTALL_REQUIRES = [
     "datasets==5.2.0",
     "mpi4py>=4.0",
     "pyarrow>=15",
+    "zstandard>=0.22",  # zstd-compressed corpora (corpus.py)
     "tensorboard>=2.15",
     "safetensors>=0.4",
     "tqdm>=4.66",
@@ -24,9 +25,16 @@ setup(
     version="0.1.0",
     description="ADEPT continual pretraining (selective layer expansion + unit-wise adaptive LR) on DeepSpeed ZeRO-3",
     packages=find_packages(include=["adept_ds", "adept_ds.*"]),
-    package_data={"adept_ds": ["assets/*.jsonl", "assets/*.md"]},
+    # ds_configs/ is a link to the repository's ds_configs/: the DeepSpeed configs ship inside the package, by name.
+    package_data={"adept_ds": ["assets/*.jsonl", "assets/*.md", "ds_configs/*.json"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={
+        # report.to sinks beyond TensorBoard (run_log.py)
+        "wandb": ["wandb==0.31.0"],
+        "mlflow": ["mlflow-skinny==3.18.0"],
+        # the tests log to both for real (W&B offline, MLflow's file store)
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "wheel", "wandb==0.31.0", "mlflow-skinny==3.18.0"],
+    },
     entry_points={"console_scripts": ["adept-ds=adept_ds.cli:main"]},
 )

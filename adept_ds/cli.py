@@ -25,13 +25,38 @@ def _parse_k(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of layers like 4, or auto, got {text!r}") from None
 
 
-def _model_dir(arg: str | None) -> Path:
-    """An explicit --model, else the built-in demo model (fetched on first use)."""
-    if arg:
-        return Path(arg)
-    from adept_ds.demo_model import fetch_demo_model
+DEMO_MODEL = "demo"
+"""`--model demo`: the built-in demo model (SmolLM2-135M, built offline on first use), named only when asked for."""
 
-    return fetch_demo_model()
+
+def _model_dir(arg: str | None) -> Path:
+    """The --model directory; `demo` (when no such directory exists) is the built-in demo model, fetched on first use."""
+    if not arg:
+        raise ValueError(
+            "--model is required: a Hugging Face checkpoint directory (for the built-in demo model, SmolLM2-135M, "
+            f"give --model {DEMO_MODEL}, or the directory `adept-ds fetch-demo-model` prints)"
+        )
+    if arg == DEMO_MODEL and not Path(arg).is_dir():
+        from adept_ds.demo_model import fetch_demo_model
+
+        return fetch_demo_model()
+    return Path(arg)
+
+
+def without_local_rank(argv: list[str]) -> list[str]:
+    """argv less the `--local_rank=N` (or `--local_rank N`) DeepSpeed's launcher adds to every rank's arguments
+    unless given --no_local_rank: it puts it first, before the subcommand. The rank comes from LOCAL_RANK."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith(("--local_rank=", "--local-rank=")):
+            pass
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
 
 
 def cmd_fetch_demo_model(args: argparse.Namespace) -> None:
@@ -163,33 +188,89 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {checkpoints}/{args.tag or '(newest complete checkpoint)'} -> {output}")
 
 
-def cmd_check(args: argparse.Namespace) -> None:
-    import torch
+def planned_world(args: argparse.Namespace) -> tuple[int, int, str]:
+    """(world size, ranks per node, why) of the job `check` describes: a hostfile's slots (capped by --num-gpus),
+    else --num-nodes x --num-gpus, else one rank per node."""
+    from adept_ds.preflight import read_hostfile
 
-    from adept_ds.config import load_run_config
-    from adept_ds.data import load_blocks
-    from adept_ds.preflight import check_corpus_size, preflight, read_hostfile
-    from adept_ds.zeropp import describe as describe_zeropp
-
-    config = load_run_config(args.config, args.overrides)
     if args.hostfile:
         hosts = read_hostfile(args.hostfile)
         per_host = [min(slots, args.num_gpus or slots) for slots in hosts.values()]
-        world_size, per_node, where = sum(per_host), per_host[0], f"{len(hosts)} hosts in {args.hostfile}"
-    else:
-        per_node = args.num_gpus or 1
-        world_size, where = per_node * args.num_nodes, f"{args.num_nodes} node(s) x {per_node}"
-    gpu = {"gpu": True, "cpu": False}.get(args.device, torch.cuda.is_available())
+        return sum(per_host), per_host[0], f"{len(hosts)} hosts in {args.hostfile}: " + " + ".join(map(str, per_host)) + " ranks"
+    if args.num_gpus:
+        return args.num_gpus * args.num_nodes, args.num_gpus, f"--num-nodes {args.num_nodes} x --num-gpus {args.num_gpus}"
+    return args.num_nodes, 1, "no --hostfile or --num-gpus, so 1 rank per node was assumed; give them for the job's world size"
+
+
+def planned_device(args: argparse.Namespace) -> tuple[bool, str]:
+    """(GPU?, why): --device, else DS_ACCELERATOR=cpu, else GPUs when a hostfile or --num-gpus describes the job
+    (a login node without GPUs checks a GPU job), else this machine's."""
+    import torch
+
+    if args.device:
+        return args.device == "gpu", f"--device {args.device}"
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        return False, "DS_ACCELERATOR=cpu; --device gpu to check a GPU job"
+    if args.hostfile or args.num_gpus:
+        return True, "--hostfile/--num-gpus describe a GPU job; --device cpu for CPU ranks"
+    gpu = torch.cuda.is_available()
+    return gpu, f"this machine has {'a' if gpu else 'no'} GPU; --device gpu|cpu to check for a job elsewhere"
+
+
+def _run_config(args: argparse.Namespace):
+    """(the run config file, the run config) of `--config` or a leading RUN.yaml, plus the key=value overrides."""
+    from adept_ds.config import load_run_config
+
+    overrides = list(args.overrides)
+    config_file = args.config
+    if config_file is None and overrides and "=" not in overrides[0]:
+        config_file = overrides.pop(0)
+    return config_file, load_run_config(config_file, overrides)
+
+
+def print_paths(config, config_file: str | None) -> None:
+    """Each path of the run config as the run will use it."""
+    from adept_ds.config import PATH_KEYS, _get
+
+    base = f"{Path(config_file).absolute().parent} (the run config's directory)" if config_file else "the current directory"
+    print(f"paths (in the file: relative to {base}; in key=value overrides: to the current directory):")
+    values = config.to_dict()
+    for key in PATH_KEYS:
+        value = _get(values, key)
+        if isinstance(value, list):
+            value = ", ".join(f"{source.name}: {source.path}" for source in config.data.domain_sources())
+        if value:
+            print(f"  {key}: {value}")
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from adept_ds.config import with_run_length
+    from adept_ds.data import load_blocks
+    from adept_ds.ds_config import describe_owners
+    from adept_ds.preflight import check_corpus_size, preflight
+    from adept_ds.zeropp import describe as describe_zeropp
+
+    config_file, config = _run_config(args)
+    world_size, per_node, where = planned_world(args)
+    gpu, device_reason = planned_device(args)
     config = with_node_size(config, per_node)
-    checked = preflight(config, world_size, gpu)
+    try:
+        checked = preflight(config, world_size, gpu)
+    except ValueError as err:
+        raise ValueError(f"{err} [checked for {'GPU' if gpu else 'CPU'} ranks: {device_reason}]") from None
     ds = checked.ds_config
-    print(f"config: {args.config or '(overrides only)'}: method {config.method}, model {config.model} ({checked.family.name})")
+    print(f"config: {config_file or '(overrides only)'}: method {config.method}, model {config.model} ({checked.family.name})")
+    print_paths(config, config_file)
+    print(f"device: {'GPU' if gpu else 'CPU'} ({device_reason})")
     print(
         f"world: {world_size} ranks ({where}); global batch {ds['train_batch_size']} = micro {ds['train_micro_batch_size_per_gpu']} "
         f"x accumulation {ds['gradient_accumulation_steps']} x {world_size} ranks; ZeRO stage "
         f"{ds.get('zero_optimization', {}).get('stage', 0)}, {'bf16' if ds.get('bf16', {}).get('enabled') else 'fp32'}"
     )
-    print(f"memory: {checked.layout.note}")
+    print(f"owners: {describe_owners(ds)}")
+    for note in checked.notes:
+        print(f"deepspeed config: {note}")
+    print(f"memory: {checked.layout.note}" + ("; `adept-ds plan` shows each term" if "does not fit" in checked.layout.note else ""))
     print(f"zero++: {describe_zeropp(ds, config, world_size, checked.layout.frozen_weights)}")
     if not args.skip_data:
         from transformers import AutoTokenizer
@@ -197,15 +278,13 @@ def cmd_check(args: argparse.Namespace) -> None:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         cache, vocab_size = config.block_cache(), checked.checkpoint.config.get("vocab_size")
         domain_blocks = 0
-        for name, path in config.corpora().items():
+        for name, source in config.corpora().items():
             max_tokens = config.importance.max_tokens if name == "general" else None
-            blocks = len(
-                load_blocks(
-                    path, tokenizer, config.data.block_size, cache, config.data.text_field, max_tokens, vocab_size, show_progress=True
-                )
+            store = load_blocks(
+                source.path, tokenizer, config.data.block_size, cache, source.text_field, max_tokens, vocab_size, show_progress=True
             )
-            domain_blocks += blocks if name != "general" else 0
-            print(f"data: {name} {path}: {blocks} blocks of {config.data.block_size} tokens (token store in {cache} unless prepared)")
+            domain_blocks += len(store) if name != "general" else 0
+            print(f"data: {name} {source.path}: {len(store)} blocks of {config.data.block_size} tokens (token store {store.path})")
         if config.eval.interval:
             from adept_ds.validation import validation_blocks
 
@@ -222,6 +301,10 @@ def cmd_check(args: argparse.Namespace) -> None:
                     )
                 domain_blocks -= count
         check_corpus_size("domain", config.data.domain, domain_blocks, config, world_size)
+        for note in with_run_length(config, domain_blocks, world_size)[1]:
+            print(f"length: {note}")
+    elif config.train.epochs or config.scheduler.warmup_ratio:
+        print("length: train.epochs / scheduler.warmup_ratio are resolved from the corpus's size when the run starts (--skip-data)")
     print("ok: nothing wrong found")
 
 
@@ -234,8 +317,11 @@ def with_node_size(config, ranks_per_node: int):
     return config
 
 
-def cmd_plan(args: argparse.Namespace) -> None:
-    from adept_ds.config import load_run_config
+PLAN_DOES_NOT_FIT = 3
+"""`adept-ds plan`'s exit code when a phase does not fit (2: bad input), so that a submit script can stop on it."""
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
     from adept_ds.plan import GIB, layout_and_plan, model_shape, render
 
     for name in ("nodes", "gpus_per_node"):
@@ -245,7 +331,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         raise ValueError(f"--gpu-memory-gb {args.gpu_memory_gb}: need a positive number of GiB")
     if args.write_gb_per_s <= 0:
         raise ValueError(f"--write-gb-per-s {args.write_gb_per_s}: need a positive bandwidth")
-    config = load_run_config(args.config, args.overrides)
+    _, config = _run_config(args)
     if not config.model:
         raise ValueError("model is not set: give model=DIR (a model directory or its config.json; no weights are read)")
     shape = model_shape(config, args.k)
@@ -259,10 +345,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
                 {name: {"total": phase.total, "where": phase.where, **phase.terms} for name, phase in plan.phases.items()}
                 | {"checkpoint_bytes": plan.checkpoint_bytes, "checkpoint_bytes_per_rank": plan.checkpoint_bytes_per_rank}
                 | {"frozen_weights": layout.frozen_weights, "wide_window": layout.wide_window}
+                | {"fits": {name: plan.fits(name) for name in plan.phases}}
             )
         )
-        return
+        return 0 if all(plan.fits(phase) for phase in plan.phases) else PLAN_DOES_NOT_FIT
     print(render(config, shape, plan, args.nodes, args.gpus_per_node, args.write_gb_per_s))
+    return 0 if all(plan.fits(phase) for phase in plan.phases) else PLAN_DOES_NOT_FIT
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -290,11 +378,82 @@ def cmd_eval(args: argparse.Namespace) -> None:
     shutdown_distributed()  # a no-op unless launched on several ranks
 
 
+def launcher_command(args: argparse.Namespace) -> list[str]:
+    """DeepSpeed's launcher (the `deepspeed` of this environment) with the job's rank layout."""
+    import shutil
+
+    from adept_ds.distributed import free_port
+
+    runner = Path(sys.executable).parent / "deepspeed"
+    command = [str(runner) if runner.is_file() else shutil.which("deepspeed") or "deepspeed"]
+    if args.hostfile:
+        from adept_ds.preflight import read_hostfile
+
+        read_hostfile(args.hostfile)  # DeepSpeed would fall back to this machine alone on a missing one
+        command += ["--hostfile", args.hostfile]
+    if args.num_gpus:
+        command += ["--num_gpus", str(args.num_gpus)]
+    if args.no_ssh:
+        command += ["--no_ssh", "--num_nodes", str(args.num_nodes), "--node_rank", str(args.node_rank)]
+    if args.master_addr:
+        command += ["--master_addr", args.master_addr]
+    # One machine: a free port, so that two jobs (or a job beside a demo) never meet at DeepSpeed's fixed 29500.
+    port = args.master_port or (None if args.hostfile else free_port())
+    return command + (["--master_port", str(port)] if port else [])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`deepspeed [layout] --module adept_ds.train --config RUN.yaml ...`, after checking the config here."""
+    import shlex
+    import subprocess
+
+    import torch
+
+    config_file, config = _run_config(args)
+    if config_file is None:
+        raise ValueError("give the run config: adept-ds train RUN.yaml [--num-gpus N | --hostfile H] [key=value ...]")
+    config.validate_paths()  # a bad key, value or path fails here, before any rank starts
+    overrides = args.overrides[1:] if args.config is None else args.overrides
+    resume = ["--resume"] if args.resume else ["--auto-resume"] if args.auto_resume else []
+    command = [*launcher_command(args), "--module", "adept_ds.train", "--config", str(Path(config_file).absolute()), *overrides, *resume]
+    env = dict(os.environ)
+    if not args.hostfile and not torch.cuda.is_available():  # CPU ranks here: DeepSpeed's CPU accelerator and gloo
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    print("+ " + shlex.join(command), flush=True)
+    return subprocess.call(command, env=env)
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from adept_ds.config import starter_config
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise ValueError(f"{output} exists; pass --force to replace it")
+    text = starter_config(args.overrides, output.absolute().parent)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    print(f"wrote {output}: edit it (or give key=value here), then: adept-ds check --config {output}; adept-ds train {output} --num-gpus N")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from adept_ds.pipeline import run_demo
 
     report = run_demo(args.output, compare=args.compare, steps=args.steps, num_procs=args.num_procs)
     print(report.read_text())
+
+
+MODEL_HELP = f"Hugging Face checkpoint directory ('{DEMO_MODEL}': the built-in demo model)"
+
+
+def add_launcher_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="run config YAML (or give it as the first positional argument)")
+    parser.add_argument("--num-gpus", type=int, help="ranks per node (deepspeed --num_gpus; caps hostfile slots)")
+    parser.add_argument("--hostfile", help="DeepSpeed/MPI hostfile ('HOST slots=N' lines), for several nodes")
+    parser.add_argument("--master-addr", help="rendezvous address (several nodes: the first node)")
+    parser.add_argument("--master-port", type=int, help="rendezvous port (default: a free one on one node, 29500 with a hostfile)")
+    parser.add_argument("--no-ssh", action="store_true", help="several nodes without ssh: start on every node with --node-rank")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes (with --no-ssh; default 1)")
+    parser.add_argument("--node-rank", type=int, default=0, help="this node's rank (with --no-ssh; 0 = the master)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_fetch_demo_model)
 
     expand = commands.add_parser("expand", help="insert function-preserving copies after selected layers")
-    expand.add_argument("--model", help="HF checkpoint directory (default: the demo model)")
+    expand.add_argument("--model", help=MODEL_HELP)
     expand.add_argument("--output", required=True, help="directory for the expanded checkpoint")
     choice = expand.add_mutually_exclusive_group(required=True)
     choice.add_argument("--layers", type=_parse_layers, help="original 0-based layer indices, e.g. 3,7,11")
@@ -327,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     expand.set_defaults(func=cmd_expand)
 
     probe = commands.add_parser("probe", help="score each decoder layer's importance for general competence")
-    probe.add_argument("--model", help="HF checkpoint directory (default: the demo model)")
+    probe.add_argument("--model", help=MODEL_HELP)
     probe.add_argument("--data", required=True, help="general probe corpus: JSONL/text/Parquet file or directory, or a datasets dir")
     probe.add_argument("--output", required=True, help="result JSON path (a PNG chart is written beside it)")
     probe.add_argument("--method", default="mask", help="mask (default: loss increase when bypassed), grad or fisher")
@@ -350,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus = commands.add_parser(
         "make-probe-corpus", help="sample a general probe corpus from the model itself (for users with only domain data)"
     )
-    corpus.add_argument("--model", help="HF checkpoint directory to sample from (default: the demo model)")
+    corpus.add_argument("--model", help=MODEL_HELP)
     corpus.add_argument("--tokens", type=int, required=True, help="stop once the documents hold this many generated tokens")
     corpus.add_argument("--output", required=True, help="JSONL file to write ({'text': ...} per line), for probe --data")
     corpus.add_argument("--seed", type=int, default=0, help="sampling seed (default 0); batch b is seeded from (seed, b)")
@@ -364,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.set_defaults(func=cmd_make_probe_corpus)
 
     prepare = commands.add_parser("prepare-data", help="tokenise and pack a corpus once into a memory-mapped token store")
-    prepare.add_argument("--model", help="model (its tokenizer) the store is for (default: the demo model)")
+    prepare.add_argument("--model", help="model (its tokenizer) the store is for: " + MODEL_HELP)
     prepare.add_argument("--data", required=True, help="corpus: JSONL/JSON/text/Parquet file or directory, or a datasets dir")
     prepare.add_argument("--output", required=True, help="directory for the store (tokens.bin + manifest.json)")
     prepare.add_argument("--block-size", type=int, default=256, help="tokens per block (default 256; the run's data.block_size)")
@@ -375,20 +534,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a training checkpoint as a plain HF safetensors checkpoint")
     export.add_argument("--run", required=True, help="training output_dir (holds checkpoints/ and run_config.yaml)")
-    export.add_argument("--tag", help="checkpoint tag, e.g. step00000500 (default: latest)")
+    export.add_argument("--tag", help="checkpoint, e.g. step500 (or step00000500; default: the newest complete one)")
     export.add_argument("--model", help="model training started from (default: from run_config.yaml)")
     export.add_argument("--output", required=True, help="directory for the HF checkpoint")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     export.set_defaults(func=cmd_export)
 
+    train = commands.add_parser(
+        "train", help="Stage 2: train a run config under DeepSpeed's launcher (deepspeed --module adept_ds.train ...)"
+    )
+    add_launcher_options(train)
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    resume.add_argument("--auto-resume", action="store_true", help="continue if there is a complete checkpoint, else start")
+    train.add_argument("overrides", nargs="*", metavar="[RUN.yaml] key=value", help="the run config, then key.sub=value overrides")
+    train.set_defaults(func=cmd_train)
+
+    init = commands.add_parser("init", help="write a starter run config: every key, its default and what it does")
+    init.add_argument("output", help="the run config YAML to write, e.g. run.yaml")
+    init.add_argument("overrides", nargs="*", help="key.sub=value to fill in, e.g. model=DIR data.domain=PATH method=pt_full")
+    init.add_argument("--force", action="store_true", help="replace an existing file")
+    init.set_defaults(func=cmd_init)
+
     check = commands.add_parser("check", help="validate a run's inputs (config, paths, model, DeepSpeed batch arithmetic, hostfile, data)")
-    check.add_argument("--config", help="run config YAML")
+    check.add_argument("--config", help="run config YAML (or give it as the first positional argument)")
     check.add_argument("--hostfile", help="DeepSpeed/MPI hostfile ('HOST slots=N' lines): its slots give the world size")
     check.add_argument("--num-gpus", type=int, help="ranks per node (as deepspeed --num_gpus; caps hostfile slots)")
     check.add_argument("--num-nodes", type=int, default=1, help="nodes, without a hostfile (default 1)")
-    check.add_argument("--device", choices=("gpu", "cpu"), help="where the run will train (default: this machine's)")
+    check.add_argument(
+        "--device",
+        choices=("gpu", "cpu"),
+        help="where the job will train (default: GPUs with --hostfile/--num-gpus, unless DS_ACCELERATOR=cpu; else this machine's)",
+    )
     check.add_argument("--skip-data", action="store_true", help="do not tokenise the corpora (they are cached for the run otherwise)")
-    check.add_argument("overrides", nargs="*", help="key.sub=value overrides, as given to launch/train.py")
+    check.add_argument("overrides", nargs="*", metavar="[RUN.yaml] key=value", help="key.sub=value overrides, as given to train")
     check.set_defaults(func=cmd_check)
 
     plan = commands.add_parser(
@@ -406,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
 
     evaluate = commands.add_parser("eval", help="perplexity on held-out corpora and QA exact-match accuracy")
-    evaluate.add_argument("--model", help="HF checkpoint directory (default: the demo model)")
+    evaluate.add_argument("--model", help=MODEL_HELP)
     evaluate.add_argument("--general", help="held-out general corpus (perplexity)")
     evaluate.add_argument("--domain", help="held-out domain corpus (perplexity)")
     evaluate.add_argument("--qa", help="question/answer JSONL ('question', 'answer' fields): greedy exact-match accuracy")
@@ -439,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(without_local_rank(sys.argv[1:] if argv is None else argv))
     if args.command == "expand":
         if (args.probe or args.uniform) and args.k is None:
             parser.error("--probe and --uniform need --k (how many layers to expand)")
@@ -450,11 +629,10 @@ def main(argv: list[str] | None = None) -> int:
         if (args.budget_params is not None or args.budget_fraction is not None) and args.k != "auto":
             parser.error("--budget-params and --budget-fraction go with --k auto; an explicit --k is used as given")
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"adept-ds {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +40,24 @@ METHOD_SPECS = {
     "adept_no_stage2_matched": MethodSpec(expanded=True, trains="copies", adaptive_lr=True, matched_lr=True),
 }
 METHODS = tuple(METHOD_SPECS)
-SCHEDULERS = ("WarmupCosineLR", "WarmupLR", "WarmupDecayLR", "constant")
+DEEPSPEED_SCHEDULERS = ("WarmupCosineLR", "WarmupLR", "WarmupDecayLR")
+SCHEDULERS = (*DEEPSPEED_SCHEDULERS, "constant", "linear", "cosine", "warmup_stable_decay")
+DECAY_TYPES = ("linear", "sqrt", "cosine")
 LR_MAPPINGS = ("linear", "power", "uniform")
 NORMALIZATIONS = ("global", "per_type", "rank")
 NONFINITE_POLICIES = ("skip", "stop")
 FROZEN_WEIGHTS = ("auto", "sharded", "replicated")
 ZEROPP = ("off", "hpz", "qwz", "hpz+qwz")
 GUARD_ACTIONS = ("stop", "rollback", "cool")
+REPORT_SINKS = ("tensorboard", "wandb", "mlflow")
+
+
+def corpus_name(path: str) -> str:
+    """A source's default name: its file or directory name less format suffixes (`domain.jsonl.gz` -> domain)."""
+    name = Path(path).name
+    while Path(name).suffix.lower() in (".gz", ".zst", ".zstd", ".jsonl", ".json", ".txt", ".text", ".parquet"):
+        name = Path(name).stem
+    return name or Path(path).name
 
 
 def _check(condition: bool, message: str) -> None:
@@ -60,6 +72,8 @@ class DataSource:
     name: str
     path: str
     weight: float
+    text_field: str = "text"
+    """The source's text field in JSONL/Parquet records (default: data.text_field)."""
 
 
 @dataclass(kw_only=True)
@@ -98,12 +112,13 @@ class DataConfig:
             if isinstance(entry, str):
                 entry = {"path": entry}
             _check(
-                isinstance(entry, dict) and isinstance(entry.get("path"), str) and set(entry) <= {"path", "weight", "name"},
-                f"data.domain[{index}]={entry!r}: a source is a path or a mapping with path, weight and optionally name",
+                isinstance(entry, dict) and isinstance(entry.get("path"), str) and set(entry) <= {"path", "weight", "name", "text_field"},
+                f"data.domain[{index}]={entry!r}: a source is a path or a mapping with path, weight and optionally name and text_field",
             )
-            path = entry["path"]
-            name = str(entry.get("name") or (Path(path).stem if path else "domain"))
-            sources.append(DataSource(name=name, path=path, weight=entry.get("weight", 1.0)))
+            path, text_field = entry["path"], entry.get("text_field", self.text_field)
+            _check(isinstance(text_field, str) and bool(text_field), f"data.domain[{index}].text_field={text_field!r}: need a field name")
+            name = str(entry.get("name") or (corpus_name(path) if path else "domain"))
+            sources.append(DataSource(name=name, path=path, weight=entry.get("weight", 1.0), text_field=text_field))
         try:
             check_weights([source.weight for source in sources])
         except ValueError as err:
@@ -119,7 +134,10 @@ class TrainConfig:
     """Blocks per rank per forward pass (DeepSpeed train_micro_batch_size_per_gpu)."""
     gradient_accumulation_steps: int = 1
     max_steps: int = 100
-    """Optimizer steps to train."""
+    """Optimizer steps to train (replaced by epochs when that is > 0)."""
+    epochs: float = 0
+    """Passes over data.domain (all its sources' blocks, less held-out ones): when > 0, max_steps = ceil(epochs x blocks
+    / global batch), resolved once the corpus is read and printed; 0: max_steps."""
     seed: int = 0
     gradient_clipping: float = 1.0
     save_interval: int = 50
@@ -183,6 +201,10 @@ class TrainConfig:
             isinstance(self.save_interval, int) and self.save_interval >= 0, f"train.save_interval={self.save_interval!r}: need an int >= 0"
         )
         _check(
+            isinstance(self.epochs, (int, float)) and not isinstance(self.epochs, bool) and 0 <= self.epochs < math.inf,
+            f"train.epochs={self.epochs!r}: need a number >= 0 (0: train.max_steps)",
+        )
+        _check(
             isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 0,
             f"train.keep_checkpoints={self.keep_checkpoints!r}: need an int >= 0 (0 keeps every checkpoint)",
         )
@@ -218,30 +240,59 @@ class OptimizerConfig:
     eps: float = 1e-8
 
     def __post_init__(self):
+        _check(
+            isinstance(self.betas, (list, tuple))
+            and len(self.betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas),
+            f"optimizer.betas={self.betas!r}: need two numbers in [0, 1), e.g. [0.9, 0.95]",
+        )
         self.betas = tuple(self.betas)
         _check(
             isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr),
             f"optimizer.lr={self.lr!r}: need a positive number",
         )
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"optimizer.betas={self.betas!r}: need two numbers in [0, 1)")
         _check(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay!r}: need >= 0")
 
 
 @dataclass(kw_only=True)
 class SchedulerConfig:
     type: str = "WarmupCosineLR"
-    """DeepSpeed scheduler: WarmupCosineLR, WarmupLR, WarmupDecayLR, or constant."""
+    """lr_base over time. DeepSpeed's WarmupCosineLR, WarmupLR (warmup, then flat) or WarmupDecayLR (warmup, then linear
+    to 0); or adept_ds's (adept_ds/lr.py, warmup may be 0): constant (no warmup), linear or cosine (warmup, then down to
+    min_lr_ratio), warmup_stable_decay (torchtitan's WSD: warmup, flat, then down over the last decay_ratio of the steps)."""
     warmup_steps: int = 10
+    """Warmup steps (DeepSpeed's schedulers need >= 1); replaced by warmup_ratio when that is > 0."""
+    warmup_ratio: float = 0.0
+    """Warmup as a share of train.max_steps (rounded up), as HF's warmup_ratio; 0: warmup_steps."""
     min_lr_ratio: float = 0.1
-    """Cosine end LR as a fraction of lr (WarmupCosineLR)."""
+    """End LR as a fraction of lr (WarmupCosineLR, linear, cosine, warmup_stable_decay)."""
+    decay_ratio: float = 0.1
+    """warmup_stable_decay: the share of the steps, at the end, over which the LR decays."""
+    decay_type: str = "linear"
+    """warmup_stable_decay's decay: linear, sqrt (1 - sqrt(progress)) or cosine."""
     warmup_type: str = "linear"
+    """DeepSpeed's schedulers' warmup: linear or log."""
 
     def __post_init__(self):
         _check(self.type in SCHEDULERS, f"scheduler.type={self.type!r}: choose one of {', '.join(SCHEDULERS)}")
         _check(
-            isinstance(self.warmup_steps, int) and self.warmup_steps >= 1, f"scheduler.warmup_steps={self.warmup_steps!r}: need an int >= 1"
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, f"scheduler.warmup_steps={self.warmup_steps!r}: need an int >= 0"
+        )
+        _check(
+            isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1,
+            f"scheduler.warmup_ratio={self.warmup_ratio!r}: need a number in [0, 1) (0: use warmup_steps)",
+        )
+        _check(
+            self.warmup_steps >= 1 or self.warmup_ratio > 0 or self.type not in DEEPSPEED_SCHEDULERS,
+            f"scheduler.warmup_steps=0: DeepSpeed's {self.type} needs at least 1; for no warmup take scheduler.type=constant, linear, "
+            "cosine or warmup_stable_decay",
         )
         _check(0 <= self.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={self.min_lr_ratio!r}: need a number in [0, 1]")
+        _check(
+            isinstance(self.decay_ratio, (int, float)) and 0 < self.decay_ratio <= 1,
+            f"scheduler.decay_ratio={self.decay_ratio!r}: need a number in (0, 1]",
+        )
+        _check(self.decay_type in DECAY_TYPES, f"scheduler.decay_type={self.decay_type!r}: choose one of {', '.join(DECAY_TYPES)}")
         _check(self.warmup_type in ("linear", "log"), f"scheduler.warmup_type={self.warmup_type!r}: choose linear or log")
 
 
@@ -319,6 +370,29 @@ class GuardConfig:
 
 
 @dataclass(kw_only=True)
+class ReportConfig:
+    to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where rank 0 logs the run's scalars (loss, tokens/s and tokens per source, per-unit LRs and importance,
+    validation, the forgetting guard), beside metrics.jsonl: any of tensorboard (output_dir/tensorboard), wandb
+    (pip install 'adept_ds[wandb]'; WANDB_MODE=offline for no network) and mlflow (pip install 'adept_ds[mlflow]');
+    [] for metrics.jsonl alone."""
+    project: str = "adept_ds"
+    """The W&B project and the MLflow experiment."""
+    run_name: str = ""
+    """The W&B and MLflow run name; "": the output_dir's name."""
+    mlflow_tracking_uri: str = ""
+    """MLflow's tracking server or store; "": $MLFLOW_TRACKING_URI, else a file store in output_dir/mlruns."""
+
+    def __post_init__(self):
+        if isinstance(self.to, str):  # report.to=wandb, as HF's report_to takes one name
+            self.to = [] if self.to == "none" else [self.to]
+        _check(
+            isinstance(self.to, list) and all(sink in REPORT_SINKS for sink in self.to),
+            f"report.to={self.to!r}: choose any of {', '.join(REPORT_SINKS)} (a list, e.g. [tensorboard, wandb]; [] for none)",
+        )
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: str = ""
     """Expanded model from `adept-ds expand` (adept, llama_pro, adept_no_stage2), or the original (pt_full, adept_no_stage1)."""
@@ -332,9 +406,11 @@ class RunConfig:
     """Probe result (`adept-ds probe`) choosing the layers adept_no_stage1 trains."""
     k: int = 4
     """How many of the probe's least important layers adept_no_stage1 trains."""
-    deepspeed: str = "ds_configs/zero3.json"
-    """DeepSpeed JSON config; its "auto" values are filled from this run config."""
+    deepspeed: str = "zero3"
+    """DeepSpeed JSON config: a path, or the name of one shipped with adept_ds (zero3: ZeRO-3, bf16 on GPU and fp32 on
+    CPU; zero3_bf16, zero3_fp16, zero3_offload, zero2, zero1, ...); its "auto" values are filled from this run config."""
     output_dir: str = "runs/train"
+    """Where the run writes checkpoints, metrics, TensorBoard logs and the exported model (final/)."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -342,8 +418,10 @@ class RunConfig:
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self):
+        self.deepspeed = resolve_path("deepspeed", self.deepspeed, Path.cwd())  # a shipped name, when built directly
         _check(self.method in METHODS, f"method={self.method!r}: choose one of {', '.join(METHODS)}")
         _check(isinstance(self.k, int) and self.k >= 1, f"k={self.k!r}: need an int >= 1")
         if self.guard.enabled:
@@ -369,7 +447,11 @@ class RunConfig:
         """Paths must exist before any process group starts."""
         _check(bool(self.model), "model is not set: give the expanded model directory (model=DIR)")
         _check(Path(self.model).is_dir(), f"model={self.model!r} does not exist")
-        _check(Path(self.deepspeed).is_file(), f"deepspeed={self.deepspeed!r}: no such DeepSpeed config file")
+        _check(
+            Path(self.deepspeed).is_file(),
+            f"deepspeed={self.deepspeed!r}: no such DeepSpeed config file; give a path or a shipped config's name "
+            f"({', '.join(shipped_ds_configs())})",
+        )
         for source in self.data.domain_sources():
             where = "data.domain" if isinstance(self.data.domain, str) else f"data.domain source '{source.name}'"
             _check(bool(source.path) and Path(source.path).exists(), f"{where}={source.path!r} does not exist")
@@ -384,12 +466,13 @@ class RunConfig:
                 f"data.general={self.data.general!r} does not exist (needed for unit importance)",
             )
 
-    def corpora(self) -> dict[str, str]:
+    def corpora(self) -> dict[str, DataSource]:
         """What a run tokenises: the domain corpus (each source of a mixture), and the general one when unit
         importance is measured."""
         sources = self.data.domain_sources()
-        domain = {"domain": sources[0].path} if len(sources) == 1 else {f"domain:{s.name}": s.path for s in sources}
-        return {**domain, **({"general": self.data.general} if self.adaptive_lr else {})}
+        domain = {"domain": sources[0]} if len(sources) == 1 else {f"domain:{s.name}": s for s in sources}
+        general = DataSource(name="general", path=self.data.general, weight=0.0, text_field=self.data.text_field)
+        return {**domain, **({"general": general} if self.adaptive_lr else {})}
 
     def block_cache(self) -> Path:
         """Where tokenised blocks are cached (shared by `adept-ds check` and the training run)."""
@@ -399,6 +482,27 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def with_run_length(config: RunConfig, domain_blocks: int, world_size: int) -> tuple[RunConfig, list[str]]:
+    """train.epochs and scheduler.warmup_ratio resolved into train.max_steps and scheduler.warmup_steps, once the
+    corpus's size is known (`domain_blocks`: the blocks training draws from, over all sources); with a line each."""
+    train, schedule, notes = config.train, config.scheduler, []
+    if train.epochs > 0:
+        global_batch = train.global_batch(world_size)
+        steps = max(1, math.ceil(train.epochs * domain_blocks / global_batch))
+        notes.append(
+            f"train.epochs={train.epochs}: train.max_steps = {steps} = ceil({train.epochs} x {domain_blocks} domain blocks / "
+            f"global batch {global_batch})" + (f" (train.max_steps={train.max_steps} is not used)" if train.max_steps != steps else "")
+        )
+        train = dataclasses.replace(train, max_steps=steps)
+    if schedule.warmup_ratio > 0:
+        warmup = math.ceil(schedule.warmup_ratio * train.max_steps)
+        notes.append(
+            f"scheduler.warmup_ratio={schedule.warmup_ratio}: scheduler.warmup_steps = {warmup} = ceil(ratio x {train.max_steps} steps)"
+        )
+        schedule = dataclasses.replace(schedule, warmup_steps=warmup)
+    return dataclasses.replace(config, train=train, scheduler=schedule), notes
 
 
 def _build(cls, values: dict, prefix: str = ""):
@@ -412,15 +516,7 @@ def _build(cls, values: dict, prefix: str = ""):
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
             raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
         kind = fields[key].type
-        sub = {
-            "DataConfig": DataConfig,
-            "TrainConfig": TrainConfig,
-            "OptimizerConfig": OptimizerConfig,
-            "SchedulerConfig": SchedulerConfig,
-            "ImportanceConfig": ImportanceConfig,
-            "EvalConfig": EvalConfig,
-            "GuardConfig": GuardConfig,
-        }.get(kind)
+        sub = {section.__name__: section for section in SECTIONS.values()}.get(kind)
         if sub is not None:
             kwargs[key] = _build(sub, value, f"{prefix}{key}.")
         else:
@@ -438,24 +534,90 @@ def _build(cls, values: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """`train.max_steps=10` style overrides, values parsed as YAML scalars."""
+PATH_KEYS = (
+    "model",
+    "probe",
+    "deepspeed",
+    "output_dir",
+    "data.domain",
+    "data.general",
+    "data.general_eval",
+    "data.domain_eval",
+    "data.cache_dir",
+)
+"""The run config's paths: made absolute once, when the config is loaded (`resolve_path`)."""
+SHIPPED_DS_CONFIGS = Path(__file__).parent / "ds_configs"
+"""The DeepSpeed configs that ship with the package (ds_configs/ of the repository), named by `deepspeed: zero3`."""
+
+
+def shipped_ds_configs() -> list[str]:
+    return sorted(path.stem for path in SHIPPED_DS_CONFIGS.glob("*.json"))
+
+
+def resolve_path(key: str, value, base: Path):
+    """`value` of path key `key` made absolute against `base` (after ~ and $VARS); "" stays unset.
+
+    `deepspeed` may also name a shipped config: `zero3` (or `ds_configs/zero3.json`, as configs written for a
+    checkout name it), when no such file exists under `base`. `data.domain` may be a mixture: each source's path."""
+    if key == "data.domain" and isinstance(value, list):
+        return [
+            {**entry, "path": resolve_path(key, entry["path"], base)}
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str)
+            else resolve_path(key, entry, base)
+            for entry in value
+        ]
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(os.path.expandvars(value)).expanduser()
+    # normpath, not resolve(): "../x" reads as the user wrote it, and symlinked directories stay as named
+    resolved = Path(os.path.normpath(path if path.is_absolute() else (base / path).absolute()))
+    if key == "deepspeed" and not resolved.exists():
+        name = path.name.removesuffix(".json")
+        if path.parent in (Path("."), Path("ds_configs")) and name in shipped_ds_configs():
+            return str(SHIPPED_DS_CONFIGS / f"{name}.json")
+    return str(resolved)
+
+
+def _set(values: dict, key: str, value) -> None:
+    node = values
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{key}: '{part}' is not a section")
+    node[leaf] = value
+
+
+def _get(values: dict, key: str):
+    node = values
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def apply_overrides(values: dict, overrides: list[str], base: Path | None = None) -> dict:
+    """`train.max_steps=10` style overrides, values parsed as YAML scalars; with `base`, their paths are resolved
+    against it (the current directory, where a shell would complete them)."""
     values = json.loads(json.dumps(values))
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ValueError(f"override {override!r} is not key=value (e.g. train.max_steps=10)")
-        node = values
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {override!r}: '{part}' is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        if base is not None and key in PATH_KEYS:
+            value = resolve_path(key, value, base)
+        try:
+            _set(values, key, value)
+        except ValueError as err:
+            raise ValueError(f"override {override!r}: {err}") from None
     return values
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """The run config of a YAML file plus `key=value` overrides, its paths made absolute: those written in the file
+    against the file's directory, those given as overrides against the current directory."""
     values = {}
     if path is not None:
         try:
@@ -464,4 +626,110 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
             raise ValueError(f"run config {path} does not exist") from None
         except yaml.YAMLError as err:
             raise ValueError(f"run config {path} is not valid YAML: {err}") from err
-    return _build(RunConfig, apply_overrides(values, list(overrides)))
+        if not isinstance(values, dict):
+            raise ValueError(f"run config {path} must be a mapping of keys (model:, data:, ...), got {type(values).__name__}")
+        base = Path(path).absolute().parent
+        for key in PATH_KEYS:
+            value = _get(values, key)
+            if value is not None:
+                _set(values, key, resolve_path(key, value, base))
+    values = apply_overrides(values, list(overrides), Path.cwd())
+    for key in PATH_KEYS:  # the defaults (output_dir, deepspeed) too
+        if _get(values, key) is None:
+            default = _default(key)
+            if default:
+                _set(values, key, resolve_path(key, default, Path.cwd()))
+    return _build(RunConfig, values)
+
+
+def _default(key: str):
+    """The dataclass default of a top-level key (nested path keys default to "")."""
+    if "." in key:
+        return None
+    return next(f.default for f in dataclasses.fields(RunConfig) if f.name == key)
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "importance": ImportanceConfig,
+    "eval": EvalConfig,
+    "guard": GuardConfig,
+    "report": ReportConfig,
+}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a config dataclass, read from its source (Python keeps none at run time)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def starter_config(overrides: list[str], directory: Path) -> str:
+    """A run config YAML for `adept-ds init`: every key with its value (the default, or the override given) and what
+    it does. Paths given relative to the current directory are written relative to `directory`, the file's."""
+    import textwrap
+
+    config = load_run_config(None, overrides)  # refuses a bad key or value now, not when the run starts
+    given = {override.partition("=")[0] for override in overrides}
+    values = config.to_dict()
+    for key in PATH_KEYS:
+        if key not in given:  # unset paths stay as the defaults read (output_dir and deepspeed name no file of yours)
+            _set(values, key, _default(key) if "." not in key else _get(values, key))
+            continue
+        raw = yaml.safe_load(next(o for o in overrides if o.partition("=")[0] == key).partition("=")[2])
+
+        def relative(value, resolved):
+            return resolved if not isinstance(value, str) or Path(value).is_absolute() else os.path.relpath(resolved, directory)
+
+        resolved = _get(values, key)
+        if isinstance(raw, list):
+            entries = [e["path"] if isinstance(e, dict) else e for e in raw]
+            resolved = [{**e, "path": relative(r, e["path"])} for r, e in zip(entries, resolved)]
+        else:
+            resolved = relative(raw, resolved)
+        _set(values, key, resolved)
+    if isinstance(_get(values, "data.domain"), list):  # the sources as given, without the resolved defaults
+        _set(
+            values,
+            "data.domain",
+            [{k: v for k, v in e.items() if k in ("path", "weight", "name", "text_field")} for e in values["data"]["domain"]],
+        )
+
+    def comment(text: str, indent: str) -> list[str]:
+        return [f"{indent}# {line}" for line in textwrap.wrap(text, 112 - len(indent))]
+
+    def scalar(value) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("\n...").removesuffix("...").strip()
+
+    lines = [
+        "# adept_ds run config (written by `adept-ds init`): every key, its value and what it does.",
+        "# Relative paths are relative to this file's directory. Validate: adept-ds check --config THIS.yaml [--num-gpus N | --hostfile H]",
+        "# Train: adept-ds train THIS.yaml --num-gpus N [key=value ...] (key=value overrides any key below)",
+        f"# DeepSpeed configs shipped with adept_ds, by name: {', '.join(shipped_ds_configs())}",
+        "",
+    ]
+    top_docs = field_docs(RunConfig)
+    for name, value in values.items():
+        if name in SECTIONS:
+            docs = field_docs(SECTIONS[name])
+            lines.append(f"{name}:")
+            for key, sub in value.items():
+                lines += comment(docs.get(key, ""), "  ") if docs.get(key) else []
+                lines.append(f"  {key}: {scalar(sub)}")
+            lines.append("")
+        else:
+            lines += comment(top_docs.get(name, ""), "") if top_docs.get(name) else []
+            lines.append(f"{name}: {scalar(value)}")
+            lines.append("")
+    return "\n".join(lines)

@@ -1,18 +1,25 @@
-"""Reading raw corpora in independent chunks, so that worker processes can tokenise them in parallel.
+"""Reading raw corpora in independent pieces, so that worker processes can tokenise them in parallel.
 
-A corpus is a JSONL/JSON, plain-text or Parquet file, a directory of such files, or a directory written
-by `datasets.Dataset.save_to_disk`. `plan_chunks` cuts it into `Chunk`s (byte ranges ending at a line
-break, Parquet row groups, row ranges of a saved dataset) in corpus order; `read_chunk` returns one
-chunk's documents. A worker never holds more than one chunk, so memory does not grow with the corpus.
+A corpus is a JSONL/JSON, plain-text or Parquet file (JSONL, JSON and text also gzip- or zstd-compressed:
+`.jsonl.gz`, `.txt.zst`, ...), a directory of such files (of any mix of these formats: each file is read by
+its own reader), or a directory written by `datasets.Dataset.save_to_disk`. `plan_chunks` cuts it into
+`Chunk`s in corpus order (byte ranges ending at a line break, Parquet row groups, row ranges of a saved
+dataset); `read_chunk` returns one chunk's documents. A compressed file cannot be cut by offset, so it is
+one *stream* chunk: `pieces` decompresses it as a stream and yields pieces of about CHUNK_BYTES of text,
+each ending at a line break and carrying its bytes, which a worker then reads like any chunk. Nothing is
+ever decompressed whole, in memory or on disk, and a worker never holds more than one piece.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-FILE_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text", ".text": "text", ".parquet": "parquet"}
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "text", ".text": "text", ".parquet": "parquet"}
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+"""Compressed JSONL, JSON and text (not Parquet, which compresses inside)."""
 CHUNK_BYTES = 8 << 20
 """Text per chunk: about 2 M tokens, seconds of work for one worker; a few chunks per worker in flight."""
 DATASET_ROWS = 20_000
@@ -25,6 +32,30 @@ class Chunk:
     """jsonl, json_array, text, parquet (start = row group) or dataset (start/end = rows)."""
     start: int
     end: int
+    """Byte range of the (decompressed) text; -1: to the end of a compressed stream."""
+    compression: str | None = None
+    """gzip or zstd: a stream chunk, which `pieces` turns into pieces carrying their bytes."""
+    data: bytes | None = None
+    """A piece of a compressed stream: its decompressed bytes."""
+    lines_before: int = 0
+    """A piece: the lines of the stream before it (to name a bad line)."""
+
+
+def file_format(path: Path) -> tuple[str, str | None] | None:
+    """(format, compression) of a corpus file from its suffixes (`a.jsonl.gz` -> jsonl, gzip); None if unsupported."""
+    suffixes = [suffix.lower() for suffix in path.suffixes[-2:]]
+    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes = suffixes[:-1]
+    kind = FORMATS.get(suffixes[-1]) if suffixes else None
+    if kind is None or (compression and kind == "parquet"):
+        return None
+    return kind, compression
+
+
+def supported_names() -> str:
+    plain = sorted(FORMATS)
+    return ", ".join(plain) + " (" + ", ".join(f"{s}{c}" for s in (".jsonl", ".json", ".txt") for c in (".gz", ".zst")) + " compressed)"
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -32,23 +63,20 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def corpus_files(path: str | Path) -> list[Path]:
-    """The files of a corpus, checked: they exist, are of one supported kind, and none is empty."""
+    """The files of a corpus, checked: they exist, are of supported formats, and none is empty."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"corpus {path} does not exist")
     if is_saved_dataset(path):
         return sorted(p for p in path.rglob("*") if p.is_file())
     if path.is_file():
+        if file_format(path) is None:
+            raise ValueError(f"unsupported corpus file {path}: use one of {supported_names()}")
         files = [path]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_KINDS)
+    else:  # a directory: its corpus files, whatever else it holds (a README, a .DS_Store)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p) is not None)
         if not files:
-            raise ValueError(f"corpus directory {path} holds no {'/'.join(sorted(FILE_KINDS))} files")
-    unsupported = [str(f) for f in files if f.suffix not in FILE_KINDS]
-    if unsupported:
-        raise ValueError(f"unsupported corpus file {unsupported[0]}: use one of {', '.join(sorted(FILE_KINDS))}")
-    if len({FILE_KINDS[f.suffix] for f in files}) > 1:
-        raise ValueError(f"corpus {path} mixes file types; keep one of jsonl/json, txt or parquet per corpus")
+            raise ValueError(f"corpus directory {path} holds no corpus files ({supported_names()})")
     for file in files:
         if file.stat().st_size == 0:
             raise ValueError(f"corpus file {file} is empty")
@@ -68,8 +96,10 @@ def plan_chunks(path: str | Path, chunk_bytes: int | None = None, files: list[Pa
         return [Chunk(str(path), "dataset", start, min(start + DATASET_ROWS, rows)) for start in range(0, rows, DATASET_ROWS)]
     chunks = []
     for file in files:
-        kind = FILE_KINDS[file.suffix]
-        if kind == "parquet":
+        kind, compression = file_format(file)
+        if compression:
+            chunks.append(Chunk(str(file), kind, 0, -1, compression))
+        elif kind == "parquet":
             import pyarrow.parquet as pq
 
             groups = pq.ParquetFile(file).metadata.num_row_groups
@@ -81,9 +111,57 @@ def plan_chunks(path: str | Path, chunk_bytes: int | None = None, files: list[Pa
     return chunks
 
 
+def pieces(chunks: list[Chunk], chunk_bytes: int | None = None) -> Iterator[Chunk]:
+    """The chunks with every compressed stream cut into pieces that carry their bytes, lazily, in order."""
+    for chunk in chunks:
+        if chunk.compression is None:
+            yield chunk
+        else:
+            yield from _stream_pieces(chunk, chunk_bytes or CHUNK_BYTES)
+
+
+def _open_stream(chunk: Chunk):
+    """(a binary stream of the decompressed text, the errors its decompressor raises on a damaged file)."""
+    if chunk.compression == "gzip":
+        import gzip
+
+        return gzip.open(chunk.path, "rb"), (OSError, EOFError)  # gzip.BadGzipFile is an OSError
+    try:
+        import zstandard
+    except ImportError:
+        raise ValueError(f"corpus file {chunk.path} is zstd-compressed: pip install zstandard") from None
+    return zstandard.ZstdDecompressor().stream_reader(open(chunk.path, "rb"), closefd=True), (zstandard.ZstdError, OSError)
+
+
+def _stream_pieces(chunk: Chunk, chunk_bytes: int) -> Iterator[Chunk]:
+    """A compressed file as pieces of ~chunk_bytes decompressed bytes, each ending at a line break."""
+    offset, lines, data = 0, 0, b""
+    stream, errors = _open_stream(chunk)
+    with stream:
+        while True:
+            try:
+                block = stream.read(chunk_bytes)
+            except errors as err:
+                raise ValueError(f"cannot decompress corpus file {chunk.path} ({chunk.compression}): {err}") from None
+            if not block:
+                break
+            data += block
+            if offset == 0 and data.lstrip()[:1] == b"[":  # a JSON array cannot be cut at lines: read it whole
+                continue
+            cut = data.rfind(b"\n") + 1
+            if cut == 0 or (offset == 0 and data.lstrip()[:1] == b""):
+                continue  # no line break yet (a line longer than a piece): read on
+            piece, data = data[:cut], data[cut:]
+            yield replace(chunk, start=offset, end=offset + cut, data=piece, lines_before=lines)
+            offset, lines = offset + cut, lines + piece.count(b"\n")
+    if data:
+        kind = "json_array" if offset == 0 and data.lstrip()[:1] == b"[" else chunk.kind
+        yield replace(chunk, kind=kind, start=offset, end=offset + len(data), data=data, lines_before=lines)
+
+
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """Every document of a small corpus, in order (tests, benchmarks); training streams chunks instead."""
-    return [text for chunk in plan_chunks(path) for text in read_chunk(chunk, text_field)]
+    return [text for chunk in pieces(plan_chunks(path)) for text in read_chunk(chunk, text_field)]
 
 
 def _first_byte(file: Path) -> bytes:
@@ -106,7 +184,9 @@ def _line_ranges(file: Path, chunk_bytes: int) -> list[tuple[int, int]]:
 
 
 def read_chunk(chunk: Chunk, text_field: str) -> list[str]:
-    """The documents of one chunk (empty ones included: the tokeniser drops them)."""
+    """The documents of one chunk or piece (empty ones included: the tokeniser drops them)."""
+    if chunk.compression is not None and chunk.data is None:
+        raise ValueError(f"{chunk.path} is compressed: read it through `pieces`")
     if chunk.kind == "dataset":
         return _dataset_texts(chunk, text_field)
     if chunk.kind == "parquet":
@@ -114,9 +194,12 @@ def read_chunk(chunk: Chunk, text_field: str) -> list[str]:
 
         table = pq.ParquetFile(chunk.path).read_row_group(chunk.start)
         return _text_column(table, text_field, chunk.path)
-    with open(chunk.path, "rb") as handle:
-        handle.seek(chunk.start)
-        raw = handle.read(chunk.end - chunk.start)
+    if chunk.data is not None:
+        raw = chunk.data
+    else:
+        with open(chunk.path, "rb") as handle:
+            handle.seek(chunk.start)
+            raw = handle.read(chunk.end - chunk.start)
     _check_utf8(raw, chunk)
     if chunk.kind == "text":
         lines = raw.decode("utf-8").split("\n")
@@ -174,17 +257,24 @@ def _dataset_texts(chunk: Chunk, text_field: str) -> list[str]:
     return _text_column(table, text_field, chunk.path)
 
 
+def _lines_before(chunk: Chunk) -> int:
+    """Lines of the file before a chunk: a piece knows; a plain chunk counts them (the error path only)."""
+    if chunk.data is not None:
+        return chunk.lines_before
+    count = 0
+    with open(chunk.path, "rb") as handle:
+        for offset in range(0, chunk.start, 1 << 22):
+            count += handle.read(min(1 << 22, chunk.start - offset)).count(b"\n")
+    return count
+
+
 def _check_utf8(raw: bytes, chunk: Chunk) -> None:
     """Arrow's JSON reader keeps bad bytes and fails later, deep inside tokenisation: name the line and byte."""
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        lines_before = 0  # the error path only: count the lines of the file before this chunk
-        with open(chunk.path, "rb") as handle:
-            for offset in range(0, chunk.start, 1 << 22):
-                lines_before += handle.read(min(1 << 22, chunk.start - offset)).count(b"\n")
         line_start = raw.rfind(b"\n", 0, err.start) + 1
-        number = lines_before + raw.count(b"\n", 0, err.start) + 1
+        number = _lines_before(chunk) + raw.count(b"\n", 0, err.start) + 1
         line = raw[line_start : raw.find(b"\n", err.start) if b"\n" in raw[err.start :] else len(raw)]
         at = err.start - line_start
         raise ValueError(

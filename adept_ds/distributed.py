@@ -60,7 +60,16 @@ def threads_per_rank(requested: int = 0) -> int:
         return requested
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
-    return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size()))
+    return max(1, usable_cpus() // max(1, local_world_size()))
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: its affinity mask (a Slurm step's or a container's CPU set), not the
+    machine's count that os.cpu_count() gives."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform (macOS)
+        return os.cpu_count() or 1
 
 
 def local_world_size(default: int = 1) -> int:

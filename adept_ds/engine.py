@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from adept_ds.activation_checkpointing import checkpoint_layers
 from adept_ds.checkpoint import fingerprint_checkpoint
-from adept_ds.config import RunConfig
+from adept_ds.config import RunConfig, with_run_length
 from adept_ds.data import gather_blocks, load_blocks, usable_blocks
 from adept_ds.distributed import (
     agreed_minimum,
@@ -122,13 +122,11 @@ class Trainer:
         cache, data = config.block_cache(), config.data
         vocab_size = checked.checkpoint.config.get("vocab_size")
 
-        def store(path, max_tokens=None):
-            return load_blocks(
-                path, tokenizer, data.block_size, cache, data.text_field, max_tokens, vocab_size, show_progress=show_progress
-            )
+        def store(path, max_tokens=None, text_field=data.text_field):
+            return load_blocks(path, tokenizer, data.block_size, cache, text_field, max_tokens, vocab_size, show_progress=show_progress)
 
         self.sources = data.domain_sources()
-        self.domain = [store(source.path) for source in self.sources]
+        self.domain = [store(source.path, text_field=source.text_field) for source in self.sources]
         self.uses_importance = config.adaptive_lr
         if self.uses_importance:
             self.general = store(data.general, config.importance.max_tokens)
@@ -139,6 +137,10 @@ class Trainer:
         if probe_limit is not None:
             self.general_blocks = min(self.general_blocks, probe_limit)
         check_corpus_size("domain", data.domain, sum(domain_sizes), config, launched)
+        config, length_notes = with_run_length(config, sum(domain_sizes), launched)  # train.epochs, scheduler.warmup_ratio
+        self.config = config
+        for note in length_notes if os.environ.get("RANK", "0") == "0" else []:
+            print(note, flush=True)
 
         self.rank, self.world_size = init_distributed(config.train.timeout_minutes, config.train.threads)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
@@ -150,6 +152,8 @@ class Trainer:
         if agreed != local:
             self.layout, self.ds_config = memory_layout(config, self.world_size, self.gpu, checked.checkpoint.config, agreed)
         if self.rank == 0:
+            for note in checked.notes:
+                print(f"deepspeed config: {note}", flush=True)
             print(f"memory: {self.layout.note}", flush=True)
             print(f"zero++: {describe_zeropp(self.ds_config, config, self.world_size, self.layout.frozen_weights)}", flush=True)
         random.seed(config.train.seed)
@@ -190,13 +194,9 @@ class Trainer:
             checkpoint_layers(model, self.family, [name for unit in self.units for name in unit.param_names])
         groups = build_param_groups(model, self.units, config.optimizer.lr, config.optimizer.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=config.optimizer.lr, betas=config.optimizer.betas, eps=config.optimizer.eps)
-        sched = config.scheduler
 
         def make_scheduler(opt):
-            base = build_base_scheduler(
-                opt, sched.type, config.optimizer.lr, sched.warmup_steps, config.train.max_steps, sched.min_lr_ratio, sched.warmup_type
-            )
-            return ScaledScheduler(base, len(groups))
+            return ScaledScheduler(build_base_scheduler(opt, config.scheduler, config.optimizer.lr, config.train.max_steps), len(groups))
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=self.ds_config
@@ -212,7 +212,7 @@ class Trainer:
         if self.rank == 0:
             (self.output_dir / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
-            self.log = RunLog(self.output_dir)
+            self.log = RunLog(self.output_dir, config.report, config.to_dict())
         self.validator = Validator(config, held_out, self.rank, self.world_size, self.device, all_reduce_sum, self.log)
         self.guard = ForgettingGuard(config.guard, self.output_dir / CHECKPOINT_DIR, self.rank, self.log)
         self.saved: Path | None = None  # the checkpoint holding the current state (last saved or resumed from)
@@ -284,7 +284,7 @@ class Trainer:
                 "normalized": dict(zip(names, normalised)) if normalised else None,
                 "scales": dict(zip(names, self.state.scales)),
             }
-            self.log.record(record, "importance_history.jsonl")
+            self.log.importance(record)
             for index, (name, value, scale) in enumerate(zip(names, importance, self.state.scales)):
                 self.log.scalars({f"importance/{name}": value, f"lr_scale/{name}": scale}, self.state.step)
                 if normalised:
@@ -352,7 +352,7 @@ class Trainer:
                 f"stopped ({reason}) after saving {saved}. Fix the data or resume with train.nonfinite=skip"
             )
         if self.rank == 0:
-            self.log.record({"step": self.state.step + 1, "skipped": True, "position": self.state.samples_seen})
+            self.log.metric("skipped", {"step": self.state.step + 1, "skipped": True, "position": self.state.samples_seen})
         self.state.samples_seen += self.global_batch
         self.state.source_samples = source_samples
         self.state.skipped_steps += 1
@@ -415,7 +415,7 @@ class Trainer:
         tokens = {source.name: count * self.config.data.block_size for source, count in zip(self.sources, self.state.source_samples)}
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         record = {"step": step, "loss": loss, "tokens_per_s": tokens_per_s, "lr_base": self.scheduler.base_lr(), "lr_max": max(lrs)}
-        self.log.record({**record, "lr_multiplier": self.state.lr_multiplier, "tokens": tokens})
+        self.log.metric("train", {**record, "lr_multiplier": self.state.lr_multiplier, "tokens": tokens})
         if step % self.config.train.log_interval == 0:
             self.log.scalars({"train/loss": loss, "train/tokens_per_s": tokens_per_s, "lr/base": self.scheduler.base_lr()}, step)
             self.log.scalars({f"data/tokens/{name}": count for name, count in tokens.items()}, step)
@@ -480,6 +480,8 @@ class Trainer:
         self.scheduler.set_scales(self.state.scales)
         self.saved = path
         if self.rank == 0:
+            resumed = {"checkpoint": path.name, "world_size": self.world_size, "universal": universal}
+            self.log.metric("resume", {"step": self.state.step, "resume": resumed})
             tqdm.write(f"resumed from {path} (the newest complete checkpoint) at step {self.state.step}")
 
     def latest_tag(self) -> str:

@@ -155,7 +155,7 @@ def evaluate_model(
         device = torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
     cache = Path(cache_dir) if cache_dir else cache_root() / "blocks"
-    results: dict = {"model": str(model_dir), "dtype": str(model.dtype).removeprefix("torch."), "perplexity": {}}
+    results: dict = {"model": str(model_dir), "dtype": str(model.dtype).removeprefix("torch."), "world_size": world_size, "perplexity": {}}
     for name, path in (corpora or {}).items():
         store = load_blocks(path, tokenizer, block_size, cache, max_tokens=max_blocks * block_size, vocab_size=model.config.vocab_size)
         blocks = store[: min(len(store), max_blocks)]

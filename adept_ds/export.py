@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from adept_ds.checkpoint import open_checkpoint
 from adept_ds.outputs import atomic_output_dir, check_output_dir
-from adept_ds.train_checkpoints import incomplete_reason, newest_complete
+from adept_ds.train_checkpoints import checkpoint_tag, incomplete_reason, newest_complete
 
 
 def _checked_tag(checkpoint_dir: Path, tag: str | None) -> str:
@@ -32,8 +32,10 @@ def _checked_tag(checkpoint_dir: Path, tag: str | None) -> str:
         if newest is None:
             raise ValueError(f"{checkpoint_dir} holds no complete checkpoint; name the checkpoint tag to export")
         tag = newest.name
+    tag = checkpoint_tag(tag)
     if not (checkpoint_dir / tag).is_dir():
-        raise ValueError(f"checkpoint {checkpoint_dir / tag} does not exist")
+        saved = sorted(path.name for path in checkpoint_dir.glob("step*") if path.is_dir()) if checkpoint_dir.is_dir() else []
+        raise ValueError(f"checkpoint {checkpoint_dir / tag} does not exist; saved: {', '.join(saved) or 'none'}")
     reason = incomplete_reason(checkpoint_dir / tag)
     if reason is not None:
         raise ValueError(f"checkpoint {checkpoint_dir / tag} is incomplete ({reason}); export a complete one")

@@ -78,7 +78,7 @@ def choose_layout(config: RunConfig, world_size: int, gpu: bool, memory: int | N
     frozen, wide = next((c for c, ok in zip(candidates, fits) if ok), min(candidates, key=needed.get))
     window = "wide ZeRO-3 window (DeepSpeed's defaults)" if wide else "ZeRO-3 window of ~3 layers"
     window = window if auto_window else "ZeRO-3 window as the DeepSpeed config sets it"
-    verdict = "fits" if any(fits) else "does not fit in any layout (see `adept-ds plan`)"
+    verdict = "fits" if any(fits) else "does not fit in any layout"
     tried = ", ".join(f"{f}{' wide' if w else ''} {n / GIB:.2f}" for (f, w), n in needed.items())
     return MemoryLayout(
         frozen,

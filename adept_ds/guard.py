@@ -103,7 +103,7 @@ class ForgettingGuard:
         trigger = {**record, "rise": rise, "action": guard.action, "lr_multiplier": state.lr_multiplier}
         state.guard_triggers.append(trigger)
         if self.rank == 0:
-            self.log.record({"step": record["step"], "guard": trigger})
+            self.log.metric("guard", {"step": record["step"], "guard": trigger})
             self.log.scalars({"guard/general_rise": rise, "guard/lr_multiplier": state.lr_multiplier}, record["step"])
             tqdm.write(f"step {record['step']}: {message}")
         if guard.action == "stop":

@@ -22,9 +22,10 @@ every step.
 
 from __future__ import annotations
 
+import functools
 import math
 
-from adept_ds.config import NORMALIZATIONS
+from adept_ds.config import DEEPSPEED_SCHEDULERS, NORMALIZATIONS, SCHEDULERS
 
 
 def unit_type(unit_name: str) -> str:
@@ -90,56 +91,97 @@ def lr_scales(
     raise ValueError(f"unknown LR mapping {mapping!r}: choose linear, power or uniform")
 
 
-class ConstantLR:
-    """lr_base(t) = lr: the 'constant' scheduler, with DeepSpeed's scheduler interface."""
+OWN_SCHEDULERS = tuple(kind for kind in SCHEDULERS if kind not in DEEPSPEED_SCHEDULERS)
+"""lr_base(t) shapes adept_ds computes itself (HF's and torchtitan's names; warmup may be 0), beside DeepSpeed's."""
 
-    def __init__(self, optimizer):
+
+def schedule_factor(kind: str, step: int, warmup: int, total: int, min_ratio: float, decay_ratio: float, decay_type: str) -> float:
+    """lr_base at scheduler step `step` (0 before the first optimizer step) as a fraction of optimizer.lr.
+
+    constant: 1 (no warmup, as HF's). The others warm up linearly to 1 over `warmup` steps as torchtitan does,
+    (step + 1) / (warmup + 1), so the first step does not run at 0. linear / cosine: then decay to `min_ratio`
+    at `total`. warmup_stable_decay (torchtitan's WSD): then flat, then decay to `min_ratio` over the last
+    `decay_ratio` of the steps, by `decay_type` (linear, sqrt: 1 - sqrt(progress), or cosine)."""
+    if kind == "constant":
+        return 1.0
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "warmup_stable_decay":
+        decay_steps = max(1, round(decay_ratio * total))
+        start = max(warmup, total - decay_steps)
+        if step < start:
+            return 1.0
+        progress, curve = (step - start) / max(1, total - start), decay_type
+    else:
+        progress, curve = (step - warmup) / max(1, total - warmup), kind
+    progress = min(progress, 1.0)
+    remaining = {"linear": 1.0 - progress, "sqrt": 1.0 - math.sqrt(progress), "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[curve]
+    return min_ratio + (1.0 - min_ratio) * remaining
+
+
+class Schedule:
+    """lr_base(t) = each group's initial lr x factor(t), with DeepSpeed's scheduler interface (step, get_lr, state):
+    the schedules of OWN_SCHEDULERS. Home-made because DeepSpeed has no WSD, no constant, and refuses a warmup of 0."""
+
+    def __init__(self, optimizer, factor):
         self.optimizer = optimizer
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.factor = factor
+        self.initial_lrs = [group["lr"] for group in optimizer.param_groups]
         self.last_batch_iteration = -1
+        self.step()
 
     def step(self, last_batch_iteration=None):
         self.last_batch_iteration = self.last_batch_iteration + 1 if last_batch_iteration is None else last_batch_iteration
-        for group, lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = lr
+        for group, lr in zip(self.optimizer.param_groups, self.initial_lrs):
+            group["lr"] = lr * self.factor(self.last_batch_iteration)
 
     def get_lr(self):
-        return list(self.base_lrs)
+        return [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self):
         return {"last_batch_iteration": self.last_batch_iteration}
 
     def load_state_dict(self, state):
-        self.last_batch_iteration = state["last_batch_iteration"]
+        self.step(state["last_batch_iteration"])
 
 
-def build_base_scheduler(optimizer, kind: str, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float, warmup_type: str):
-    """lr_base(t): one of DeepSpeed's schedulers (or constant) over the optimizer's groups."""
+def build_base_scheduler(optimizer, sched, lr: float, total_steps: int):
+    """lr_base(t): one of OWN_SCHEDULERS, or one of DeepSpeed's, over the optimizer's groups (`sched`: SchedulerConfig)."""
     from deepspeed.runtime import lr_schedules
 
-    if kind == "constant":
-        return ConstantLR(optimizer)
-    if kind == "WarmupLR":
-        return lr_schedules.WarmupLR(optimizer, warmup_min_lr=0.0, warmup_max_lr=lr, warmup_num_steps=warmup_steps, warmup_type=warmup_type)
-    if kind == "WarmupDecayLR":
+    warmup = sched.warmup_steps
+    if sched.type in OWN_SCHEDULERS:
+        factor = functools.partial(
+            schedule_factor,
+            sched.type,
+            warmup=warmup,
+            total=total_steps,
+            min_ratio=sched.min_lr_ratio,
+            decay_ratio=sched.decay_ratio,
+            decay_type=sched.decay_type,
+        )
+        return Schedule(optimizer, factor)
+    if sched.type == "WarmupLR":
+        return lr_schedules.WarmupLR(optimizer, warmup_min_lr=0.0, warmup_max_lr=lr, warmup_num_steps=warmup, warmup_type=sched.warmup_type)
+    if sched.type == "WarmupDecayLR":
         return lr_schedules.WarmupDecayLR(
             optimizer,
             total_num_steps=total_steps,
             warmup_min_lr=0.0,
             warmup_max_lr=lr,
-            warmup_num_steps=warmup_steps,
-            warmup_type=warmup_type,
+            warmup_num_steps=warmup,
+            warmup_type=sched.warmup_type,
         )
-    if kind == "WarmupCosineLR":
+    if sched.type == "WarmupCosineLR":
         return lr_schedules.WarmupCosineLR(
             optimizer,
             total_num_steps=total_steps,
             warmup_min_ratio=0.0,
-            warmup_num_steps=warmup_steps,
-            cos_min_ratio=min_lr_ratio,
-            warmup_type=warmup_type,
+            warmup_num_steps=warmup,
+            cos_min_ratio=sched.min_lr_ratio,
+            warmup_type=sched.warmup_type,
         )
-    raise ValueError(f"unknown scheduler {kind!r}")
+    raise ValueError(f"unknown scheduler {sched.type!r}")
 
 
 class ScaledScheduler:

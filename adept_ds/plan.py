@@ -272,9 +272,9 @@ def plan_run(
     """Per-rank memory of every stage of `config` on `world_size` ranks, and its checkpoint size.
 
     `frozen_weights` and `wide_window`: the memory layout (adept_ds/frozen_weights.py) training runs with."""
+    from adept_ds.ds_config import resolve_ds_config
     from adept_ds.lm_loss import chunk_rows
     from adept_ds.mask_probe import ACTIVATION_BUDGET_BYTES
-    from adept_ds.preflight import resolve_ds_config
 
     said = io.StringIO()
     with contextlib.redirect_stdout(said):  # preflight's one-line notices, kept for the report (a plan is replanned often)
@@ -392,8 +392,8 @@ def plan_run(
 
 def layout_and_plan(config: RunConfig, shape: ModelShape, world_size: int, gpu: bool, device_bytes: int | None):
     """(the MemoryLayout training would take, its Plan): frozen weights and window chosen as the engine does."""
+    from adept_ds.ds_config import window_is_auto
     from adept_ds.frozen_weights import choose_layout
-    from adept_ds.preflight import window_is_auto
 
     layout = choose_layout(config, world_size, gpu, device_bytes, shape, window_is_auto(config.deepspeed))
     plan = plan_run(config, shape, world_size, gpu, device_bytes, layout.frozen_weights, layout.wide_window)

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from adept_ds.probe import plot_probe_result  # noqa: E402
+from adept_ds.run_log import last_per_step, read_records  # noqa: E402
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -18,10 +19,11 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def plot_losses(runs: dict[str, Path], path: Path) -> None:
+    """Training loss against step, one line per run (its train records only: metrics.jsonl holds other kinds too)."""
     figure, axes = plt.subplots(figsize=(7, 3.5))
     for method, run_dir in runs.items():
-        metrics = _read_jsonl(run_dir / "metrics.jsonl")
-        axes.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=method)
+        steps = last_per_step(read_records(run_dir, "train"))
+        axes.plot([m["step"] for m in steps], [m["loss"] for m in steps], label=method)
     axes.set_xlabel("step")
     axes.set_ylabel("domain training loss")
     axes.legend()
@@ -32,8 +34,7 @@ def plot_losses(runs: dict[str, Path], path: Path) -> None:
 
 def validation_records(run_dir: Path) -> list[dict]:
     """The validation records of a run's metrics.jsonl, the last per step (a resumed run may repeat one)."""
-    records = {m["step"]: m["validation"] for m in _read_jsonl(run_dir / "metrics.jsonl") if "validation" in m}
-    return [{"step": step, **results} for step, results in sorted(records.items())]
+    return [{"step": record["step"], **record["validation"]} for record in last_per_step(read_records(run_dir, "validation"))]
 
 
 def plot_validation(runs: dict[str, Path], path: Path) -> bool:

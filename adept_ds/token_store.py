@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adept_ds.corpus import Chunk, corpus_files, is_saved_dataset, plan_chunks, read_chunk
+from adept_ds.corpus import Chunk, corpus_files, is_saved_dataset, pieces, plan_chunks, read_chunk
+from adept_ds.distributed import usable_cpus
 from adept_ds.outputs import atomic_output_dir
 
 STORE_FORMAT = "adept_ds.token_store/1"
@@ -202,7 +203,7 @@ def prepare_store(
     with _exclusive(output) as holder:
         if not holder:
             return open_store(output)
-        num_workers = max(1, num_workers or os.cpu_count() or 1)
+        num_workers = max(1, num_workers or usable_cpus())
         dtype = token_dtype(len(tokenizer))
         limit = None if max_tokens is None else max(block_size, max_tokens // block_size * block_size)
         started = time.perf_counter()
@@ -268,9 +269,10 @@ def _write_tokens(chunks, tokens_file, tokenizer, text_field, dtype, num_workers
         # Threads start after the fork: the workers come from a process with no other thread of ours.
         hasher.start()
         holder.start_heartbeat()
-        for index, (ids, docs) in enumerate(pool.imap(_tokenize_chunk, chunks)):
+        results = _in_order(pool, _tokenize_chunk, pieces(chunks), window=2 * num_workers)
+        for (ids, docs), last in _with_last(results):
             if limit is not None and written + ids.size >= limit:
-                complete = index == len(chunks) - 1 and written + ids.size == limit
+                complete = last and written + ids.size == limit
                 ids = ids[: limit - written]
             tokens_file.write(memoryview(np.ascontiguousarray(ids)).cast("B"))
             written += ids.size
@@ -281,6 +283,35 @@ def _write_tokens(chunks, tokens_file, tokenizer, text_field, dtype, num_workers
                 break
         pool.terminate()
     return written, documents, max_id, complete
+
+
+def _in_order(pool, function, items, window: int):
+    """`pool.imap(function, items)` with at most `window` items submitted ahead of the one being consumed.
+
+    Pool.imap's feeder thread takes items as fast as it can: over a compressed corpus, whose pieces carry
+    their text, it would decompress the whole file into the task queue. Here memory stays at `window` pieces."""
+    import collections
+
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(function, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _with_last(iterable):
+    """(item, whether it is the last) for each item."""
+    iterator = iter(iterable)
+    try:
+        previous = next(iterator)
+    except StopIteration:
+        return
+    for item in iterator:
+        yield previous, False
+        previous = item
+    yield previous, True
 
 
 class _Lock:

@@ -28,6 +28,12 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def checkpoint_tag(text: str) -> str:
+    """A checkpoint's tag as a user may write it: `step500`, `500` or `step00000500` (other names stay as given)."""
+    digits = text.removeprefix("step")
+    return tag_for(int(digits)) if digits.isdigit() else text
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write `path` so that readers see the old content or the new, never a partial file."""
     staging = path.with_name(f".{path.name}.partial-{os.getpid()}")

@@ -176,9 +176,9 @@ def main() -> None:
     from suite import REPO, expanded_model, machine, write_result
 
     from adept_ds.demo_model import fetch_demo_model
+    from adept_ds.ds_config import DEEPSPEED_WINDOW, WINDOW_LAYERS
     from adept_ds.expand import uniform_layers
     from adept_ds.families import decoder_layer_numel
-    from adept_ds.preflight import DEEPSPEED_WINDOW, WINDOW_LAYERS
 
     started = time.time()
     output = Path(args.output)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from adept_ds.preflight import DEEPSPEED_WINDOW
+from adept_ds.ds_config import DEEPSPEED_WINDOW
 
 BENCHMARKS = Path(__file__).parent
 REPO = BENCHMARKS.parent

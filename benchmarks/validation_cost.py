@@ -14,7 +14,6 @@ time validation adds; step 0's validation includes first-forward warm-up and is 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from suite import BENCHMARKS, REPO, demo_expansion, machine, run_launcher, run_overrides, write_result
 
 from adept_ds.config import EvalConfig
+from adept_ds.run_log import read_records
 
 TARGET = 0.03
 
@@ -44,9 +44,9 @@ def train(model: Path, work: Path, args, interval: int) -> Path:
     return run_dir
 
 
-def measure(records: list[dict], interval: int, tokens_per_step: int) -> dict:
-    steps = [tokens_per_step / r["tokens_per_s"] for r in records if "loss" in r]
-    validations = [r for r in records if "validation" in r]
+def measure(run_dir: Path, interval: int, tokens_per_step: int) -> dict:
+    steps = [tokens_per_step / r["tokens_per_s"] for r in read_records(run_dir, "train")]
+    validations = read_records(run_dir, "validation")
     step = statistics.median(steps[1:])  # the first step warms up
     last = validations[-1]
     return {
@@ -100,8 +100,7 @@ def main() -> None:
     runs, default = [], EvalConfig().interval
     intervals = [int(value) for value in args.intervals.split(",")]
     for interval in dict.fromkeys([default, *intervals]):  # the default always: the target is set there
-        records = [json.loads(line) for line in (train(model, work, args, interval) / "metrics.jsonl").read_text().splitlines()]
-        runs.append(measure(records, interval, tokens_per_step))
+        runs.append(measure(train(model, work, args, interval), interval, tokens_per_step))
     at_default = runs[0]
     result = {
         "machine": machine(),

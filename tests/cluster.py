@@ -12,13 +12,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from distributed import free_port, run_command
+from distributed import cpu_env, free_port, run_command
 
 APT_ENV = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+OPEN_MPI = {"mpirun": "openmpi-bin", "mpicc": "libopenmpi-dev"}  # mpi4py loads the unversioned libmpi.so of -dev
+BIN = Path(sys.executable).parent  # deepspeed, torchrun and adept-ds of this environment
+LAUNCHERS = ("deepspeed", "deepspeed --no_local_rank", "torchrun", "mpirun")
 
 
 def ensure_packages(binaries: dict[str, str]) -> None:
@@ -191,3 +195,28 @@ def run_together(commands: list[list[str]], timeout: float, env: dict[str, str])
         for i, (args, out, err) in enumerate(outputs)
     )
     return results
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """A user's shell for a launcher: this environment's bin first on PATH, CPU ranks."""
+    return cpu_env(**{"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra})
+
+
+def run_launched(launcher: str, target: list, num_procs: int = 2, timeout: float = 600, cwd=None, **env: str):
+    """`target` (a script and its arguments, or ["-m", module, arguments...]) as `num_procs` ranks on this
+    machine, started by the real `launcher` (one of LAUNCHERS) with the options the README gives it."""
+    target, port, ranks = [str(arg) for arg in target], str(free_port()), str(num_procs)
+    if launcher.startswith("deepspeed"):
+        no_local_rank = ["--no_local_rank"] if launcher.endswith("--no_local_rank") else []
+        module = ["--module", *target[1:]] if target[0] == "-m" else target
+        command = [f"{BIN}/deepspeed", *no_local_rank, "--num_gpus", ranks, "--master_port", port, *module]
+    elif launcher == "torchrun":
+        command = [f"{BIN}/torchrun", "--nnodes", "1", "--nproc_per_node", ranks, "--master_addr", "127.0.0.1", "--master_port", port]
+        command += target
+    elif launcher == "mpirun":
+        ensure_packages(OPEN_MPI)
+        command = ["mpirun", "--allow-run-as-root", "-np", ranks, "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={port}"]
+        command += [sys.executable, *target]
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}")
+    return run_command(command, timeout=timeout, env=launcher_env(**env), cwd=cwd)

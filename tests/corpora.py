@@ -18,5 +18,6 @@ def sentences(count: int, seed: int = 0) -> list[str]:
 
 
 def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({field: text, "id": i}) + "\n" for i, text in enumerate(texts)))
     return path

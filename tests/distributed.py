@@ -44,10 +44,10 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_command(command: list[str], timeout: float, env: dict[str, str] | None = None, check: bool = True):
+def run_command(command: list[str], timeout: float, env: dict[str, str] | None = None, check: bool = True, cwd=None):
     """Run a launcher command in its own process group; on timeout kill the group and fail loudly."""
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or cpu_env(), start_new_session=True
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or cpu_env(), start_new_session=True, cwd=cwd
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout)

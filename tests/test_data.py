@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,8 +254,66 @@ def test_non_utf8_text_file_names_the_line_in_a_later_chunk(tmp_path):
 
 def test_unsupported_file_type(tmp_path):
     (tmp_path / "x.csv").write_text("text\nhello\n")
-    with pytest.raises(ValueError, match="unsupported corpus file .*x.csv"):
+    with pytest.raises(ValueError, match=r"unsupported corpus file .*x.csv: use one of .json, .jsonl, .parquet, .text, .txt \(.jsonl.gz"):
         read_documents(tmp_path / "x.csv")
+
+
+def write_compressed(path, raw: bytes):
+    import gzip
+
+    import zstandard
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else zstandard.ZstdCompressor().compress(raw))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_a_compressed_corpus_prepares_the_same_store_block_for_block_streamed_in_pieces(tmp_path, monkeypatch, suffix):
+    """gzip and zstd JSONL are read as streams, cut into pieces that each end at a line break (many here), and pack
+    into exactly the store of the uncompressed file; no decompressed copy is written anywhere."""
+    monkeypatch.setattr(corpus_module, "CHUNK_BYTES", 3000)
+    tokenizer = build_byte_tokenizer()
+    plain = write_jsonl(tmp_path / "plain" / "domain.jsonl", sentences(600, seed=3))
+    packed = write_compressed(tmp_path / "packed" / f"domain.jsonl{suffix}", plain.read_bytes())
+    pieces = list(corpus_module.pieces(corpus_module.plan_chunks(packed)))
+    assert len(pieces) > 10 and all(piece.data.endswith(b"\n") for piece in pieces)
+    assert b"".join(piece.data for piece in pieces) == plain.read_bytes()
+    a = prepare_store(plain, tmp_path / "a", tokenizer, 64, num_workers=2, show_progress=False)
+    b = prepare_store(packed, tmp_path / "b", tokenizer, 64, num_workers=2, show_progress=False)
+    assert len(a) == len(b) > 20 and np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == [packed.name]  # nothing decompressed beside it
+
+
+def test_compressed_text_and_json_arrays_and_damaged_files(tmp_path):
+    texts = sentences(50)
+    assert read_documents(write_compressed(tmp_path / "a.txt.gz", ("\n".join(texts) + "\n").encode())) == texts
+    assert read_documents(write_compressed(tmp_path / "a.json.zst", json.dumps([{"text": t} for t in texts]).encode())) == texts
+    raw = write_jsonl(tmp_path / "x.jsonl", texts).read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(write_compressed(tmp_path / "y.jsonl.gz", raw).read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"cannot decompress corpus file .*cut.jsonl.gz \(gzip\)"):
+        read_documents(tmp_path / "cut.jsonl.gz")
+    bad = write_compressed(tmp_path / "bad.jsonl.zst", raw + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"bad.jsonl.zst line {len(texts) + 1}: byte 13 .* is not UTF-8"):
+        read_documents(bad)
+
+
+def test_a_directory_of_several_formats_reads_each_file_with_its_own_reader(tmp_path):
+    import datasets
+
+    texts = sentences(30)
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", texts[:10])
+    datasets.Dataset.from_dict({"text": texts[10:20]}).to_parquet(str(tmp_path / "corpus" / "b.parquet"))
+    write_compressed(tmp_path / "corpus" / "c.txt.gz", ("\n".join(texts[20:]) + "\n").encode())
+    (tmp_path / "corpus" / "README.md").write_text("not a corpus file: ignored")
+    assert read_documents(tmp_path / "corpus") == texts  # files in name order, each by its own format
+
+
+def test_a_mixture_source_names_its_own_text_field(tmp_path):
+    config = load_run_config(None, ["data.text_field=body", "data.domain=[{path: d.jsonl.gz}, {path: g.parquet, text_field: content}]"])
+    assert [(s.name, s.text_field) for s in config.data.domain_sources()] == [("d", "body"), ("g", "content")]
+    with pytest.raises(ValueError, match=r"data.domain\[0\].text_field=5: need a field name"):
+        load_run_config(None, ["data.domain=[{path: d.jsonl, text_field: 5}]"])
 
 
 # -- sampler ------------------------------------------------------------------------------------
@@ -312,7 +371,7 @@ def test_bad_mixtures_are_refused(domain, message):
 
 def test_a_mixture_config_lists_its_sources(tmp_path):
     config = load_run_config(None, ["data.domain=[{path: d.jsonl, weight: 3}, {path: g.jsonl, weight: 1, name: replay}]"])
-    assert [(s.name, s.path, s.weight) for s in config.data.domain_sources()] == [("d", "d.jsonl", 3), ("replay", "g.jsonl", 1)]
+    assert [(s.name, Path(s.path).name, s.weight) for s in config.data.domain_sources()] == [("d", "d.jsonl", 3), ("replay", "g.jsonl", 1)]
     assert list(config.corpora())[:2] == ["domain:d", "domain:replay"]
 
 

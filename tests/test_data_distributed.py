@@ -9,6 +9,7 @@ from distributed import run_deepspeed
 from train_setup import make_training_inputs, overrides
 from transformers import AutoTokenizer
 
+from adept_ds.run_log import read_records
 from adept_ds.sampler import Mixture
 from adept_ds.token_store import prepare_store
 
@@ -35,7 +36,7 @@ def run(inputs, out, domain: str, *extra: str, **settings):
     }
     run_deepspeed("data_run.py", out, *extra, *overrides(inputs, out / "run", **values))
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_records(out / "run", "train")
     return ranks, metrics
 
 

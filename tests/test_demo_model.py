@@ -32,9 +32,9 @@ def test_demo_model_is_built_once(demo_model_dir):
 
 
 def test_expanded_demo_model_is_function_preserving(demo_model_dir, tmp_path):
-    """The real 30-layer model, expanded by 4 through the CLI's default-model path."""
+    """The real 30-layer model, expanded by 4 through the CLI, named as `--model demo`."""
     output = tmp_path / "expanded"
-    assert cli_main(["expand", "--output", str(output), "--layers", "3,11,20,29"]) == 0
+    assert cli_main(["expand", "--model", "demo", "--output", str(output), "--layers", "3,11,20,29"]) == 0
     manifest = read_manifest(output)
     assert manifest["num_layers"] == 34 and manifest["copied_layers"] == [4, 13, 23, 33]
     assert manifest["source_model"] == str(demo_model_dir.absolute())

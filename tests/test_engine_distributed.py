@@ -14,6 +14,7 @@ from adept_ds.data import load_blocks
 from adept_ds.expand import read_manifest
 from adept_ds.export import export_checkpoint
 from adept_ds.families import family_of
+from adept_ds.run_log import read_records
 from adept_ds.sampler import sample_order
 from adept_ds.units import adept_units
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.dist
 
 
 def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_records(run_dir, "train")
 
 
 def importance_history(run_dir):

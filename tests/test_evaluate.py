@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
+from cluster import run_launched
 from corpora import sentences, write_jsonl
-from distributed import run_deepspeed
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,7 +115,8 @@ def test_two_rank_perplexity_and_accuracy_equal_one_process(tiny, tmp_path):
     assert one["qa"]["correct"] == 3
 
     args = ["eval", "--model", tiny, "--general", corpus, "--qa", qa, "--block-size", 32, "--max-blocks", 9, "--answer-pattern", pattern]
-    run_deepspeed("-m", *args, "--output", tmp_path / "two.json", ADEPT_DS_CACHE=str(tmp_path / "cache"))
+    # under torchrun (README: any launcher starts the multi-process commands)
+    run_launched("torchrun", ["-m", "adept_ds.cli", *args, "--output", tmp_path / "two.json"], ADEPT_DS_CACHE=str(tmp_path / "cache"))
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["perplexity"]["general"]["loss"] == pytest.approx(one["perplexity"]["general"]["loss"], rel=1e-5)
     assert two["perplexity"]["general"]["tokens"] == one["perplexity"]["general"]["tokens"]

@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 
 from adept_ds.data import load_blocks
 from adept_ds.faults import RankRegistry
+from adept_ds.run_log import read_records
 from adept_ds.sampler import sample_order
 from adept_ds.train_checkpoints import COMPLETE_MARKER, incomplete_reason
 
@@ -65,8 +66,7 @@ def wait_until(condition, timeout: float, process: subprocess.Popen, what: str) 
 
 
 def logged_steps(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.jsonl"
-    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    return len(read_records(run_dir, "train"))
 
 
 def rank_pid(run_dir: Path, rank: int) -> int:
@@ -292,10 +292,9 @@ def test_nonfinite_losses_skip_their_batch_and_nan_importance_keeps_finite_lrs(p
     # The check is folded into the step's one all-reduce (2 micro-batches each), dropped batches included.
     assert all(r["reduces_per_step"] == [1] * (8 + len(skipped_positions)) for r in read_rank_results(out, 2))
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["position"] for r in records if r.get("skipped")] == skipped_positions
-    assert [r["step"] for r in records if not r.get("skipped")] == list(range(1, 9))
-    assert all(math.isfinite(r["loss"]) for r in records if not r.get("skipped"))
+    assert [r["position"] for r in read_records(run_dir, "skipped")] == skipped_positions
+    assert [r["step"] for r in read_records(run_dir, "train")] == list(range(1, 9))
+    assert all(math.isfinite(r["loss"]) for r in read_records(run_dir, "train"))
     output = result.stderr + result.stdout
     assert f"non-finite loss nan at step {skipped_steps[0]}" in output and "domain blocks [" in output
 

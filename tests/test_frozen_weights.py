@@ -17,11 +17,11 @@ from tiny_models import make_tiny_model
 from train_setup import REPO, overrides
 
 from adept_ds.config import load_run_config
+from adept_ds.ds_config import DEEPSPEED_WINDOW, WINDOW_LAYERS
 from adept_ds.expand import expand_checkpoint
 from adept_ds.families import decoder_layer_numel
 from adept_ds.frozen_weights import choose_layout
 from adept_ds.plan import model_shape, plan_run
-from adept_ds.preflight import DEEPSPEED_WINDOW, WINDOW_LAYERS
 
 pytestmark = pytest.mark.dist
 

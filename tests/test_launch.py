@@ -14,26 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cluster import SlurmCluster, ensure_packages, run_together
-from distributed import cpu_env, free_port, run_command
+from cluster import BIN, OPEN_MPI, SlurmCluster, ensure_packages, launcher_env, run_together
+from distributed import free_port, run_command
 from model_checks import load_state
 from train_setup import REPO, make_training_inputs, overrides
 
 from adept_ds.config import load_run_config
+from adept_ds.run_log import read_records
 
 pytestmark = pytest.mark.dist
 
 TRAIN = str(REPO / "launch" / "train.py")
-BIN = Path(sys.executable).parent  # deepspeed, torchrun and adept-ds of this environment
-OPEN_MPI = {"mpirun": "openmpi-bin", "mpicc": "libopenmpi-dev"}  # mpi4py loads the unversioned libmpi.so of -dev
-
-
-def launch_env(**extra: str) -> dict[str, str]:
-    return cpu_env(**{"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra})
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    return {m["step"]: m["loss"] for m in read_records(run_dir, "train")}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def reference(setup):
     _, run_config = setup
     config, output = run_config("reference")
     run_command([f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--config", str(config)],
-                timeout=300, env=launch_env())  # fmt: skip
+                timeout=300, env=launcher_env())  # fmt: skip
     return output
 
 
@@ -87,7 +82,7 @@ def test_two_nodes_without_ssh_match_one_node(setup, reference):
     run_together(
         [[str(REPO / "launch" / "multinode.sh"), str(hostfile), str(rank), "127.0.0.1", port, "--config", str(config)] for rank in (0, 1)],
         timeout=300,
-        env=launch_env(),
+        env=launcher_env(),
     )
     assert_same_training(output, reference)
 
@@ -107,7 +102,7 @@ def test_hostfile_over_ssh_matches_one_node(setup, reference, tmp_path):
         '#!/usr/bin/env bash\n# ssh [options] HOST COMMAND...: run COMMAND here\nwhile [[ $1 == -* ]]; do [[ $1 == -[lpoi] ]] && shift; shift; done\nshift\nexec bash -c "$*"\n'
     )
     (shim / "ssh").chmod(0o755)
-    env = launch_env(PATH=f"{shim}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}")  # our ssh first
+    env = launcher_env(PATH=f"{shim}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}")  # our ssh first
     command = [f"{BIN}/deepspeed", "--hostfile", str(two_node_hostfile(tmp_path)), "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), TRAIN, "--config", str(config)]  # fmt: skip
     run_command(command, timeout=300, env=env)
@@ -121,7 +116,7 @@ def test_mpirun_matches_one_node(setup, reference):
     config, output = run_config("mpirun")
     command = ["mpirun", "--allow-run-as-root", "-np", "2", "-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={free_port()}",
                sys.executable, TRAIN, "--config", str(config)]  # fmt: skip
-    run_command(command, timeout=300, env=launch_env())
+    run_command(command, timeout=300, env=launcher_env())
     assert_same_training(output, reference)
 
 
@@ -130,7 +125,7 @@ def test_mpi4py_discovers_ranks_and_master_when_mpirun_sets_nothing_we_know(tmp_
     ranks, and rank 0's loopback address and a free port (not DeepSpeed's 29500) reach every rank."""
     ensure_packages(OPEN_MPI)
     command = ["mpirun", "--allow-run-as-root", "-np", "2", sys.executable, str(REPO / "tests" / "scripts" / "discover.py"), str(tmp_path)]
-    run_command(command, timeout=120, env=launch_env())
+    run_command(command, timeout=120, env=launcher_env())
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["env"]["RANK"] for r in results] == ["0", "1"]
     assert [r["env"]["LOCAL_RANK"] for r in results] == ["0", "1"]
@@ -146,7 +141,7 @@ def test_torchrun_matches_one_node(setup, reference):
     config, output = run_config("torchrun")
     command = [f"{BIN}/torchrun", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), TRAIN, "--config", str(config)]  # fmt: skip
-    run_command(command, timeout=300, env=launch_env())
+    run_command(command, timeout=300, env=launcher_env())
     assert_same_training(output, reference)
 
 
@@ -193,7 +188,7 @@ def slurm(tmp_path_factory):
 
 def sbatch(slurm: SlurmCluster, options: str, script: str, log: Path, *args: str, ranks_per_node: int = 2, **env: str) -> str:
     """`sbatch OPTIONS launch/slurm/SCRIPT args` from the repository root, as README says, 2 CPU ranks per node."""
-    env = launch_env(GPUS_PER_NODE=str(ranks_per_node), MASTER_PORT=str(free_port()), SLURM_CONF=str(slurm.conf), **env)
+    env = launcher_env(GPUS_PER_NODE=str(ranks_per_node), MASTER_PORT=str(free_port()), SLURM_CONF=str(slurm.conf), **env)
     command = f"cd {REPO} && sbatch --parsable --output={log} {options} launch/slurm/{script} " + " ".join(args)
     return run_command(["bash", "-c", command], timeout=60, env=env).stdout.strip().split(";")[0]
 
@@ -221,7 +216,7 @@ def test_slurm_node_script_derives_ranks_master_and_port_on_four_nodes(setup, sl
     config, _ = run_config("unused")
     commands = []
     for node_id in range(4):
-        env = launch_env(SLURM_CONF=str(slurm.conf), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-09],big01",
+        env = launcher_env(SLURM_CONF=str(slurm.conf), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-09],big01",
                          SLURM_NODEID=str(node_id), SLURM_GPUS_ON_NODE="8", TMPDIR=str(tmp_path), ADEPT_DS_DRY_RUN="1")  # fmt: skip
         for name in ("MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE"):
             env.pop(name, None)
@@ -255,7 +250,7 @@ def test_slurm_job_requeues_on_sigterm_and_resumes(setup, slurm):
     assert "requeueing job" in text and text.count("node 0 of 1") == 2
     resumed_at = int(re.search(r"resumed from \S+ \(the newest complete checkpoint\) at step (\d+)", text).group(1))
     assert 2 <= resumed_at < 10  # the checkpoint the stopped run saved, not a fresh start or the end
-    assert [m["step"] for m in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())] == list(range(1, 11))
+    assert [m["step"] for m in read_records(output, "train")] == list(range(1, 11))
 
 
 @pytest.fixture(scope="module")
@@ -289,4 +284,4 @@ def test_slurm_job_requeued_onto_fewer_nodes_continues_by_itself(setup, slurm_tw
     assert "resume on 1 ranks: global batch 4 = micro 2 x accumulation 2 x 1 ranks" in text  # the global batch kept
     resumed_at = int(re.search(r"resumed from \S+ \(the newest complete checkpoint\) at step (\d+)", text).group(1))
     assert 2 <= resumed_at < 8
-    assert [m["step"] for m in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())] == list(range(1, 9))
+    assert [m["step"] for m in read_records(output, "train")] == list(range(1, 9))

@@ -2,7 +2,8 @@ import pytest
 import torch
 from deepspeed.runtime import lr_schedules
 
-from adept_ds.lr import ConstantLR, ScaledScheduler, build_base_scheduler, lr_scales
+from adept_ds.config import SCHEDULERS, SchedulerConfig
+from adept_ds.lr import ScaledScheduler, Schedule, build_base_scheduler, lr_scales
 
 
 def test_linear_rule_is_the_papers():
@@ -30,11 +31,15 @@ def groups(num):
     return torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1} for _ in range(num)], lr=0.1)
 
 
-@pytest.mark.parametrize("kind", ["WarmupLR", "WarmupCosineLR", "WarmupDecayLR", "constant"])
+def schedule(kind: str, **values) -> SchedulerConfig:
+    return SchedulerConfig(type=kind, **{"warmup_steps": 4, "min_lr_ratio": 0.1, **values})
+
+
+@pytest.mark.parametrize("kind", SCHEDULERS)
 def test_scales_survive_every_scheduler_step(kind):
     optimizer, reference = groups(3), groups(1)
-    scaled = ScaledScheduler(build_base_scheduler(optimizer, kind, 0.1, 4, 12, 0.1, "linear"), 3)
-    base = build_base_scheduler(reference, kind, 0.1, 4, 12, 0.1, "linear")
+    scaled = ScaledScheduler(build_base_scheduler(optimizer, schedule(kind), 0.1, 12), 3)
+    base = build_base_scheduler(reference, schedule(kind), 0.1, 12)
     scaled.set_scales([2.0, 0.5, 0.0])
     for _ in range(12):
         scaled.step()
@@ -43,15 +48,41 @@ def test_scales_survive_every_scheduler_step(kind):
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2.0 * lr, 0.5 * lr, 0.0])
         assert scaled.base_lr() == pytest.approx(lr)
     state = scaled.state_dict()
-    fresh = ScaledScheduler(build_base_scheduler(groups(3), kind, 0.1, 4, 12, 0.1, "linear"), 3)
+    fresh = ScaledScheduler(build_base_scheduler(groups(3), schedule(kind), 0.1, 12), 3)
     fresh.load_state_dict(state)
     assert fresh.scales == [2.0, 0.5, 0.0]
     assert fresh.get_lr() == pytest.approx([g["lr"] for g in optimizer.param_groups])
 
 
-def test_constant_scheduler_and_deepspeed_types():
-    assert isinstance(build_base_scheduler(groups(1), "constant", 0.1, 1, 1, 0, "linear"), ConstantLR)
-    assert isinstance(build_base_scheduler(groups(1), "WarmupLR", 0.1, 2, 5, 0, "linear"), lr_schedules.WarmupLR)
+def lrs(kind: str, total: int = 10, **values) -> list[float]:
+    """lr_base / lr at scheduler steps 0..total (0: before the first optimizer step)."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_base_scheduler(optimizer, schedule(kind, **values), 1.0, total)
+    out = [optimizer.param_groups[0]["lr"]]
+    for _ in range(total):
+        scheduler.step()
+        out.append(optimizer.param_groups[0]["lr"])
+    return out
+
+
+def test_own_schedules_follow_their_formulas():
+    assert lrs("constant") == [1.0] * 11  # HF's constant: no warmup
+    warm = [1 / 3, 2 / 3]  # torchtitan's warmup: (t + 1) / (warmup + 1)
+    assert lrs("linear", warmup_steps=2, min_lr_ratio=0.0) == pytest.approx(
+        [*warm, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0.0]
+    )
+    cosine = lrs("cosine", warmup_steps=0, min_lr_ratio=0.1)
+    assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.55) and cosine[10] == pytest.approx(0.1)  # warmup 0: from the top
+    wsd = lrs("warmup_stable_decay", warmup_steps=2, decay_ratio=0.4, min_lr_ratio=0.0)  # decay over the last 4 of 10 steps
+    assert wsd == pytest.approx([*warm, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0])
+    sqrt = lrs("warmup_stable_decay", warmup_steps=0, decay_ratio=0.4, decay_type="sqrt", min_lr_ratio=0.0)
+    assert sqrt[6:] == pytest.approx([1.0, 1 - 0.25**0.5, 1 - 0.5**0.5, 1 - 0.75**0.5, 0.0])
+    assert lrs("linear", total=4, warmup_steps=0)[-1] == pytest.approx(0.1)  # ends at min_lr_ratio (the default here)
+
+
+def test_deepspeed_schedulers_are_deepspeeds():
+    assert isinstance(build_base_scheduler(groups(1), schedule("WarmupLR"), 0.1, 5), lr_schedules.WarmupLR)
+    assert isinstance(build_base_scheduler(groups(1), schedule("constant"), 0.1, 5), Schedule)
 
 
 NAMES = ["layer3.self_attn.q_proj", "layer3.input_layernorm", "layer5.self_attn.q_proj", "layer5.input_layernorm"]

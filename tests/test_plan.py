@@ -113,8 +113,9 @@ def plan_cli(*args):
 def test_plan_says_what_does_not_fit_and_what_would():
     run = REPO / "launch" / "configs" / "llama3_adept_4k.yaml"
     done = plan_cli("--config", str(run), "--nodes", "1", "--gpus-per-node", "8", "--k", "16", f"model={SHAPES / 'llama-3-70b'}")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 3, done.stderr  # a submit script can stop on it (2: bad input)
     assert "train: " in done.stdout and "DOES NOT FIT" in done.stdout.split("importance:")[0]
+    assert "does not fit in any layout" in done.stdout and "see `adept-ds plan`" not in done.stdout
     assert "suggest: train.activation_checkpointing=true fits" in done.stdout
     assert "checkpoint: " in done.stdout and "frozen weights are not saved" in done.stdout
     as_json = plan_cli(
@@ -130,6 +131,7 @@ def test_plan_says_what_does_not_fit_and_what_would():
     )
     phases = json.loads(as_json.stdout.strip().splitlines()[-1])
     assert phases["train"]["total"] + GPU_RESERVE_BYTES <= 80 * 2**30  # the suggestion holds when taken
+    assert as_json.returncode == 0 and phases["fits"] == {name: True for name in ("train", "importance", "probe", "export")}
 
 
 def test_plan_refuses_bad_input(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from train_setup import REPO, make_training_inputs, overrides
@@ -30,6 +31,7 @@ def test_check_accepts_a_good_run_and_reports_the_batch_arithmetic(inputs, tmp_p
     code, output = check(capsys, "--hostfile", hostfile, "--num-gpus", 2, *overrides(inputs, tmp_path / "run"))
     assert code == 0, output
     assert "world: 4 ranks (2 hosts" in output and "global batch 8 = micro 2 x accumulation 1 x 4 ranks" in output
+    assert "owners: micro batch 2, accumulation 1, global batch 8, clipping 1.0: the run config (train.*); precision fp32: " in output
     assert "ok: nothing wrong found" in output
     assert "zero++: ZeRO++ off" in output
     # hpZ's node size on a login node: the hostfile's ranks per host (2 with --num-gpus 2), not this machine's.
@@ -44,15 +46,26 @@ def test_check_accepts_a_good_run_and_reports_the_batch_arithmetic(inputs, tmp_p
         ("worker-0 slots=4\nworker-1 4\n", r"line 2: 'worker-1 4' is not 'HOSTNAME slots=N'"),
         ("worker-0 slots=four\n", r"line 1: 'worker-0 slots=four' is not 'HOSTNAME slots=N'"),
         ("worker-0 slots=0\n", r"line 1: 'worker-0 slots=0' gives worker-0 no slots"),
-        ("worker-0 slots=2\nworker-0 slots=2\n", "multiple entries for worker-0"),
-        ("# only a comment\n", "empty"),
+        ("worker-0 slots=2\nworker-0 slots=2\n", "line 2: worker-0 is listed twice"),
+        ("# only a comment\n", "lists no hosts"),
     ],
 )
 def test_bad_hostfiles_name_the_line(tmp_path, text, message):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(text)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as refused:
         read_hostfile(hostfile)
+    assert "\n" not in str(refused.value)
+
+
+def test_hostfiles_are_read_as_deepspeeds_launcher_reads_them(tmp_path):
+    """Tabs, several spaces and a trailing comment are fine for DeepSpeed's parser, so they are here."""
+    from deepspeed.launcher.runner import _parse_hostfile
+
+    text = "# nodes\nworker-0\tslots=8\nworker-1   slots=4   # the small one\n  worker-2 slots=2\n"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    assert read_hostfile(hostfile) == {"worker-0": 8, "worker-1": 4, "worker-2": 2} == dict(_parse_hostfile(text.splitlines()))
 
 
 def test_a_missing_hostfile_is_an_error_not_a_silent_single_node_run(tmp_path):
@@ -69,7 +82,10 @@ def test_batch_arithmetic_is_checked_against_the_hostfile_world_size(inputs, tmp
     hostfile.write_text("a slots=3\n")
     code, output = check(capsys, "--hostfile", hostfile, *overrides(inputs, tmp_path / "run", deepspeed=path))
     assert code == 2
-    assert "train_batch_size=8 != micro batch 2 x accumulation 1 x world size 3" in output
+    assert (
+        "train_batch_size=8 disagrees with the run config's global batch 6 = train.micro_batch_size 2 x train.gradient_accumulation_steps 1 x 3 ranks"
+        in output
+    )
 
 
 def test_a_manifest_from_another_model_is_refused(inputs, tmp_path, capsys):
@@ -132,3 +148,32 @@ def test_check_says_what_validation_holds_out_and_refuses_a_split_that_leaves_to
     assert f"domain: the last blocks of {inputs['domain']}, not trained on" in output
     code, output = check(capsys, *run, "eval.max_tokens=100000000")
     assert code == 2 and "holding out 3125000 for validation leaves 0, fewer than one global batch (2)" in output, output
+
+
+def test_a_block_longer_than_the_models_positions_is_refused_unless_rope_is_scaled(inputs, tmp_path, capsys):
+    config = json.loads((inputs["expanded"] / "config.json").read_text())
+    too_long = config["max_position_embeddings"] * 2
+    code, output = check(capsys, "--skip-data", *overrides(inputs, tmp_path / "run", **{"data.block_size": too_long}))
+    assert code == 2 and output.count("\n") == 1
+    wanted = f"data.block_size={too_long} is longer than {inputs['expanded']}'s max_position_embeddings={config['max_position_embeddings']}"
+    assert wanted in output and "rope_scaling" in output
+    scaled = tmp_path / "scaled"
+    shutil.copytree(inputs["expanded"], scaled)
+    (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+    code, output = check(capsys, "--skip-data", *overrides(inputs, tmp_path / "run", model=scaled, **{"data.block_size": too_long}))
+    assert code == 0, output
+
+
+def test_a_login_node_without_gpus_checks_the_gpu_job_its_hostfile_describes(inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("gpu-node-0 slots=8\ngpu-node-1 slots=8\n")
+    run = overrides(inputs, tmp_path / "run", deepspeed="zero3_bf16")
+    code = cli_main(["check", "--skip-data", "--hostfile", str(hostfile), *map(str, run)])
+    output = capsys.readouterr()
+    assert code == 0, output.err
+    assert "device: GPU (--hostfile/--num-gpus describe a GPU job; --device cpu for CPU ranks)" in output.out
+    assert "world: 16 ranks (2 hosts in" in output.out and "precision bf16" in output.out
+    code = cli_main(["check", "--skip-data", "--device", "cpu", *map(str, run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "bf16 is enabled but this run is on CPU" in err and "[checked for CPU ranks: --device cpu]" in err

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from distributed import run_deepspeed
+from cluster import run_launched
 from tiny_models import make_tiny_model
 from transformers import AutoTokenizer
 
@@ -93,10 +93,13 @@ def test_cli_prints_the_figures_and_refuses_bad_values(model_dir, tmp_path, caps
 
 
 @pytest.mark.dist
-def test_two_ranks_write_what_one_rank_writes(corpus, model_dir, tmp_path):
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+def test_two_ranks_write_what_one_rank_writes(corpus, model_dir, tmp_path, launcher):
+    """README: `deepspeed --num_gpus N --module adept_ds.cli make-probe-corpus ...` (DeepSpeed passes --local_rank),
+    and `mpirun -np N python -m adept_ds.cli make-probe-corpus ...`."""
     path, stats = corpus
     output = tmp_path / "two_ranks.jsonl"
     args = ["make-probe-corpus", "--model", model_dir, "--output", output, "--seed", 3, "--tokens", 150]
-    result = run_deepspeed("-m", *args, "--batch-size", 4, "--max-new-tokens", 24, num_procs=2, timeout=180)
+    result = run_launched(launcher, ["-m", "adept_ds.cli", *args, "--batch-size", 4, "--max-new-tokens", 24], timeout=300)
     assert output.read_bytes() == path.read_bytes()
     assert "on 2 rank(s)" in result.stdout and f"{stats['tokens']:,} tokens in {stats['documents']:,} documents" in result.stdout

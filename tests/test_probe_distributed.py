@@ -1,5 +1,6 @@
 import pytest
 import torch
+from cluster import run_launched
 from corpora import sentences, write_jsonl
 from distributed import REPO_DIR, read_rank_results, run_deepspeed
 from tiny_models import make_tiny_model
@@ -43,7 +44,8 @@ def test_mask_probe_cli_under_deepspeed_matches_single_process(tmp_path, monkeyp
     options = ["--model", model_dir, "--data", corpus, "--max-tokens", 1600, "--block-size", 64, "--batch-size", 2]
     # In chunks of 3 of the 4 layers, held in CPU memory: the same scores as all layers at once in one process.
     chunked = ["--mask-chunk-layers", 3, "--offload-activations", "--output", tmp_path / "two.json"]
-    launched = run_deepspeed(REPO_DIR / "launch" / "probe.py", *options, *chunked, ADEPT_DS_CACHE=str(tmp_path / "cache"))
+    # README: `deepspeed launch/probe.py ...`, through DeepSpeed's real launcher, which appends --local_rank=N.
+    launched = run_launched("deepspeed", [REPO_DIR / "launch" / "probe.py", *options, *chunked], ADEPT_DS_CACHE=str(tmp_path / "cache"))
     two_ranks = read_probe_result(tmp_path / "two.json")
     assert two_ranks["world_size"] == 2 and two_ranks["num_blocks"] == 25  # 25 blocks: uneven over 2 ranks
     assert (tmp_path / "two.png").is_file()

@@ -17,6 +17,7 @@ from model_checks import load_state
 from train_setup import REPO, make_training_inputs, overrides
 
 from adept_ds.lr import lr_scales
+from adept_ds.run_log import read_records
 
 pytestmark = pytest.mark.dist
 
@@ -29,7 +30,7 @@ COMMON = {"train.max_steps": 8, "optimizer.weight_decay": 0.1}  # decay differs 
 
 
 def metrics(run_dir):
-    return {m["step"]: m["loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    return {m["step"]: m["loss"] for m in read_records(run_dir, "train")}
 
 
 def train(inputs, run_dir, world, *extra, **settings):

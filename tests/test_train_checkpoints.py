@@ -4,7 +4,16 @@ import json
 
 import pytest
 
-from adept_ds.train_checkpoints import COMPLETE_MARKER, LATEST, check_same_run, mark_complete, newest_complete, prune
+from adept_ds.train_checkpoints import (
+    COMPLETE_MARKER,
+    LATEST,
+    check_same_run,
+    checkpoint_tag,
+    mark_complete,
+    newest_complete,
+    prune,
+    tag_for,
+)
 
 IDENTITY = {"backbone_model": "/models/a", "backbone_fingerprint": "abc", "method": "adept", "units": ["layer3.mlp.up_proj"]}
 
@@ -66,3 +75,8 @@ def test_check_same_run_names_what_differs(tmp_path):
     (checkpoint / COMPLETE_MARKER).write_text(json.dumps(marker))
     with pytest.raises(ValueError, match="records no backbone_fingerprint"):
         check_same_run(checkpoint, IDENTITY)
+
+
+def test_a_tag_may_be_written_as_the_user_counts_steps():
+    assert checkpoint_tag("step500") == checkpoint_tag("500") == checkpoint_tag("step00000500") == tag_for(500) == "step00000500"
+    assert checkpoint_tag("universal-step4") == "universal-step4"  # other names stay as given

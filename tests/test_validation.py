@@ -23,6 +23,7 @@ from adept_ds.data import load_blocks
 from adept_ds.evaluate import corpus_loss
 from adept_ds.export import export_checkpoint
 from adept_ds.guard import EXIT_GUARD, best_checkpoint, roll_back_to
+from adept_ds.run_log import read_records
 from adept_ds.train_checkpoints import LATEST, mark_complete, newest_complete, prune, saved_steps
 from adept_ds.validation import validation_blocks
 
@@ -30,9 +31,8 @@ pytestmark = pytest.mark.dist
 TRAIN = REPO / "launch" / "train.py"
 
 
-def records(run_dir, key):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines) if key in r}
+def records(run_dir, kind):
+    return {r["step"]: r for r in read_records(run_dir, kind)}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_guard_cools_keeps_the_cooled_rate_on_resume_and_stops(inputs):
     run_deepspeed(TRAIN, *forgetting(inputs, run_dir, **guard, **{"train.max_steps": 4}))
     triggers = records(run_dir, "guard")
     assert list(triggers) == [4] and triggers[4]["guard"]["action"] == "cool" and triggers[4]["guard"]["rise"] > 0.05
-    steps = records(run_dir, "loss")
+    steps = records(run_dir, "train")
     assert all(steps[s]["lr_max"] == pytest.approx(0.03) for s in (1, 2, 3, 4))
 
     # Resumed, the cooled LR carries on; now with action stop, which saves and stops at the next rise.
@@ -92,7 +92,7 @@ def test_guard_cools_keeps_the_cooled_rate_on_resume_and_stops(inputs):
     assert result.returncode == EXIT_GUARD, result.stdout[-3000:]
     output = result.stdout + result.stderr
     assert "forgetting guard: general validation loss" in output and "and stopped" in output
-    steps = records(run_dir, "loss")
+    steps = records(run_dir, "train")
     assert all(steps[s]["lr_multiplier"] == 0.5 and steps[s]["lr_max"] == pytest.approx(0.015) for s in (5, 6))
     triggers = records(run_dir, "guard")
     assert list(triggers) == [4, 6] and triggers[6]["guard"]["action"] == "stop"

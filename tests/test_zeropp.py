@@ -13,8 +13,8 @@ from test_plan import SHAPES, plan_cli
 from train_setup import REPO
 
 from adept_ds.config import load_run_config
+from adept_ds.ds_config import resolve_ds_config
 from adept_ds.plan import model_shape, plan_run
-from adept_ds.preflight import resolve_ds_config
 from adept_ds.zeropp import TorchQuantizer, describe
 
 ZERO3 = {"zero_optimization": {"stage": 3}}

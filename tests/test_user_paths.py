@@ -1,0 +1,115 @@
+"""What a user's first commands meet (issue 27): DeepSpeed's --local_rank on any subcommand, no silent demo
+model (`--model demo` names it: tests/test_demo_model.py), `adept-ds init` and `adept-ds train` refusing bad input in one line, and one rule for relative paths
+(in a run config file: its directory; in key=value overrides: the current directory), printed by `check`."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+from corpora import sentences, write_jsonl
+from tiny_models import make_tiny_model
+
+from adept_ds.cli import main, without_local_rank
+from adept_ds.config import SHIPPED_DS_CONFIGS, load_run_config
+
+
+@pytest.mark.parametrize(
+    "argv, kept",
+    [
+        (["--local_rank=1", "probe", "--model", "m"], ["probe", "--model", "m"]),  # DeepSpeed's launcher: first
+        (["eval", "--local_rank", "0", "--qa", "q"], ["eval", "--qa", "q"]),
+        (["make-probe-corpus", "--local-rank=3"], ["make-probe-corpus"]),
+        (["probe", "--model", "m"], ["probe", "--model", "m"]),
+    ],
+)
+def test_the_launchers_local_rank_argument_is_dropped_anywhere(argv, kept):
+    assert without_local_rank(argv) == kept
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["expand", "--output", "expanded", "--layers", "1"],
+        ["prepare-data", "--data", "corpus.jsonl", "--output", "store"],
+        ["probe", "--data", "general.jsonl", "--output", "probe.json"],
+        ["eval", "--general", "general.jsonl"],
+    ],
+)
+def test_a_missing_model_is_an_error_that_names_the_demo_model(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "general.jsonl", sentences(4))
+    write_jsonl(tmp_path / "corpus.jsonl", sentences(4))
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    assert "--model is required: a Hugging Face checkpoint directory" in err and "give --model demo" in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl", "general.jsonl"]  # nothing made
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A user's project: my-model/ and corpora under it, a configs/ folder, and the shell in the project root."""
+    make_tiny_model(tmp_path / "my-model", "llama", num_layers=2)
+    write_jsonl(tmp_path / "corpus" / "domain.jsonl", sentences(40, seed=1))
+    write_jsonl(tmp_path / "corpus" / "general.jsonl", sentences(40, seed=2))
+    (tmp_path / "configs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_init_writes_a_config_that_loads_with_paths_relative_to_itself(project, capsys):
+    given = ["model=my-model", "data.domain=corpus/domain.jsonl", "data.general=corpus/general.jsonl", "train.max_steps=7"]
+    assert main(["init", "configs/run.yaml", *given]) == 0
+    written = yaml.safe_load((project / "configs" / "run.yaml").read_text())
+    assert written["model"] == "../my-model" and written["data"]["domain"] == "../corpus/domain.jsonl"  # relative to the file
+    assert written["deepspeed"] == "zero3" and "# " in (project / "configs" / "run.yaml").read_text()  # explained
+
+    os.chdir(project / "corpus")  # loaded from anywhere: the file's directory is the base
+    config = load_run_config(project / "configs" / "run.yaml")
+    assert config.model == str(project / "my-model") and config.data.general == str(project / "corpus" / "general.jsonl")
+    assert config.deepspeed == str(SHIPPED_DS_CONFIGS / "zero3.json") and config.train.max_steps == 7
+    os.chdir(project)
+
+    assert main(["init", "configs/run.yaml"]) == 2
+    assert "configs/run.yaml exists; pass --force to replace it" in one_line_error(capsys)
+    assert main(["init", "other.yaml", "train.max_stepz=3"]) == 2
+    assert "max_stepz" in one_line_error(capsys) and not (project / "other.yaml").exists()
+
+
+def test_overrides_are_relative_to_the_current_directory_and_check_prints_every_resolved_path(project, capsys):
+    (project / "configs" / "run.yaml").write_text(
+        "method: pt_full\nmodel: ../my-model\ndeepspeed: zero3\ndata:\n  domain: ../corpus/domain.jsonl\n  block_size: 16\n"
+    )
+    os.chdir(project / "corpus")
+    argv = ["check", "../configs/run.yaml", "data.general=general.jsonl", "output_dir=../runs/a", "--device", "cpu", "--skip-data"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for key, path in [
+        ("model", project / "my-model"),
+        ("deepspeed", SHIPPED_DS_CONFIGS / "zero3.json"),
+        ("output_dir", project / "runs" / "a"),
+        ("data.domain", project / "corpus" / "domain.jsonl"),
+        ("data.general", project / "corpus" / "general.jsonl"),
+    ]:
+        assert f"  {key}: {path}\n" in out, (key, out)
+    assert "world: 1 ranks (no --hostfile or --num-gpus, so 1 rank per node was assumed" in out
+
+
+def test_train_refuses_bad_input_before_starting_any_rank(project, capsys):
+    assert main(["train"]) == 2
+    assert "give the run config: adept-ds train RUN.yaml" in one_line_error(capsys)
+    assert main(["train", "missing.yaml", "--num-gpus", "2"]) == 2
+    assert "missing.yaml" in one_line_error(capsys)
+    (project / "run.yaml").write_text("model: my-model\ndata:\n  domain: corpus/nothing.jsonl\n")
+    assert main(["train", "run.yaml", "--num-gpus", "2"]) == 2
+    assert "nothing.jsonl" in one_line_error(capsys)
+    assert main(["train", "run.yaml", "data.domain=corpus/domain.jsonl", "train.micro_batch_size=0"]) == 2
+    assert "micro_batch_size" in one_line_error(capsys)
+    assert not (project / "runs").exists()
