@@ -9,7 +9,7 @@ import json
 import struct
 
 import pytest
-from distributed import run_deepspeed
+from distributed import TESTS_DIR, run_deepspeed
 from test_validation import TRAIN, forgetting, inputs  # noqa: F401  (the module fixture: a tiny model, sentences and digits)
 from train_setup import overrides
 
@@ -85,7 +85,7 @@ def test_every_sink_gets_the_same_scalars(inputs, tmp_path, monkeypatch, run):  
         args = forgetting(inputs, run_dir, **values, **{"guard.max_general_increase": 0.05, "guard.action": "cool"})
     else:
         args = overrides(inputs, run_dir, **values)
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_ALLOW_FILE_STORE": "true"}
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONPATH": str(TESTS_DIR)}  # real MLflow
     run_deepspeed(TRAIN, *args, timeout=300, **env)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 opens a file store only when asked
 
