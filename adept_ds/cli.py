@@ -217,15 +217,17 @@ def planned_device(args: argparse.Namespace) -> tuple[bool, str]:
     return gpu, f"this machine has {'a' if gpu else 'no'} GPU; --device gpu|cpu to check for a job elsewhere"
 
 
-def _run_config(args: argparse.Namespace):
-    """(the run config file, the run config) of `--config` or a leading RUN.yaml, plus the key=value overrides."""
+def _run_config(args: argparse.Namespace, with_overrides: bool = False):
+    """(the run config file, the run config) of `--config` or a leading RUN.yaml, plus the key=value overrides;
+    with `with_overrides`, the overrides (without the RUN.yaml) too."""
     from adept_ds.config import load_run_config
 
     overrides = list(args.overrides)
     config_file = args.config
     if config_file is None and overrides and "=" not in overrides[0]:
         config_file = overrides.pop(0)
-    return config_file, load_run_config(config_file, overrides)
+    config = load_run_config(config_file, overrides)
+    return (config_file, config, overrides) if with_overrides else (config_file, config)
 
 
 def print_paths(config, config_file: str | None) -> None:
@@ -339,6 +341,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     memory = None if args.gpu_memory_gb is None else int(args.gpu_memory_gb * GIB)
     config = with_node_size(config, args.gpus_per_node)
     layout, plan = layout_and_plan(config, shape, args.nodes * args.gpus_per_node, gpu, memory)
+    code = 0 if all(plan.fits(phase) for phase in plan.phases) else PLAN_DOES_NOT_FIT
     if args.json:
         print(
             json.dumps(
@@ -348,9 +351,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 | {"fits": {name: plan.fits(name) for name in plan.phases}}
             )
         )
-        return 0 if all(plan.fits(phase) for phase in plan.phases) else PLAN_DOES_NOT_FIT
+        return code
     print(render(config, shape, plan, args.nodes, args.gpus_per_node, args.write_gb_per_s))
-    return 0 if all(plan.fits(phase) for phase in plan.phases) else PLAN_DOES_NOT_FIT
+    return code
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -409,11 +412,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    config_file, config = _run_config(args)
+    config_file, config, overrides = _run_config(args, with_overrides=True)
     if config_file is None:
         raise ValueError("give the run config: adept-ds train RUN.yaml [--num-gpus N | --hostfile H] [key=value ...]")
     config.validate_paths()  # a bad key, value or path fails here, before any rank starts
-    overrides = args.overrides[1:] if args.config is None else args.overrides
     resume = ["--resume"] if args.resume else ["--auto-resume"] if args.auto_resume else []
     command = [*launcher_command(args), "--module", "adept_ds.train", "--config", str(Path(config_file).absolute()), *overrides, *resume]
     env = dict(os.environ)

@@ -136,6 +136,7 @@ def _open_stream(chunk: Chunk):
 def _stream_pieces(chunk: Chunk, chunk_bytes: int) -> Iterator[Chunk]:
     """A compressed file as pieces of ~chunk_bytes decompressed bytes, each ending at a line break."""
     offset, lines, data = 0, 0, b""
+    first = b""  # the stream's first non-blank byte; b"[": a JSON array, which cannot be cut at lines: read it whole
     stream, errors = _open_stream(chunk)
     with stream:
         while True:
@@ -146,16 +147,17 @@ def _stream_pieces(chunk: Chunk, chunk_bytes: int) -> Iterator[Chunk]:
             if not block:
                 break
             data += block
-            if offset == 0 and data.lstrip()[:1] == b"[":  # a JSON array cannot be cut at lines: read it whole
-                continue
+            first = first or data.lstrip()[:1]
+            if first in (b"", b"["):
+                continue  # nothing but blanks yet, or an array
             cut = data.rfind(b"\n") + 1
-            if cut == 0 or (offset == 0 and data.lstrip()[:1] == b""):
+            if cut == 0:
                 continue  # no line break yet (a line longer than a piece): read on
             piece, data = data[:cut], data[cut:]
             yield replace(chunk, start=offset, end=offset + cut, data=piece, lines_before=lines)
             offset, lines = offset + cut, lines + piece.count(b"\n")
     if data:
-        kind = "json_array" if offset == 0 and data.lstrip()[:1] == b"[" else chunk.kind
+        kind = "json_array" if first == b"[" else chunk.kind
         yield replace(chunk, kind=kind, start=offset, end=offset + len(data), data=data, lines_before=lines)
 
 

@@ -71,17 +71,26 @@ def drop_optimizer_sections(ds: dict, path: str | Path, notes: list[str]) -> Non
         del ds[section]
 
 
-def check_owned_values(ds: dict, config: RunConfig, world_size: int, path: str | Path) -> None:
-    """Refuse a JSON value that disagrees with the run config's (they may be "auto", absent or equal)."""
+def owned_values(config: RunConfig, world_size: int) -> dict[str, tuple]:
+    """The JSON keys the run config owns: (its value, where it comes from), train_batch_size derived."""
+    owned = {}
     for key, run_key in RUN_CONFIG_OWNS.items():
         section, _, name = run_key.partition(".")
-        value, wanted = ds.get(key, "auto"), getattr(getattr(config, section), name)
+        owned[key] = (getattr(getattr(config, section), name), run_key)
+    owned["train_batch_size"] = (config.train.global_batch(world_size), "micro batch x accumulation x ranks")
+    return owned
+
+
+def check_owned_values(ds: dict, owned: dict[str, tuple], config: RunConfig, world_size: int, path: str | Path) -> None:
+    """Refuse a JSON value that disagrees with the run config's (they may be "auto", absent or equal)."""
+    for key, run_key in RUN_CONFIG_OWNS.items():
+        value, wanted = ds.get(key, "auto"), owned[key][0]
         if value != "auto" and value != wanted:
             raise ValueError(
                 f'{path}: {key}={value} disagrees with the run config\'s {run_key}={wanted}; the run config owns it: set it to "auto" '
                 f"in the JSON (or to {wanted}), or give {run_key}={value}"
             )
-    value, wanted = ds.get("train_batch_size", "auto"), config.train.global_batch(world_size)
+    value, wanted = ds.get("train_batch_size", "auto"), owned["train_batch_size"][0]
     if value != "auto" and value != wanted:
         train = config.train
         raise ValueError(
@@ -121,13 +130,11 @@ def resolve_ds_config(
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{path}: zero_optimization.stage={stage!r}: choose 0, 1, 2 or 3 (adept_ds ships zero1/2/3 configs)")
     drop_optimizer_sections(ds, path, notes)
-    check_owned_values(ds, config, world_size, path)
-    train, hidden = config.train, model_config.get("hidden_size")
-    auto = {
-        ("train_micro_batch_size_per_gpu",): (train.micro_batch_size, "train.micro_batch_size"),
-        ("gradient_accumulation_steps",): (train.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
-        ("train_batch_size",): (train.global_batch(world_size), "micro batch x accumulation x ranks"),
-        ("gradient_clipping",): (train.gradient_clipping, "train.gradient_clipping"),
+    owned = owned_values(config, world_size)
+    check_owned_values(ds, owned, config, world_size, path)
+    hidden = model_config.get("hidden_size")
+    auto = {(key,): value for key, value in owned.items()}
+    auto |= {
         ("bf16", "enabled"): (gpu, "bf16 on a GPU, fp32 on CPU"),
         ("fp16", "enabled"): (False, "bf16 or fp32 instead"),
         ("zero_optimization", "offload_optimizer", "pin_memory"): (gpu, "pinned on a GPU"),
@@ -161,8 +168,8 @@ def resolve_ds_config(
                 notes.append(f"{'.'.join(here)}: auto = {node[key]} ({rule})")
 
     fill(ds, ())
-    for keys in [("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",), ("train_batch_size",), ("gradient_clipping",)]:
-        ds.setdefault(keys[0], auto[keys][0])
+    for key, (value, _) in owned.items():  # absent: the run config's
+        ds.setdefault(key, value)
     enabled = [precision for precision in ("bf16", "fp16") if ds.get(precision, {}).get("enabled")]
     if len(enabled) == 2:
         raise ValueError(f'{path}: bf16 and fp16 are both enabled; enable one (bf16 where the GPU has it), or set both to "auto"')

@@ -149,10 +149,12 @@ class Trainer:
         self.layout, local = checked.layout, checked.layout.memory
         agreed = agreed_minimum(-1 if local is None else local)
         agreed = None if agreed < 0 else agreed
-        if agreed != local:
-            self.layout, self.ds_config = memory_layout(config, self.world_size, self.gpu, checked.checkpoint.config, agreed)
+        notes = checked.notes
+        if agreed != local:  # re-planned: its notes describe the config this run uses
+            notes = []
+            self.layout, self.ds_config = memory_layout(config, self.world_size, self.gpu, checked.checkpoint.config, agreed, notes)
         if self.rank == 0:
-            for note in checked.notes:
+            for note in notes:
                 print(f"deepspeed config: {note}", flush=True)
             print(f"memory: {self.layout.note}", flush=True)
             print(f"zero++: {describe_zeropp(self.ds_config, config, self.world_size, self.layout.frozen_weights)}", flush=True)

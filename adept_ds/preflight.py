@@ -81,7 +81,8 @@ def memory_layout(config: RunConfig, world_size: int, gpu: bool, model_config: d
     filled = []
     ds_config = resolve_ds_config(config.deepspeed, config, world_size, gpu, model_config, notes=filled)
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
-        (notes if notes is not None else []).extend(filled)
+        if notes is not None:
+            notes.extend(filled)
         return MemoryLayout("replicated", False, "ZeRO stage < 3 keeps every weight whole on every rank"), ds_config
     layout = choose_layout(config, world_size, gpu, memory, auto_window=window_is_auto(config.deepspeed))
     return layout, resolve_ds_config(config.deepspeed, config, world_size, gpu, model_config, layout.wide_window, notes)
