@@ -47,8 +47,15 @@ def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, threads: 
         deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl", verbose=False, timeout=timedelta(minutes=timeout_minutes))
     torch.set_num_threads(threads_per_rank(threads))
     if not cpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device_index())
     return dist.get_rank(), dist.get_world_size()
+
+
+def device_index() -> int:
+    """This rank's GPU among those it sees: LOCAL_RANK modulo the visible count. Every GPU of the node is visible
+    under DeepSpeed's launcher and torchrun (rank i takes GPU i); under per-task binding (`srun --gpus-per-task=1`,
+    a per-rank CUDA_VISIBLE_DEVICES) each rank sees only its own, as device 0."""
+    return int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
 
 
 def threads_per_rank(requested: int = 0) -> int:
@@ -374,6 +381,9 @@ def zero3_probe_runtime(model_dir, family, with_grad: bool, micro_batch: int, nu
         "gradient_accumulation_steps": max(1, num_micro_batches),
         "zero_optimization": {"stage": 3},
         "bf16": {"enabled": dtype == torch.bfloat16},  # ZeRO-3 partitions (and zero.Init loads) in this dtype
+        # The grad/fisher scores sum gradients over micro-batches and ranks: in fp32, as training does (ds_config.py);
+        # DeepSpeed would keep bf16 gradient partitions (8 bits of mantissa) for a bf16 model.
+        "data_types": {"grad_accum_dtype": "fp32"},
         "gradient_clipping": 0.0,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,

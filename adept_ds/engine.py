@@ -67,6 +67,7 @@ from adept_ds.train_checkpoints import (
 )
 from adept_ds.units import Unit, adept_units, build_param_groups, full_model_units, set_trainable
 from adept_ds.universal import (
+    convert_before_start,
     derived_seed,
     group_hyperparameters,
     is_universal,
@@ -142,6 +143,10 @@ class Trainer:
         for note in length_notes if os.environ.get("RANK", "0") == "0" else []:
             print(note, flush=True)
 
+        # A checkpoint of another world size becomes a universal one now: no collective waits through the conversion.
+        backbone = {"backbone_fingerprint": fingerprint_checkpoint(checked.checkpoint), "method": config.method}
+        convert_before_start(self.output_dir / CHECKPOINT_DIR, resume, backbone, launched)
+
         self.rank, self.world_size = init_distributed(config.train.timeout_minutes, config.train.threads)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
         self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -178,8 +183,7 @@ class Trainer:
         # What a checkpoint belongs to: it holds no frozen weight, so it only resumes on this backbone and units.
         self.run_identity = {
             "backbone_model": str(Path(config.model).absolute()),
-            "backbone_fingerprint": fingerprint_checkpoint(checked.checkpoint),
-            "method": config.method,
+            **backbone,
             "units": [unit.name for unit in self.units],
             "global_batch": self.global_batch,
             "probe_batch": config.importance.batch_size * self.world_size,
@@ -503,18 +507,17 @@ class Trainer:
 
 def run_training(config: RunConfig, resume: bool | str = False, show_progress: bool = True) -> dict:
     """Train, checkpoint, and (rank 0) export the final model. Returns a summary. `resume`: see `Trainer`."""
-    from adept_ds.export import export_checkpoint
+    from adept_ds.export import export_checkpoint, export_once
 
     trainer = Trainer(config, resume=resume, show_progress=show_progress)
     try:
         losses = trainer.train()
     except GuardStopped as stop:
-        if config.train.export and stop.rolled_back_to is not None:  # the run's result: the best checkpoint
-            if trainer.rank == 0:
-                tag, output = stop.rolled_back_to.name, Path(config.output_dir) / "final"
-                export_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, tag, config.model, output, overwrite=True)
-            dist.barrier()  # launchers kill every rank once one exits non-zero: the others wait for the export
         trainer.close()  # every rank took the same decision on the same all-reduced losses: a normal teardown
+        if config.train.export and stop.rolled_back_to is not None:  # the run's result: the best checkpoint
+            # One rank exports, the others wait on the filesystem, not in a collective a big export would outlast:
+            # launchers kill every rank once one exits non-zero, so none may exit before the export is done.
+            export_once(Path(config.output_dir) / CHECKPOINT_DIR, stop.rolled_back_to.name, config.model, Path(config.output_dir) / "final")
         raise
     except (Stopped, NonFiniteLoss):
         trainer.close()  # every rank stopped at the same step, after saving together: a normal teardown

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from adept_ds.checkpoint import open_checkpoint
+from adept_ds.file_lock import exclusive
 from adept_ds.outputs import atomic_output_dir, check_output_dir
 from adept_ds.train_checkpoints import checkpoint_tag, incomplete_reason, newest_complete
 
@@ -114,3 +115,20 @@ def export_checkpoint(
         }
         (staging / "adept_export.json").write_text(json.dumps(record, indent=2))
     return Path(output)
+
+
+def export_once(checkpoint_dir: str | Path, tag: str, base_model: str | Path, output: str | Path) -> Path:
+    """export_checkpoint for a job whose ranks all ask at once, with no process group (the guard's rollback): one of
+    them exports while the others wait on the filesystem (file_lock.py), however long the export takes. An `output`
+    that already holds this checkpoint's export is kept."""
+    output, source = Path(output), str(Path(checkpoint_dir) / tag)
+
+    def exported() -> bool:
+        record = output / "adept_export.json"
+        return record.is_file() and json.loads(record.read_text())["checkpoint"] == source
+
+    with exclusive(output.with_name(output.name + ".lock"), exported, f"exporting {source} to {output}") as held:
+        if held is not None:
+            held.start_heartbeat()
+            export_checkpoint(checkpoint_dir, tag, base_model, output, overwrite=True)
+    return output

@@ -16,13 +16,13 @@ measures it). Taking the frozen tensors out of ZeRO's hands is what makes the tr
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from adept_ds.config import RunConfig
+from adept_ds.distributed import device_index, local_world_size
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,8 @@ def device_bytes(config: RunConfig, gpu: bool) -> int | None:
     if gpu:
         if not torch.cuda.is_available():  # e.g. `adept-ds check --device gpu` on a login node
             return None
-        return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0))).total_memory
+        return torch.cuda.get_device_properties(device_index()).total_memory
     import psutil
-
-    from adept_ds.distributed import local_world_size
 
     return psutil.virtual_memory().total // max(1, local_world_size())
 

@@ -31,11 +31,22 @@ from adept_ds.families import Family
 
 IGNORE_INDEX = -100
 CHUNK_LOGITS = 1 << 24
-"""Tokens per chunk are chosen so that a chunk's logits hold at most this many values (64 MB in fp32)."""
+"""On CPU, tokens per chunk are chosen so that a chunk's logits hold at most this many values (64 MB in fp32)."""
+GPU_CHUNK_BYTES = 1 << 29
+"""On a GPU, a chunk's fp32 logits may take this many bytes (2048 rows at SmolLM2's 49k vocabulary, GPU_MIN_ROWS at
+Llama-3's 128k; with logsumexp's fp32 temporary and the low-precision copies the chunk's transient is about twice that)."""
+GPU_MIN_ROWS = 1024
+"""Each chunk's two GEMMs read the whole head weight (1-2 GB at 7-70B) for 2 x rows FLOPs per weight byte (bf16):
+at 1024 rows that is ~3x an H100's ridge point (989 dense bf16 TFLOP/s over 3.35 TB/s = ~295 FLOP/byte), so the
+head runs compute-bound. 2^24 logits (the CPU rule) give 128 rows at 128k vocabulary: memory-bound, re-reading the
+weight 8x as often."""
 
 
-def chunk_rows(vocab_size: int) -> int:
-    """Tokens per chunk: the largest power of two whose logits fit CHUNK_LOGITS (at least 1)."""
+def chunk_rows(vocab_size: int, gpu: bool = False) -> int:
+    """Tokens per chunk, a power of two: on CPU the largest whose logits fit CHUNK_LOGITS (at least 1); on a GPU the
+    largest whose fp32 logits fit GPU_CHUNK_BYTES, at least GPU_MIN_ROWS (a sequence shorter than that is one chunk)."""
+    if gpu:
+        return max(GPU_MIN_ROWS, 1 << max(0, (GPU_CHUNK_BYTES // (4 * vocab_size)).bit_length() - 1))
     return 1 << max(0, (CHUNK_LOGITS // vocab_size).bit_length() - 1)
 
 
@@ -85,11 +96,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """Mean cross-entropy (fp32) of `hidden @ weight.T` (tokens x hidden, vocab x hidden) against `targets`
-    (IGNORE_INDEX skipped), never holding more than one chunk of logits."""
+    (IGNORE_INDEX skipped), never holding more than one chunk of `rows` tokens' logits (default: chunk_rows)."""
     grad = torch.is_grad_enabled()
-    rows = chunk_rows(weight.shape[0])
+    rows = rows or chunk_rows(weight.shape[0], gpu=hidden.device.type == "cuda")
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, rows, grad and hidden.requires_grad, grad and weight.requires_grad)
 
 

@@ -34,8 +34,8 @@ A checkpoint holds, per rank, the fp32 master and both moments of its trainable 
 part(n)) and AdamW's step (4 bytes per parameter group); frozen weights are never saved.
 
 On a GPU the sum is what `torch.cuda.max_memory_allocated` would report; the CUDA context, NCCL buffers and
-the caching allocator's fragmentation come on top, so a plan fits when the sum plus GPU_RESERVE_BYTES stays
-under the device's memory. On CPU (fp32, used to validate the model on this machine: benchmarks/plan_check.py)
+the caching allocator's fragmentation come on top (GPU_ALLOWANCE, by cause), so a plan fits when the sum plus
+GPU_RESERVE_BYTES stays under the device's memory. On CPU (fp32, used to validate the model on this machine: benchmarks/plan_check.py)
 the peak RSS adds a process's fixed cost (CPU_RUNTIME_BYTES: torch, DeepSpeed, gloo, the tokenizer).
 """
 
@@ -53,8 +53,34 @@ from adept_ds.config import RunConfig
 GIB = 2**30
 SHOWN_BYTES = GIB // 20
 """Terms below this (0.05 GiB) are counted but not listed."""
-GPU_RESERVE_BYTES = 4 * GIB
-"""Not counted by the allocator's peak: CUDA context and kernels (~0.5-1 GiB), NCCL buffers, fragmentation."""
+
+
+@dataclass(frozen=True)
+class GpuAllowance:
+    """What a GPU rank holds beyond `torch.cuda.max_memory_allocated` (the planner's sum), by cause. Estimates from
+    vendors' and DeepSpeed's figures, not yet measured here: benchmarks/gpu_check.py measures each part on a GPU."""
+
+    cuda_context: int = GIB
+    """The CUDA context, loaded kernels and cuBLAS workspaces: ~0.5-1 GiB on Hopper with CUDA 12 (lazy module loading)."""
+    nccl_buffers: int = GIB
+    """NCCL's communicators: NCCL_BUFFSIZE (4 MiB) per channel and peer, for the world group and any hpZ subgroup."""
+    fragmentation: int = 2 * GIB
+    """The caching allocator's reserved-but-unallocated blocks at the peak: ZeRO-3 gathers and frees buffers of
+    many sizes every layer."""
+
+    @property
+    def total(self) -> int:
+        return self.cuda_context + self.nccl_buffers + self.fragmentation
+
+    def describe(self) -> str:
+        return (
+            f"CUDA context {_gb(self.cuda_context)} + NCCL buffers {_gb(self.nccl_buffers)} + fragmentation {_gb(self.fragmentation)} GiB"
+        )
+
+
+GPU_ALLOWANCE = GpuAllowance()
+GPU_RESERVE_BYTES = GPU_ALLOWANCE.total
+"""A GPU plan fits when its sum plus this (4 GiB) is under the device's memory."""
 CPU_RUNTIME_BYTES = 216 * 2**20
 """A CPU rank's RSS beyond the terms above (libraries loaded by the engine, gloo, tokenizer, token stores, TensorBoard):
 benchmarks/plan_check.py's `tiny` run (2 layers of width 64) grew by 249 MB, of which its terms are 33 MB."""
@@ -327,7 +353,7 @@ def plan_run(
             incoming["LM head's fp32 weight gradient"] = vocab * h * 4  # summed over the loss's chunks
         if config.train.chunked_loss and not ds.get("fp16", {}).get("enabled"):
             # One chunk's logits in fp32 and logsumexp's fp32 temporary (the low-precision copies are shorter-lived).
-            loss = min(chunk_rows(vocab), tokens) * vocab * 8
+            loss = min(chunk_rows(vocab, gpu), tokens) * vocab * 8
         else:  # HF's: the logits, their fp32 copy, log-softmax and its gradient, all tokens at once
             loss = tokens * vocab * (d + 12)
         at_loss = {**saved, **incoming, "LM loss (one chunk) and final norm": loss + tokens * h * (4 + d)}
@@ -463,6 +489,11 @@ def render(config: RunConfig, shape: ModelShape, plan: Plan, nodes: int, gpus_pe
         f"{config.train.micro_batch_size} x {config.data.block_size} tokens, activation checkpointing "
         f"{'on' if config.train.activation_checkpointing else 'off'}",
         *[f"note: {note}" for note in plan.notes],
+        *(
+            [f"reserve: {_gb(GPU_RESERVE_BYTES)} GiB per GPU beyond the allocator's peak: {GPU_ALLOWANCE.describe()} (estimates)"]
+            if plan.gpu
+            else []
+        ),
         "",
     ]
     train = plan.phases["train"].terms

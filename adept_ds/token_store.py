@@ -10,7 +10,7 @@ see corpus.py; results come back in order and are appended to the file as they a
 stays at a few chunks whatever the corpus size). `datasets.map(num_proc=N)` would write Arrow caches of
 int64 id lists: several times the final store on disk, and a text copy before that. The store is built
 in a hidden sibling and renamed into place; a lock file lets one process (of any node on a shared
-filesystem) build it while the others wait on the filesystem, never inside a collective.
+filesystem) build it while the others wait on the filesystem, never inside a collective (file_lock.py).
 
 `open_store` reads only the manifest and the file's size: O(1) in the corpus size.
 """
@@ -32,13 +32,12 @@ import torch
 
 from adept_ds.corpus import Chunk, corpus_files, is_saved_dataset, pieces, plan_chunks, read_chunk
 from adept_ds.distributed import usable_cpus
+from adept_ds.file_lock import exclusive
 from adept_ds.outputs import atomic_output_dir
 
 STORE_FORMAT = "adept_ds.token_store/1"
 MANIFEST = "manifest.json"
 TOKENS = "tokens.bin"
-LOCK_STALE_S = 120
-"""A lock untouched for this long is taken over: its holder died (a live one touches it every 5 s; NFS may show an mtime up to 60 s late)."""
 DOCS_PER_CALL = 256
 
 
@@ -200,7 +199,7 @@ def prepare_store(
     chunks = plan_chunks(source, files=files)
     if not chunks:
         raise ValueError(f"corpus {source} is empty")
-    with _exclusive(output) as holder:
+    with exclusive(output.with_name(output.name + ".lock"), lambda: is_store(output), f"preparing {output}") as holder:
         if not holder:
             return open_store(output)
         num_workers = max(1, num_workers or usable_cpus())
@@ -312,102 +311,3 @@ def _with_last(iterable):
         yield previous, False
         previous = item
     yield previous, True
-
-
-class _Lock:
-    """A held lock file, touched every few seconds by a heartbeat thread, so that waiters can tell a
-    working holder (however long one chunk takes) from a dead one."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.released = threading.Event()
-
-    def start_heartbeat(self) -> None:
-        def beat():
-            while not self.released.wait(5.0):
-                try:
-                    os.utime(self.path)
-                except FileNotFoundError:
-                    return
-
-        threading.Thread(target=beat, daemon=True).start()
-
-    def release(self) -> None:
-        self.released.set()
-        self.path.unlink(missing_ok=True)
-
-
-class _exclusive:
-    """Hold `<output>.lock` while preparing; yields a lock, or None when the store appeared meanwhile.
-
-    O_CREAT|O_EXCL is atomic on local filesystems and NFSv3+; a lock untouched for LOCK_STALE_S is
-    taken over. Even then, the final rename of the staging directory never replaces a finished store.
-    A holder that fails on bad input leaves its error in `<output>.error`, and those that waited for
-    it raise that error instead of reading the whole corpus again, one after the other.
-    """
-
-    def __init__(self, output: Path):
-        self.output = output
-        self.lock = output.with_name(output.name + ".lock")
-        self.error_file = output.with_name(output.name + ".error")
-        self.held: _Lock | None = None
-
-    def __enter__(self):
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        told, waited_since = False, time.time()
-        while True:
-            if is_store(self.output):
-                return None
-            if told and not self.lock.exists() and self._failed_since(waited_since):
-                raise ValueError(self.error_file.read_text().strip())
-            try:
-                descriptor = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    age = time.time() - self.lock.stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                if age > LOCK_STALE_S:
-                    _remove_stale(self.lock)
-                    continue
-                if not told:
-                    holder = self.lock.read_text(errors="replace").strip() or "another process"
-                    print(f"waiting for {holder} to finish preparing {self.output}", flush=True)
-                    told = True
-                time.sleep(1.0)
-                continue
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(f"{socket.gethostname()} pid {os.getpid()}\n")
-            if is_store(self.output):  # finished between our check and our lock
-                self.lock.unlink(missing_ok=True)
-                return None
-            self.held = _Lock(self.lock)
-            return self.held
-
-    def _failed_since(self, moment: float) -> bool:
-        try:
-            return self.error_file.stat().st_mtime >= moment - 1
-        except FileNotFoundError:
-            return False
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        # Lost a race after a stale takeover: the other store was renamed into place first. Use it.
-        lost_race = kind is not None and issubclass(kind, OSError) and is_store(self.output)
-        if self.held is not None:
-            if kind is not None and issubclass(kind, Exception) and not lost_race:
-                host = socket.gethostname()
-                self.error_file.write_text(f"{error} (found by {host} pid {os.getpid()} while preparing {self.output})\n")
-            else:
-                self.error_file.unlink(missing_ok=True)
-            self.held.release()
-        return lost_race
-
-
-def _remove_stale(lock: Path) -> None:
-    """Rename, then delete: of several waiters that found the same stale lock, only one removes it."""
-    retired = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
-    try:
-        os.replace(lock, retired)
-        retired.unlink()
-    except FileNotFoundError:
-        pass

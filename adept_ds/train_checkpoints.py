@@ -91,12 +91,14 @@ def newest_complete(directory: Path) -> tuple[Path | None, list[tuple[Path, str]
 
 
 def check_same_run(checkpoint: Path, expected: dict) -> None:
-    """Refuse to resume `checkpoint` unless it was written by a run on the same backbone, method and units.
+    """Refuse to resume `checkpoint` unless it was written by a run on the same backbone, method and units: those of
+    them `expected` holds (before the model is built, the units are not known yet; backbone and method always are).
 
     The frozen weights are not in the checkpoint: they come from the model the run starts from, so
     resuming on another backbone would silently train a different network."""
     written = checkpoint_info(checkpoint)
-    for key, what in (("backbone_fingerprint", "the backbone"), ("method", "the method"), ("units", "the trained units")):
+    identity = (("backbone_fingerprint", "the backbone"), ("method", "the method"), ("units", "the trained units"))
+    for key, what in [(key, what) for key, what in identity if key in expected or key != "units"]:
         if key not in written:
             raise ValueError(f"--resume: {checkpoint} records no {key} (written by an older adept_ds?); start a new run")
         if written[key] != expected[key]:

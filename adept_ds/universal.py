@@ -4,9 +4,12 @@ A ZeRO checkpoint holds one optimizer partition per rank, so it loads only at th
 DeepSpeed's `ds_to_universal` rewrites it as one file per parameter (fp32 weight, both Adam moments), which
 loads at any world size under `"checkpoint": {"load_universal": true}`. adept_ds uses that, and handles
 what DeepSpeed 0.19 leaves to the caller:
-- The conversion goes to `checkpoints/universal-<tag>`, built under a temporary name and renamed once DeepSpeed
-  has finished and a marker is written, so an interrupted conversion is redone from the intact checkpoint
-  and never looks complete. Its name is outside `step*`: it is not a resumable checkpoint of its own.
+- The conversion runs before the process group exists (`convert_before_start`): one process of the job converts,
+  with worker processes, while the others wait on the filesystem, so no collective's timeout bounds it (a 70B
+  checkpoint takes far longer than `train.timeout_minutes` to rewrite). It goes to `checkpoints/universal-<tag>`,
+  built under a temporary name and renamed once DeepSpeed has finished and a marker is written, so an interrupted
+  conversion is redone from the intact checkpoint and never looks complete. Its name is outside `step*`: it is not
+  a resumable checkpoint of its own.
 - The ZeRO-3 loader copies the first param group's hyperparameters into every group and gives every group the
   same `step` tensor object, which AdamW then advances once per group per step. `repair_after_load` restores
   each group's own hyperparameters (the LRs then come from the unit scales in the trainer state) and gives
@@ -29,8 +32,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 
 from adept_ds.config import RunConfig
+from adept_ds.distributed import usable_cpus
+from adept_ds.file_lock import exclusive
 from adept_ds.train_checkpoints import check_same_run, checkpoint_info, newest_complete, write_atomically
 
 PREFIX = "universal-"
@@ -41,36 +47,91 @@ def universal_tag(tag: str) -> str:
     return PREFIX + tag
 
 
-def convert(directory: Path, tag: str) -> tuple[str, bool]:
-    """`directory/tag` as a universal checkpoint `directory/universal-<tag>`: (its tag, whether it was converted now).
+def convert(directory: Path, tag: str, workers: int | None = None) -> tuple[str, bool]:
+    """`directory/tag` as a universal checkpoint `directory/universal-<tag>`: (its tag, whether this process converted it).
 
-    Runs in one process (rank 0). A complete earlier conversion is reused; the remains of an interrupted one
-    are removed first."""
+    Any number of processes may ask at once: one converts (with `workers` processes, default conversion_workers),
+    the others wait for it on the filesystem (file_lock.py). A complete earlier conversion is reused; the remains of
+    an interrupted one are removed first."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    target = directory / universal_tag(tag)
-    if (target / MARKER).is_file():
-        return target.name, False
-    for leftover in [target, *directory.glob(f".converting-{tag}-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = directory / f".converting-{tag}-{os.getpid()}"
-    source = directory / tag
-    ds_to_universal(
-        SimpleNamespace(
-            input_folder=str(source),
-            output_folder=str(staging),
-            num_extract_workers=1,  # worker processes are not safe inside a CUDA/NCCL process
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            inject_missing_state=True,  # ZeRO-1/2: our checkpoints carry no universal_checkpoint_info
+    target, source = directory / universal_tag(tag), directory / tag
+    with exclusive(directory / f"{target.name}.lock", (target / MARKER).is_file, f"converting {source} to {target.name}") as held:
+        if held is None:
+            return target.name, False
+        for leftover in [target, *directory.glob(f".converting-{tag}-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = directory / f".converting-{tag}-{os.getpid()}"
+        workers = workers or conversion_workers(source)
+        held.start_heartbeat()
+        ds_to_universal(
+            SimpleNamespace(
+                input_folder=str(source),
+                output_folder=str(staging),
+                # Forked workers: safe here, before the process group (convert_before_start); they only read and write files.
+                num_extract_workers=workers,
+                num_merge_workers=workers,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,  # ZeRO-1/2: our checkpoints carry no universal_checkpoint_info
+            )
         )
-    )
-    (directory / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer, at our temporary name
-    info = checkpoint_info(source)
-    write_atomically(staging / MARKER, json.dumps({"source": tag, "step": info["step"], "source_world_size": info["world_size"]}))
-    os.replace(staging, target)
+        (directory / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer, at our temporary name
+        info = checkpoint_info(source)
+        write_atomically(staging / MARKER, json.dumps({"source": tag, "step": info["step"], "source_world_size": info["world_size"]}))
+        os.replace(staging, target)
     return target.name, True
+
+
+def conversion_workers(source: Path) -> int:
+    """Processes for ds_to_universal: this process's cores, at most one per rank file, and as many as memory holds.
+
+    An extract worker loads one rank's optimizer file whole (fp32 master and both moments of that rank's share) and
+    writes its fragments; a merge worker holds one parameter's states, less than a rank file at any scale this
+    targets (70B on 64 ranks: a rank file of pt_full is ~13 GB, its largest parameter's states ~8 GB). Two rank
+    files of memory per worker leave room for the copies made while fragments are written."""
+    import psutil
+
+    rank_files = sorted(source.glob("*optim_states.pt"))
+    largest = max((f.stat().st_size for f in rank_files), default=1)
+    by_memory = int(psutil.virtual_memory().available // (2 * largest))
+    return max(1, min(usable_cpus(), len(rank_files) or 1, by_memory))
+
+
+def convert_before_start(directory: Path, resume: bool | str, identity: dict, world_size: int) -> None:
+    """Every rank, before the process group exists: when the checkpoint a resume will continue was written at another
+    world size, one process converts it while the others wait on the filesystem, so no collective's timeout
+    (train.timeout_minutes) bounds a conversion of any size. `identity`: what of the run is known before the model is
+    built (backbone, method), checked first; resume_tag checks the rest and finds the conversion done."""
+    from tqdm import tqdm
+
+    newest = newest_complete(directory)[0] if resume else None
+    if newest is None or checkpoint_info(newest)["world_size"] == world_size:
+        return
+    check_same_run(newest, identity)  # never convert another run's checkpoint
+    written_by, universal = checkpoint_info(newest)["world_size"], directory / universal_tag(newest.name)
+    if (universal / MARKER).is_file():
+        return
+    workers, started = conversion_workers(newest), time.perf_counter()
+    converted = _convert_or_refuse(directory, newest, workers)[1]
+    if converted:
+        when = "inside the process group" if dist.is_initialized() else "before the process group started"
+        tqdm.write(
+            f"resume: {newest} was written by {written_by} ranks, this run has {world_size}: converting it to a universal checkpoint "
+            f"took {time.perf_counter() - started:.1f} s ({workers} workers, {when}): {universal}"
+        )
+
+
+def _convert_or_refuse(directory: Path, checkpoint: Path, workers: int) -> tuple[str, bool]:
+    """convert(), any failure (also the holder's, which waiters raise) as the ValueError every rank raises."""
+    try:
+        return convert(directory, checkpoint.name, workers)
+    except Exception as err:
+        written_by = checkpoint_info(checkpoint)["world_size"]
+        raise ValueError(
+            f"--resume: converting {checkpoint} to a universal checkpoint failed ({type(err).__name__}: {err}); "
+            f"resume on the {written_by} ranks that wrote it"
+        ) from err
 
 
 def is_universal(tag: str) -> bool:
@@ -166,15 +227,9 @@ def resume_tag(directory: Path, resume: bool | str, run_identity: dict, world_si
     written_by = checkpoint_info(newest)["world_size"]
     if written_by == world_size:
         return newest.name
-    tqdm.write(f"resume: {newest} was written by {written_by} ranks, this run has {world_size}: converting it to a universal checkpoint")
-    started = time.perf_counter()
-    try:  # any failure becomes the ValueError every rank raises: the others wait for rank 0's answer
-        tag, converted = convert(directory, newest.name)
-    except Exception as err:
-        raise ValueError(
-            f"--resume: converting {newest} to a universal checkpoint failed ({type(err).__name__}: {err}); "
-            f"resume on the {written_by} ranks that wrote it"
-        ) from err
-    what = f"converted in {time.perf_counter() - started:.0f} s" if converted else "converted by an earlier attempt"
-    tqdm.write(f"resume: {directory / tag} ({what}) loads at any world size")
+    # Converted by convert_before_start. Forked workers are not safe inside a CUDA/NCCL process: one here.
+    tag, converted = _convert_or_refuse(directory, newest, workers=1)
+    if converted:  # only where the checkpoint appeared after convert_before_start looked (another view of NFS)
+        tqdm.write(f"resume: {newest} was written by {written_by} ranks, this run has {world_size}: converted it to a universal checkpoint")
+    tqdm.write(f"resume: {directory / tag} (written by {written_by} ranks) loads on {world_size}")
     return tag

@@ -9,7 +9,9 @@ On a random-weight Llama (~1.1B parameters, bf16, built from a config: no hub ac
    adept also with train.frozen_weights=sharded (the default picks replicated when it fits); each also with
    activation checkpointing, and adept with HF's loss instead of the bf16 chunked one; every run's peak
    beside `adept-ds plan`'s prediction for it;
-3. export of the adept run (streamed, bf16 kept) and evaluation of the export on the GPU.
+3. the LM loss alone at Llama-3's vocabulary: the chunked loss with the GPU's chunk rule, with the CPU's, and HF's
+   (time, peak memory); the planner's GPU allowance measured (CUDA context, NCCL buffers, fragmentation);
+4. export of the adept run (streamed, bf16 kept) and evaluation of the export on the GPU.
 Writes `<output>/gpu-<date>.md` and `.json`. `--smoke` runs the same code on a tiny model, on CPU
 when there is no GPU, to check the script itself.
 """
@@ -174,8 +176,13 @@ def main() -> None:
             "trainable_parameters": rank["trainable_parameters"],
             "gathered_gb_per_step": rank["gathered_bytes_per_step"] / 2**30,
             "layout": rank["layout"],
+            "peak_gpu_reserved_gb": (rank["peak_gpu_reserved_mb"] or 0) / 1024,
+            "gpu_outside_torch_gb": (rank["gpu_outside_torch_mb"] or 0) / 1024,
         }
         print(f"[gpu_check] train {name}: {step:.3f} s/step", flush=True)
+
+    report["loss"] = loss_check(args.smoke)
+    report["allowance"] = allowance_check(report["train"])
 
     run = save_checkpoint_run(expanded, work, args)
     exported, export_seconds = timed(export_checkpoint, run / "checkpoints", None, expanded, work / "export", show_progress=False)
@@ -189,6 +196,84 @@ def main() -> None:
     (args.output / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.output / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def loss_check(smoke: bool) -> dict:
+    """The chunked loss with the GPU's chunks (lm_loss.chunk_rows, gpu=True), with the CPU's (2^24 logits), and
+    HF's (whole logits in fp32), forward and backward at Llama-3's vocabulary: median seconds and peak memory."""
+    import torch.nn.functional as F
+
+    from adept_ds.lm_loss import CHUNK_LOGITS, chunk_rows, chunked_cross_entropy
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens, hidden, vocab = (512, 64, 1024) if smoke else (8192, 4096, 128256)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=generator).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device, dtype=dtype, generator=generator) * hidden**-0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), device=device, generator=generator)
+
+    gpu_rows, cpu_rows = chunk_rows(vocab, gpu=True), chunk_rows(vocab)
+    variants = {
+        f"chunked, GPU rule ({gpu_rows} rows)": lambda: chunked_cross_entropy(x, w, targets, gpu_rows),
+        f"chunked, CPU rule ({cpu_rows} rows, {CHUNK_LOGITS} logits)": lambda: chunked_cross_entropy(x, w, targets, cpu_rows),
+        "HF (all logits, fp32 loss)": lambda: F.cross_entropy((x @ w.T).float(), targets),
+    }
+    found = {}
+    for name, loss_fn in variants.items():
+        seconds, losses = [], []
+        for _ in range(2 if smoke else 6):
+            x.grad = w.grad = None
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            started = time.perf_counter()
+            loss = loss_fn()
+            loss.backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - started)
+            losses.append(loss.item())
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else None
+        found[name] = {"seconds": statistics.median(seconds[1:]), "peak_gb": peak, "loss": losses[-1]}
+        print(f"[gpu_check] loss {name}: {found[name]['seconds'] * 1e3:.1f} ms", flush=True)
+    return {"tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": str(dtype), "variants": found}
+
+
+def allowance_check(train: dict) -> dict:
+    """plan.GpuAllowance's parts measured: the CUDA context with cuBLAS loaded, a world-of-one NCCL communicator
+    after an all-reduce (each in a fresh process: device memory in use beyond torch's reserve), and fragmentation
+    (reserved minus allocated at the peak) of every training run above."""
+    from adept_ds.plan import GPU_ALLOWANCE
+
+    probe = (
+        "import json, os, torch\n"
+        "x = torch.ones(4096, 4096, device='cuda', dtype=torch.bfloat16); (x @ x).sum().item()\n"
+        "if os.environ.get('WITH_NCCL'):\n"
+        "    import torch.distributed as dist\n"
+        "    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29751', RANK='0', WORLD_SIZE='1')\n"
+        "    dist.init_process_group('nccl', device_id=torch.device('cuda', 0)); dist.all_reduce(x); torch.cuda.synchronize()\n"
+        "free, total = torch.cuda.mem_get_info()\n"
+        "print('RESULT', json.dumps((total - free - torch.cuda.memory_reserved()) / 2**30))\n"
+    )
+    measured = {}
+    if torch.cuda.is_available():
+        for name, extra in (("cuda_context", {}), ("with_nccl", {"WITH_NCCL": "1"})):
+            out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, **extra})
+            measured[name] = json.loads(out.stdout.split("RESULT")[-1]) if "RESULT" in out.stdout else out.stderr[-500:]
+        if all(isinstance(value, float) for value in measured.values()):
+            measured["nccl_buffers"] = measured.pop("with_nccl") - measured["cuda_context"]
+    fragmentation = {name: run["peak_gpu_reserved_gb"] - run["peak_gpu_gb"] for name, run in train.items() if run["peak_gpu_reserved_gb"]}
+    measured["fragmentation"] = max(fragmentation.values()) if fragmentation else None
+    measured["fragmentation_by_run"] = fragmentation
+    measured["in_training_runs_outside_torch"] = {name: run["gpu_outside_torch_gb"] for name, run in train.items()}
+    planned = {
+        "cuda_context": GPU_ALLOWANCE.cuda_context,
+        "nccl_buffers": GPU_ALLOWANCE.nccl_buffers,
+        "fragmentation": GPU_ALLOWANCE.fragmentation,
+    }
+    return {"measured_gb": measured, "planned_gb": {name: value / 2**30 for name, value in planned.items()}}
 
 
 def markdown(report: dict) -> str:
@@ -208,6 +293,18 @@ def markdown(report: dict) -> str:
             f"peak {run['peak_gpu_gb']:.2f} GiB (planned {run['planned_peak_gb']:.2f}){mfu}, all-gathered "
             f"{run['gathered_gb_per_step']:.2f} GiB/step ({run['layout'].split(':')[0]}) |"
         )
+    loss = report["loss"]
+    for name, variant in loss["variants"].items():
+        peak = f", peak {variant['peak_gb']:.2f} GiB" if variant["peak_gb"] is not None else ""
+        lines.append(
+            f"| loss {name}, {loss['tokens']} tokens x {loss['vocab']} vocab, forward + backward | "
+            f"{variant['seconds'] * 1e3:.1f} ms{peak}, loss {variant['loss']:.4f} |"
+        )
+    allowance = report["allowance"]
+    for part, planned in allowance["planned_gb"].items():
+        value = allowance["measured_gb"].get(part)
+        shown = f"{value:.2f} GiB" if isinstance(value, float) else "not measured (no GPU)"
+        lines.append(f"| GPU allowance: {part} (planned {planned:.1f} GiB) | {shown} |")
     lines.append(f"| export (streamed) | {report['export_seconds']:.1f} s |")
     ppl = ", ".join(f"{name} ppl {value:.1f}" for name, value in report["eval"].items() if name != "dtype")
     lines.append(f"| eval of the export ({report['eval']['dtype']}) | {report['eval_seconds']:.1f} s; {ppl} |")

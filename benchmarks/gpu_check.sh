@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, as one prepared script for a lent GPU machine: probe (mask, grad), adept and pt_full
-# training in bf16 under ZeRO-3 with step time, memory and MFU, export and eval; <= 8 minutes on one
+# training in bf16 under ZeRO-3 with step time, memory and MFU, the LM loss's GPU chunks against HF's loss,
+# the planner's GPU allowance measured (CUDA context, NCCL buffers, fragmentation), export and eval; <= 8 minutes on one
 # GPU, then the ZeRO++ quantizer stand-in against DeepSpeed's CUDA kernel (benchmarks/qwz_kernel_check.py).
 # Writes benchmarks/results/gpu-<date>.{md,json} and qwz-kernel-check-<date>.json. CI never runs it. Extra arguments go to
 # benchmarks/gpu_check.py (e.g. --peak-tflops 989; --smoke checks the script on CPU).

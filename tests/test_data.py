@@ -13,7 +13,7 @@ from corpora import sentences, write_jsonl
 from tiny_models import build_byte_tokenizer
 
 from adept_ds import corpus as corpus_module
-from adept_ds import token_store
+from adept_ds import file_lock, token_store
 from adept_ds.config import load_run_config
 from adept_ds.corpus import read_documents
 from adept_ds.data import load_blocks
@@ -215,7 +215,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, monkeypatch):
     corpus = write_jsonl(tmp_path / "c.jsonl", sentences(40))
     lock = tmp_path / "store.lock"
     lock.write_text("deadhost pid 1\n")
-    old = time.time() - token_store.LOCK_STALE_S - 5
+    old = time.time() - file_lock.STALE_S - 5
     import os
 
     os.utime(lock, (old, old))

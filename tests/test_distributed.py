@@ -1,8 +1,9 @@
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from distributed import read_rank_results, run_deepspeed
+from distributed import free_port, read_rank_results, run_command, run_deepspeed
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -55,3 +56,19 @@ def test_single_process_world_of_one(monkeypatch):
         decided_by_rank_zero(refuse)
     shutdown_distributed()
     assert not torch.distributed.is_initialized()
+
+
+def test_each_rank_takes_a_gpu_it_can_see_under_per_rank_visibility(tmp_path):
+    """Per-task GPU binding (`srun --gpus-per-task=1`, or mpirun giving each rank its own CUDA_VISIBLE_DEVICES, as
+    here): each rank sees one GPU, device 0, whatever its local rank. With every GPU visible, rank i takes GPU i."""
+    from cluster import OPEN_MPI, ensure_packages, launcher_env
+
+    ensure_packages(OPEN_MPI)
+    script = [sys.executable, str(Path(__file__).parent / "scripts" / "device_index.py"), str(tmp_path)]
+    master = ["-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={free_port()}"]
+    ranks = [["-np", "1", *master, "-x", f"CUDA_VISIBLE_DEVICES={gpu}", *script] for gpu in ("0", "1")]
+    run_command(["mpirun", "--allow-run-as-root", *ranks[0], ":", *ranks[1]], timeout=120, env=launcher_env())
+    seen = read_rank_results(tmp_path, world_size=2)
+    assert [(r["LOCAL_RANK"], r["CUDA_VISIBLE_DEVICES"]) for r in seen] == [("0", "0"), ("1", "1")]  # the launcher's split
+    assert [r["index"] for r in seen] == [0, 0]  # LOCAL_RANK itself (1) names no device rank 1 can see
+    assert [r["index_all_visible"] for r in seen] == [0, 1]

@@ -11,6 +11,7 @@ from tensor_memory import TensorMemory
 from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM
 
+import adept_ds.lm_loss as lm_loss
 from adept_ds.families import get_family
 from adept_ds.lm_loss import chunk_rows, chunked_cross_entropy, use_chunked_loss
 
@@ -36,7 +37,6 @@ CASES = [("llama", True, "all"), ("llama", True, "top"), ("qwen2", False, "all")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family,tie,trainable", CASES)
 def test_chunked_loss_equals_hf_loss_and_gradients_and_never_makes_the_logits(monkeypatch, family, tie, trainable, dtype):
-    import adept_ds.lm_loss as lm_loss
 
     monkeypatch.setattr(lm_loss, "CHUNK_LOGITS", 8 * VOCAB)  # 8 tokens per chunk: 8 chunks per batch, the last one short
     reference = tiny(family, tie, trainable, dtype)
@@ -76,7 +76,6 @@ def test_chunked_loss_equals_hf_loss_and_gradients_and_never_makes_the_logits(mo
 
 
 def test_chunked_cross_entropy_scales_with_the_incoming_gradient_and_needs_no_grad(monkeypatch):
-    import adept_ds.lm_loss as lm_loss
 
     monkeypatch.setattr(lm_loss, "CHUNK_LOGITS", 4 * 100)  # 4 tokens per chunk
     generator = torch.Generator().manual_seed(0)
@@ -97,6 +96,17 @@ def test_chunks_hold_a_bounded_number_of_logits():
     for vocab in (260, 49152, 128256):
         rows = chunk_rows(vocab)
         assert rows & (rows - 1) == 0 and rows * vocab <= 1 << 24 < 2 * rows * vocab
+    # On a GPU: a byte budget for the fp32 logits, and never fewer than 1024 rows (the head GEMMs compute-bound).
+    assert {vocab: chunk_rows(vocab, gpu=True) for vocab in (260, 49152, 128256, 262144, 1 << 20)} == {
+        260: 1 << 18,
+        49152: 2048,
+        128256: 1024,
+        262144: 1024,
+        1 << 20: 1024,
+    }
+    for vocab in (260, 49152, 128256):
+        rows = chunk_rows(vocab, gpu=True)
+        assert rows * vocab * 4 <= lm_loss.GPU_CHUNK_BYTES < 2 * rows * vocab * 4
 
 
 def test_loss_arguments_it_cannot_honour_are_refused():

@@ -20,7 +20,14 @@ def test_grad_fisher_and_bf16_mask_on_two_zero3_ranks_match_one_process(tmp_path
     results = read_rank_results(tmp_path, world_size=2)
     assert all(r["partitioned"] and r["weights_unchanged"] for r in results)
     assert results[0]["scores"] == results[1]["scores"]
-    assert results[0]["dtype"] == {"grad": ["torch.float32"], "fisher": ["torch.float32"], "mask": ["torch.bfloat16"]}
+    assert results[0]["dtype"] == {
+        "grad": ["torch.float32"],
+        "fisher": ["torch.float32"],
+        "mask": ["torch.bfloat16"],
+        "grad_bf16": ["torch.bfloat16"],
+    }
+    # Gradients summed over micro-batches and ranks in fp32 also for a bf16 model (DeepSpeed's default: the model's dtype).
+    assert all(r["grad_accum_dtype"] == dict.fromkeys(("grad", "fisher", "grad_bf16"), "torch.float32") for r in results)
 
     batches = shard_batches(blocks, 0, 1, batch_size=2)
     for method in ("grad", "fisher"):
@@ -29,6 +36,8 @@ def test_grad_fisher_and_bf16_mask_on_two_zero3_ranks_match_one_process(tmp_path
         expected, base, _ = probe_scores(family, plain_runtime(model, family, True), batches, method, blocks[:, 1:].numel(), False)
         assert results[0]["scores"][method] == pytest.approx(expected, rel=1e-5)
         assert results[0]["base_loss"][method] == pytest.approx(base, rel=1e-6)
+        if method == "grad":  # bf16 weights and activations, fp32 sums: within bf16's rounding of the fp32 scores
+            assert results[0]["scores"]["grad_bf16"] == pytest.approx(expected, rel=0.1)
     # The ZeRO-3 mask probe in bf16, in chunks of 3 of the 4 layers, against one process in bf16.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     expected, base, _ = probe_scores(family, plain_runtime(model, family, False), batches, "mask", blocks[:, 1:].numel(), False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -71,8 +72,10 @@ def test_a_run_continues_at_another_world_size_as_if_it_had_run_there(uninterrup
     # Shrinking uses --auto-resume, as a Slurm job requeued on fewer nodes does (launch/slurm/*.sbatch).
     flag = "--auto-resume" if new_world < old_world else "--resume"
     done = resume_at(inputs, runs[method, old_world], resumed, new_world, old_world, flag, method=method, model=model)
-    assert "converting it to a universal checkpoint" in done.stdout + done.stderr
-    assert f"resume on {new_world} ranks: global batch 4" in done.stdout + done.stderr
+    # One process of the job converted (with its worker processes), before any collective could wait on it.
+    said = done.stdout + done.stderr
+    assert said.count("converting it to a universal checkpoint") == 1 and "workers, before the process group started)" in said
+    assert f"resume on {new_world} ranks: global batch 4" in said
     reference = runs[method, new_world]
     continued, expected = metrics(resumed), metrics(reference)
     assert sorted(continued) == [7, 8]
@@ -161,3 +164,24 @@ def test_a_world_size_that_cannot_keep_the_global_batch_is_refused(tmp_path):
     assert (kept.train.micro_batch_size, kept.train.gradient_accumulation_steps, kept.importance.batch_size) == (2, 1, 2)
     assert notes[0].startswith("global batch 6 = micro 2 x accumulation 1 x 3 ranks")
     assert keep_global_batch(config, 2, tmp_path / "checkpoints") == (config, [])  # the world that wrote it
+
+
+def test_conversion_workers_follow_cores_rank_files_and_memory(tmp_path, monkeypatch):
+    """One worker per rank file at most, as many as this process's cores, and two rank files of memory each."""
+    import psutil
+
+    from adept_ds import universal
+
+    for rank in range(8):
+        (tmp_path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(universal, "usable_cpus", lambda: 16)
+    available = lambda size: monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=size))  # noqa: E731
+    available(10**9)
+    assert universal.conversion_workers(tmp_path) == 8  # the rank files bound it
+    available(6_999)
+    assert universal.conversion_workers(tmp_path) == 3  # 2 x 1000 bytes per worker
+    available(10)
+    assert universal.conversion_workers(tmp_path) == 1  # never fewer than one
+    monkeypatch.setattr(universal, "usable_cpus", lambda: 2)
+    available(10**9)
+    assert universal.conversion_workers(tmp_path) == 2  # the cores bound it

@@ -116,6 +116,8 @@ def test_guard_rollback_exports_the_best_checkpoint_and_resume_starts_there(inpu
     reference = export_checkpoint(checkpoints, "step00000004", inputs["original"], inputs["root"] / "best_export")
     exported, best = load_state(run_dir / "final"), load_state(reference)
     assert exported.keys() == best.keys() and all(torch.equal(exported[name], best[name]) for name in best)
+    # Exported by one rank after the process group ended, the other waiting on the filesystem: nothing left behind.
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("final")) == ["final"]
 
 
 def test_best_checkpoint_rule_on_crafted_histories():
