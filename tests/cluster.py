@@ -47,8 +47,14 @@ class SlurmCluster:
     """A real Slurm on this machine for `sbatch` submissions; clients need `self.env`.
 
     One node by default, this machine as `slurmd -C` describes it. With `nodes=N`, N slurmd daemons run here as
-    nodes n1..nN of one CPU each (`slurmd -N`, each with its own port, spool, pid and log), so that a job can
-    span nodes and be requeued onto fewer of them; their names do not resolve (give jobs MASTER_ADDR)."""
+    nodes n1..nN, each this machine's CPUs (`slurmd -N`, each with its own port, spool, pid and log), so that a job
+    can span nodes and be requeued onto fewer of them; their names do not resolve (give jobs MASTER_ADDR).
+
+    Every node has GPUS fake GPUs (empty files as devices: Slurm 22.05 drops a GPU without a File=), so that jobs
+    may ask for `--gpus-per-node` and get SLURM_GPUS_ON_NODE. Tasks are bound to their CPUs (task/affinity, by
+    core) as on a production cluster: a step's task gets only the CPUs it asks for (one by default)."""
+
+    GPUS = 8
 
     def __init__(self, root: Path, nodes: int = 1):
         self.nodes = nodes
@@ -62,6 +68,11 @@ class SlurmCluster:
         self.socket = self.socket_dir / "munge.socket"
         self.conf = root / "slurm.conf"
         self.conf.write_text(self._slurm_conf())
+        (root / "dev").mkdir(exist_ok=True)
+        for i in range(self.GPUS):
+            (root / "dev" / f"nvidia{i}").touch()
+        # gres.conf sits beside slurm.conf, where the daemons look for it
+        (root / "gres.conf").write_text(f"AutoDetect=off\nName=gpu File={root / 'dev'}/nvidia[0-{self.GPUS - 1}]\n")
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         names = ["slurmd"] if nodes == 1 else [f"slurmd.n{i}" for i in range(1, nodes + 1)]
         self.pid_files = [root / "munged.pid", root / "slurmctld.pid", *[root / f"{name}.pid" for name in names]]
@@ -69,12 +80,15 @@ class SlurmCluster:
     def _slurm_conf(self) -> str:
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()[0]
         r, host = self.root, socket.gethostname().split(".")[0]
+        gres = f"Gres=gpu:{self.GPUS}"
         if self.nodes == 1:
-            node_lines, node_names = [f"{node} NodeAddr=127.0.0.1 State=UNKNOWN"], node.split()[0].split("=")[1]
+            node_lines, node_names = [f"{node} NodeAddr=127.0.0.1 {gres} State=UNKNOWN"], node.split()[0].split("=")[1]
             daemon_paths = [r / "slurmd.pid", r / "spool", r / "log" / "slurmd.log"]
         else:  # %n: the node's name, so that the daemons keep apart
+            # Each node is this machine's CPUs: bound to a 1-CPU node's CPU 0, every node's ranks would share one core.
+            hardware = node.split(maxsplit=1)[1]
             node_lines = [
-                f"NodeName=n{i} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs=1 State=UNKNOWN"
+                f"NodeName=n{i} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} {hardware} {gres} State=UNKNOWN"
                 for i in range(1, self.nodes + 1)
             ]
             node_names, daemon_paths = f"n[1-{self.nodes}]", [r / "slurmd.%n.pid", r / "spool" / "%n", r / "log" / "slurmd.%n.log"]
@@ -94,7 +108,9 @@ class SlurmCluster:
                 f"SlurmctldPort={free_port()}",
                 f"SlurmdPort={free_port()}",
                 "ProctrackType=proctrack/linuxproc",
-                "TaskPlugin=task/none",
+                "TaskPlugin=task/affinity",  # sched_setaffinity: no cgroups needed
+                "TaskPluginParam=Cores",  # bind each task to its cores (task/affinity alone left a 1-CPU step on all)
+                "GresTypes=gpu",
                 "SelectType=select/cons_tres",
                 "SelectTypeParameters=CR_Core",
                 "MpiDefault=none",

@@ -207,6 +207,11 @@ def test_slurm_job_matches_one_node(setup, reference, slurm, options, script):
     log = (root / f"{script}.log").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log
     assert "node 0 of 1" in log and "exported" in log
+    # The scripts' GPU request reaches node.sh (GPUS_PER_NODE=2 still sets the ranks), and the step and its ranks
+    # get every CPU the job was granted: under task binding an srun without --cpus-per-task gets one.
+    granted = job["NumCPUs"]
+    assert f"2 GPUs (ranks) from GPUS_PER_NODE (SLURM_GPUS_ON_NODE={SlurmCluster.GPUS}), {granted} CPUs" in log, log
+    assert re.findall(r"cpus: (\d+) usable \(affinity\)", log) == [granted], log
     assert_same_training(output, reference)
 
 
@@ -226,6 +231,7 @@ def test_slurm_node_script_derives_ranks_master_and_port_on_four_nodes(setup, sl
         commands.append(next(line.split() for line in out.stdout.splitlines() if line.startswith("deepspeed ")))
         check = next(line.split() for line in out.stdout.splitlines() if line.startswith("adept-ds check"))
         assert "--auto-resume" not in check and ["--config", str(config)] == check[-2:]
+        assert f"8 GPUs (ranks) from SLURM_GPUS_ON_NODE (SLURM_GPUS_ON_NODE=8), {len(os.sched_getaffinity(0))} CPUs" in out.stdout
     for node_id, command in enumerate(commands):
         flag = lambda name: command[command.index(name) + 1]  # noqa: E731
         assert command[:3] == ["deepspeed", "--hostfile", flag("--hostfile")] and "--no_ssh" in command
@@ -233,6 +239,16 @@ def test_slurm_node_script_derives_ranks_master_and_port_on_four_nodes(setup, sl
         assert (flag("--master_addr"), flag("--master_port")) == ("gpu07", str(20000 + 4242))
         assert Path(flag("--hostfile")).read_text() == "gpu07 slots=8\ngpu08 slots=8\ngpu09 slots=8\nbig01 slots=8\n"
         assert command[command.index(TRAIN) :] == [TRAIN, "--config", str(config), "--auto-resume"]
+    # Without GPUS_PER_NODE or a Slurm GPU request: the GPUs nvidia-smi lists.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text('#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: fake"; done\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    env.update(SLURM_NODEID="0", PATH=f"{fake}{os.pathsep}{env['PATH']}")
+    env.pop("SLURM_GPUS_ON_NODE")
+    out = run_command(["bash", str(REPO / "launch" / "slurm" / "node.sh"), "--config", str(config)], timeout=60, env=env).stdout
+    assert "4 GPUs (ranks) from nvidia-smi (SLURM_GPUS_ON_NODE=unset)" in out
+    assert (tmp_path / "adept_ds.4242.0.hostfile").read_text() == "gpu07 slots=4\ngpu08 slots=4\ngpu09 slots=4\nbig01 slots=4\n"
 
 
 def test_slurm_job_requeues_on_sigterm_and_resumes(setup, slurm):
