@@ -27,7 +27,8 @@ setup(
     packages=find_packages(include=["adept_ds", "adept_ds.*"]),
     # ds_configs/ is a link to the repository's ds_configs/: the DeepSpeed configs ship inside the package, by name.
     package_data={"adept_ds": ["assets/*.jsonl", "assets/*.md", "ds_configs/*.json"]},
-    python_requires=">=3.10",
+    # the highest Requires-Python of the pins: transformers==5.23.0 (tests/test_docker_static.py checks it)
+    python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # report.to sinks beyond TensorBoard (run_log.py)

@@ -6,6 +6,7 @@ failure to do either fails these tests, never skips them). The image is built fr
 Docker's layer cache, so only the first run on a machine installs torch and the dependencies.
 """
 
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from distributed import free_port, run_command
 from docker_engine import DOCKER_ENV, docker, ensure_base_image, ensure_docker, stop_docker
+from test_docker_static import setup_pins
 from test_faults import assert_same_weights, logged_steps
 from test_launch import losses, two_node_hostfile
 from train_setup import make_training_inputs, overrides
@@ -26,12 +28,6 @@ from adept_ds.train_checkpoints import incomplete_reason
 
 REPO = Path(__file__).parent.parent
 DOCKER = REPO / "docker"
-
-
-def setup_pins() -> dict[str, str]:
-    text = (REPO / "setup.py").read_text()
-    return dict(re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', text))
-
 
 # The pinned CPU torch for bookworm's Python 3.11, where this machine keeps it (no CUDA index is reachable here).
 WHEEL = f"torch-{setup_pins()['torch']}+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
@@ -55,6 +51,37 @@ NODE_RUN = (
     "-e HOSTFILE=/runs/hostfile adept_ds:cpu --config /runs/two_nodes.yaml --auto-resume"
 )
 STOP_NODE1 = "docker stop -t 60 adept_ds_node1"
+# As an unknown uid, through the entrypoint: DeepSpeed's cpu_adam JIT-built at run time (about a minute on two
+# cores), then one step of it against torch's AdamW; what the container saw, as JSON.
+CPU_ADAM_STEP = """
+import json, os, pwd, time
+import torch
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
+
+try:
+    known_user = pwd.getpwuid(os.getuid()).pw_name
+except KeyError:
+    known_user = None
+start = time.monotonic()
+op = CPUAdamBuilder().load()
+load_seconds = time.monotonic() - start
+torch.manual_seed(0)
+weights, grad = torch.randn(64), torch.randn(64)
+params = {name: torch.nn.Parameter(weights.clone()) for name in ("deepspeed", "torch")}
+optimizers = {
+    "deepspeed": DeepSpeedCPUAdam([params["deepspeed"]], lr=0.1, weight_decay=0.01),
+    "torch": torch.optim.AdamW([params["torch"]], lr=0.1, weight_decay=0.01),
+}
+for name, optimizer in optimizers.items():
+    params[name].grad = grad.clone()
+    optimizer.step()
+print(json.dumps({
+    "known_user": known_user, "home": os.environ["HOME"], "home_writable": os.access(os.environ["HOME"], os.W_OK),
+    "op": op.__file__, "load_seconds": load_seconds, "difference": (params["deepspeed"] - params["torch"]).abs().max().item(),
+    "moved": (params["torch"] - weights).abs().max().item(),
+}))
+"""
 CONTAINERS = ["adept_ds_reference", "adept_ds_node0", "adept_ds_node1"]
 STEPS = 10
 
@@ -114,7 +141,7 @@ def test_documented_docker_commands_name_real_files():
     commands = [c for c in re.findall(r"```bash\n(.*?)```", docs, re.S) if "docker" in c]
     assert len(commands) >= 3
     paths = set(re.findall(r"\b((?:docker|launch|ds_configs)/[\w./-]+)", "\n".join(commands)))
-    assert {"docker/Dockerfile", "docker/debian-base.sh", "launch/configs/demo_adept.yaml"} <= paths
+    assert {"docker/Dockerfile", "docker/debian-base.sh"} <= paths
     for path in paths:
         assert (REPO / path).exists(), path
 
@@ -170,6 +197,40 @@ def test_a_source_change_rebuilds_only_the_source_layers(image, tmp_path):
     assert not steps[first_source][1], steps
 
 
+def hand_to_cluster_user(runs: Path) -> None:
+    """As a cluster user's own directory: an ordinary uid, one the image does not know."""
+    if os.geteuid() == 0:
+        for directory, _, files in os.walk(runs):
+            for path in [directory, *(os.path.join(directory, f) for f in files)]:
+                os.chown(path, 4242, 4242)
+
+
+@pytest.mark.docker
+def test_an_unknown_uid_jit_builds_a_deepspeed_op_into_the_volumes_cache_and_steps_like_torch(image, tmp_path):
+    """Docker gives a uid missing from the image's /etc/passwd HOME=/: without the entrypoint, DeepSpeed's JIT
+    build fails writing /.cache; through it, cpu_adam is built on the volume (/runs/cache, where a later
+    container finds it) and steps as torch's AdamW does."""
+    load = "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder; CPUAdamBuilder().load()"
+    bypass = docker(
+        "run", "--rm", "--user", "4242:4242", "--entrypoint", "python", "-e", "DS_ACCELERATOR=cpu", IMAGE, "-c", load, check=False
+    )
+    assert bypass.returncode != 0 and "Permission denied: '/.cache'" in bypass.stderr, bypass.stderr[-3000:]
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "cpu_adam_step.py").write_text(CPU_ADAM_STEP)
+    hand_to_cluster_user(runs)
+    run = f"docker run --rm {RUN_AS_OWNER} -e DS_ACCELERATOR=cpu {IMAGE} bash -c 'python /runs/cpu_adam_step.py'"
+    result = shell(run, timeout=600, RUNS=str(runs))
+    seen = json.loads(result.stdout.splitlines()[-1])
+    print(seen)  # the build's time, for -rP
+    assert seen["known_user"] is None and seen["home"] != "/" and seen["home_writable"], seen
+    op = Path(seen["op"])
+    assert op.name == "cpu_adam.so" and op.is_relative_to("/runs/cache/torch_extensions"), seen
+    assert (runs / op.relative_to("/runs")).is_file()  # on the volume: it outlives the container
+    assert seen["moved"] > 0.01 and seen["difference"] < 1e-6, seen  # a step was taken, and the same one
+
+
 def logs(*containers: str) -> str:
     """Each container's whole output (what its ranks print goes to both streams)."""
     results = [docker("logs", c, check=False) for c in containers]
@@ -208,10 +269,7 @@ def test_two_containers_train_as_two_nodes_like_one_and_resume_bit_identically_a
         config = load_run_config(None, overrides(inside, Path("/runs") / name, **values))
         (runs / f"{name}.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     two_node_hostfile(runs)
-    if os.geteuid() == 0:  # as a cluster user's own directory: an ordinary uid, one the image does not know
-        for directory, _, files in os.walk(runs):
-            for path in [directory, *(os.path.join(directory, f) for f in files)]:
-                os.chown(path, 4242, 4242)
+    hand_to_cluster_user(runs)
     two_nodes = runs / "two_nodes"
     docker("rm", "-f", *CONTAINERS, check=False)  # left by an interrupted earlier run
     try:
