@@ -194,7 +194,8 @@ def read_chunk(chunk: Chunk, text_field: str) -> list[str]:
     if chunk.kind == "parquet":
         import pyarrow.parquet as pq
 
-        table = pq.ParquetFile(chunk.path).read_row_group(chunk.start)
+        # one thread: the tokeniser pool already runs a reader per core (Arrow's own pool would size itself by the machine)
+        table = pq.ParquetFile(chunk.path).read_row_group(chunk.start, use_threads=False)
         return _text_column(table, text_field, chunk.path)
     if chunk.data is not None:
         raw = chunk.data

@@ -14,6 +14,7 @@ if [ ! -d "${HOME:-}" ] || [ ! -w "$HOME" ]; then
 fi
 # The volume's cache when writable, so that a JIT-built op outlives the container; else one under HOME.
 if ! { mkdir -p "${ADEPT_DS_CACHE:-}" && [ -w "$ADEPT_DS_CACHE" ]; } 2>/dev/null; then
+    echo "entrypoint: ADEPT_DS_CACHE=${ADEPT_DS_CACHE:-} is not writable for uid $(id -u); using $HOME/.cache/adept_ds (mount a volume there to keep it)" >&2
     export ADEPT_DS_CACHE="$HOME/.cache/adept_ds"
 fi
 # Ops per Python and torch build: a volume shared with an image of another torch must not load its ops.

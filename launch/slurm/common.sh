@@ -5,8 +5,8 @@ ADEPT_DS_REPO=${ADEPT_DS_REPO:-$SLURM_SUBMIT_DIR}
 
 # node_cpus: the CPUs the allocation grants on each node, for `srun --cpus-per-task`: srun >= 22.05 does not
 # take sbatch's --cpus-per-task, and without one a task bound to its cores (TaskPluginParam=Cores, common) gets
-# a single CPU, which would then hold the launcher, every rank and the tokeniser pool. SLURM_JOB_CPUS_PER_NODE reads like `72(x2),64`: take the
-# smallest count, so that the step fits every node.
+# a single CPU, which would then hold the launcher, every rank and the tokeniser pool.
+# SLURM_JOB_CPUS_PER_NODE reads like `72(x2),64`: take the smallest count, so that the step fits every node.
 node_cpus() {
     local counts=${SLURM_JOB_CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-1}} count least=
     for count in ${counts//,/ }; do
