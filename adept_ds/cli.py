@@ -440,7 +440,17 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from adept_ds.pipeline import run_demo
 
-    report = run_demo(args.output, compare=args.compare, steps=args.steps, num_procs=args.num_procs)
+    for flag, value, least in (("--probe-tokens", args.probe_tokens, 512), ("--max-questions", args.max_questions, 1)):
+        if value < least:
+            raise ValueError(f"demo {flag} {value}: need at least {least}")
+    report = run_demo(
+        args.output,
+        compare=args.compare,
+        steps=args.steps,
+        num_procs=args.num_procs,
+        probe_tokens=args.probe_tokens,
+        max_questions=args.max_questions,
+    )
     print(report.read_text())
 
 
@@ -614,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=int, default=40, help="training steps per method (default 40)")
     demo.add_argument("--num-procs", type=int, default=2, help="training ranks (default 2)")
+    # The probe and the evaluation cost the same at any step count: these make a quick look (and the test) quicker.
+    demo.add_argument("--probe-tokens", type=int, default=4096, help="general tokens the mask probe scores (default 4096; >= 512)")
+    demo.add_argument("--max-questions", type=int, default=100, help="domain questions each model answers (default 100)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

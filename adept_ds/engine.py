@@ -509,7 +509,14 @@ def run_training(config: RunConfig, resume: bool | str = False, show_progress: b
     """Train, checkpoint, and (rank 0) export the final model. Returns a summary. `resume`: see `Trainer`."""
     from adept_ds.export import export_checkpoint, export_once
 
-    trainer = Trainer(config, resume=resume, show_progress=show_progress)
+    try:
+        trainer = Trainer(config, resume=resume, show_progress=show_progress)
+    except ValueError:
+        # Refused, on every rank (a check before the group, or rank 0's decision broadcast to all): the group goes
+        # now, not at interpreter exit, where a gloo thread outliving it can abort the process (exit -6, not 2).
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
     try:
         losses = trainer.train()
     except GuardStopped as stop:
