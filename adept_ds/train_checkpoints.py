@@ -97,8 +97,9 @@ def check_same_run(checkpoint: Path, expected: dict) -> None:
     The frozen weights are not in the checkpoint: they come from the model the run starts from, so
     resuming on another backbone would silently train a different network."""
     written = checkpoint_info(checkpoint)
-    identity = (("backbone_fingerprint", "the backbone"), ("method", "the method"), ("units", "the trained units"))
-    for key, what in [(key, what) for key, what in identity if key in expected or key != "units"]:
+    for key, what in (("backbone_fingerprint", "the backbone"), ("method", "the method"), ("units", "the trained units")):
+        if key == "units" and key not in expected:
+            continue
         if key not in written:
             raise ValueError(f"--resume: {checkpoint} records no {key} (written by an older adept_ds?); start a new run")
         if written[key] != expected[key]:

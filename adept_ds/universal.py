@@ -106,19 +106,17 @@ def convert_before_start(directory: Path, resume: bool | str, identity: dict, wo
     from tqdm import tqdm
 
     newest = newest_complete(directory)[0] if resume else None
-    if newest is None or checkpoint_info(newest)["world_size"] == world_size:
+    written_by = checkpoint_info(newest)["world_size"] if newest is not None else world_size
+    if written_by == world_size:
         return
     check_same_run(newest, identity)  # never convert another run's checkpoint
-    written_by, universal = checkpoint_info(newest)["world_size"], directory / universal_tag(newest.name)
-    if (universal / MARKER).is_file():
-        return
     workers, started = conversion_workers(newest), time.perf_counter()
-    converted = _convert_or_refuse(directory, newest, workers)[1]
-    if converted:
+    tag, converted = _convert_or_refuse(directory, newest, workers)
+    if converted:  # by this process (a finished earlier conversion, or another process's, is reused)
         when = "inside the process group" if dist.is_initialized() else "before the process group started"
         tqdm.write(
             f"resume: {newest} was written by {written_by} ranks, this run has {world_size}: converting it to a universal checkpoint "
-            f"took {time.perf_counter() - started:.1f} s ({workers} workers, {when}): {universal}"
+            f"took {time.perf_counter() - started:.1f} s ({workers} workers, {when}): {directory / tag}"
         )
 
 

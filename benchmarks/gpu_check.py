@@ -248,14 +248,13 @@ def allowance_check(train: dict) -> dict:
     from adept_ds.plan import GPU_ALLOWANCE
 
     probe = (
-        "import json, os, torch\n"
+        f"import json, os, sys, torch; sys.path.insert(0, {str(BENCHMARKS)!r}); from train_step import outside_torch_mb\n"
         "x = torch.ones(4096, 4096, device='cuda', dtype=torch.bfloat16); (x @ x).sum().item()\n"
         "if os.environ.get('WITH_NCCL'):\n"
         "    import torch.distributed as dist\n"
         "    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29751', RANK='0', WORLD_SIZE='1')\n"
         "    dist.init_process_group('nccl', device_id=torch.device('cuda', 0)); dist.all_reduce(x); torch.cuda.synchronize()\n"
-        "free, total = torch.cuda.mem_get_info()\n"
-        "print('RESULT', json.dumps((total - free - torch.cuda.memory_reserved()) / 2**30))\n"
+        "print('RESULT', json.dumps(outside_torch_mb() / 1024))\n"
     )
     measured = {}
     if torch.cuda.is_available():

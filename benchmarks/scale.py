@@ -74,28 +74,31 @@ def build_model(path: Path, max_shard_size: str = "500MB", **shape) -> Path:
     return path
 
 
-def train(model: Path, output: Path, corpus: Path) -> float:
+def train(model: Path, output: Path, corpus: Path, method: str = "adept_no_stage2", max_steps: int = 2, extra: dict | None = None) -> float:
+    """`max_steps` steps of `method` on 2 CPU ranks under DeepSpeed's launcher, a checkpoint at the end; seconds.
+    The default method has adept's trainable state, without importance passes. `extra`: more overrides."""
+    from suite import launcher_command, run_launcher
+
     from adept_ds.distributed import free_port
 
     overrides = {
         "model": model,
-        "method": "adept_no_stage2",  # the same trainable state as adept, without importance passes
+        "method": method,
         "deepspeed": REPO / "ds_configs" / "zero3.json",
         "output_dir": output,
         "data.domain": corpus,
         "data.block_size": 32,
         "data.cache_dir": output.parent / "blocks",
-        "train.max_steps": 2,
+        "train.max_steps": max_steps,
         "train.save_interval": 0,
         "train.micro_batch_size": 1,
         "train.export": False,
         "scheduler.warmup_steps": 1,
+        **(extra or {}),
     }
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--no_local_rank", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "adept_ds.train"]
-    command += [f"{key}={value}" for key, value in overrides.items()]
+    command = [*launcher_command(2, free_port()), "--module", "adept_ds.train", *[f"{key}={value}" for key, value in overrides.items()]]
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=_env(), stdout=subprocess.DEVNULL)
+    run_launcher(f"training {method} on {model.name}", command, env={"PYTHONPATH": str(REPO)})
     return time.perf_counter() - started
 
 

@@ -102,14 +102,14 @@ def main() -> None:
         # reserved - allocated at the peaks: the caching allocator's fragmentation (plan.GpuAllowance)
         "peak_gpu_reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None,
         # what the device holds beyond torch's reserve: CUDA context and NCCL buffers
-        "gpu_outside_torch_mb": _outside_torch_mb(),
+        "gpu_outside_torch_mb": outside_torch_mb(),
         "checkpoint": checkpoint,
     }
     Path(result_dir, f"rank{trainer.rank}.json").write_text(json.dumps(record))
     trainer.close()
 
 
-def _outside_torch_mb() -> float | None:
+def outside_torch_mb() -> float | None:
     """Device memory in use that torch's caching allocator did not reserve (context, kernels, NCCL), this process
     alone on its GPU (nvidia-smi's view, from cudaMemGetInfo)."""
     if not torch.cuda.is_available():

@@ -88,35 +88,8 @@ def small_window_config(work: Path) -> Path:
     return path
 
 
-def train_one_step(model: Path, method: str, output: Path, corpus: Path) -> float:
-    from adept_ds.distributed import free_port
-
-    overrides = {
-        "model": model,
-        "method": method,
-        "deepspeed": small_window_config(output.parent),
-        "output_dir": output,
-        "data.domain": corpus,
-        "data.block_size": 32,
-        "data.cache_dir": output.parent / "blocks",
-        "train.max_steps": 1,
-        "train.save_interval": 0,
-        "train.micro_batch_size": 1,
-        "train.export": False,
-        "train.frozen_weights": "sharded",  # fp32 on CPU: a whole 1.5B backbone per rank would not fit 24 GiB twice
-        "scheduler.warmup_steps": 1,
-    }
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--no_local_rank", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "adept_ds.train"]
-    command += [f"{key}={value}" for key, value in overrides.items()]
-    started = time.perf_counter()
-    env = {"DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
-
-
 def measure_size(name: str, work: Path) -> dict:
-    from scale import build_model
+    from scale import build_model, train
 
     from adept_ds.expand import expand_checkpoint
     from adept_ds.train_checkpoints import newest_complete
@@ -135,7 +108,9 @@ def measure_size(name: str, work: Path) -> dict:
     result = {"shape": spec["shape"], "method": spec["method"], "copies": spec["copies"]}
     if newest_complete(run / "checkpoints")[0] is None:
         shutil.rmtree(run, ignore_errors=True)
-        result["train_seconds"] = train_one_step(model, spec["method"], run, corpus)
+        # fp32 on CPU: a whole 1.5B backbone per rank would not fit 24 GiB twice, so the frozen weights are sharded
+        extra = {"deepspeed": small_window_config(work), "train.frozen_weights": "sharded"}
+        result["train_seconds"] = train(model, run, corpus, spec["method"], max_steps=1, extra=extra)
     checkpoint = newest_complete(run / "checkpoints")[0]
     rank_files = sorted(checkpoint.glob("*optim_states.pt"))
     result["checkpoint_bytes"] = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
