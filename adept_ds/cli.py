@@ -37,7 +37,7 @@ def _model_dir(arg: str | None) -> Path:
             f"give --model {DEMO_MODEL}, or the directory `adept-ds fetch-demo-model` prints)"
         )
     if arg == DEMO_MODEL and not Path(arg).is_dir():
-        from adept_ds.demo_model import fetch_demo_model
+        from adept_ds.model.demo_model import fetch_demo_model
 
         return fetch_demo_model()
     return Path(arg)
@@ -60,15 +60,15 @@ def without_local_rank(argv: list[str]) -> list[str]:
 
 
 def cmd_fetch_demo_model(args: argparse.Namespace) -> None:
-    from adept_ds.demo_model import fetch_demo_model
+    from adept_ds.model.demo_model import fetch_demo_model
 
     print(fetch_demo_model(force=args.force))
 
 
 def cmd_expand(args: argparse.Namespace) -> None:
-    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
-    from adept_ds.expand import expand_checkpoint, uniform_layers
-    from adept_ds.probe import layers_from_probe, probe_result_for
+    from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.model.expand import expand_checkpoint, uniform_layers
+    from adept_ds.probe.layers import layers_from_probe, probe_result_for
 
     model = _model_dir(args.model)
     choice = None
@@ -78,8 +78,8 @@ def cmd_expand(args: argparse.Namespace) -> None:
         if args.uniform:
             layers = uniform_layers(num_layers, args.k)
         elif args.k == "auto":
-            from adept_ds.auto_k import choose_k, parameter_counts
-            from adept_ds.families import get_family
+            from adept_ds.model.families import get_family
+            from adept_ds.probe.auto_k import choose_k, parameter_counts
 
             result = probe_result_for(args.probe, fingerprint_checkpoint(checkpoint), num_layers)
             layer_params, model_params = parameter_counts(checkpoint, get_family(checkpoint.config.get("model_type")))
@@ -96,7 +96,7 @@ def cmd_expand(args: argparse.Namespace) -> None:
         f"copies of original layers {manifest['expanded_layers']} at indices {manifest['copied_layers']}"
     )
     if choice is not None:
-        from adept_ds.auto_k import plot_choice
+        from adept_ds.probe.auto_k import plot_choice
 
         # Beside the probe file, where `adept-ds probe` wrote its chart: the same chart, now marking this choice.
         chart = Path(args.probe).with_suffix(".png")
@@ -105,7 +105,7 @@ def cmd_expand(args: argparse.Namespace) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    from adept_ds.probe import probe_model
+    from adept_ds.probe.layers import probe_model
 
     result = probe_model(
         _model_dir(args.model),
@@ -136,7 +136,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 
 def cmd_make_probe_corpus(args: argparse.Namespace) -> None:
-    from adept_ds.probe_corpus import make_probe_corpus
+    from adept_ds.probe.corpus import make_probe_corpus
 
     options = {name: getattr(args, name) for name in ("seed", "temperature", "top_p", "batch_size", "max_new_tokens", "dtype")}
     stats = make_probe_corpus(_model_dir(args.model), args.output, args.tokens, **options)
@@ -151,7 +151,7 @@ def cmd_make_probe_corpus(args: argparse.Namespace) -> None:
 def cmd_prepare_data(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from adept_ds.token_store import is_store, open_store, prepare_store
+    from adept_ds.data.token_store import is_store, open_store, prepare_store
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers}: need at least 1 worker process")
@@ -173,7 +173,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from adept_ds.export import export_checkpoint
+    from adept_ds.training.export import export_checkpoint
 
     checkpoints = Path(args.run) / "checkpoints"
     model = args.model
@@ -191,7 +191,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def planned_world(args: argparse.Namespace) -> tuple[int, int, str]:
     """(world size, ranks per node, why) of the job `check` describes: a hostfile's slots (capped by --num-gpus),
     else --num-nodes x --num-gpus, else one rank per node."""
-    from adept_ds.preflight import read_hostfile
+    from adept_ds.run.hostfile import read_hostfile
 
     if args.hostfile:
         hosts = read_hostfile(args.hostfile)
@@ -220,7 +220,7 @@ def planned_device(args: argparse.Namespace) -> tuple[bool, str]:
 def _run_config(args: argparse.Namespace, with_overrides: bool = False):
     """(the run config file, the run config) of `--config` or a leading RUN.yaml, plus the key=value overrides;
     with `with_overrides`, the overrides (without the RUN.yaml) too."""
-    from adept_ds.config import load_run_config
+    from adept_ds.run.config import load_run_config
 
     overrides = list(args.overrides)
     config_file = args.config
@@ -232,7 +232,7 @@ def _run_config(args: argparse.Namespace, with_overrides: bool = False):
 
 def print_paths(config, config_file: str | None) -> None:
     """Each path of the run config as the run will use it."""
-    from adept_ds.config import PATH_KEYS, _get
+    from adept_ds.run.config import PATH_KEYS, _get
 
     base = f"{Path(config_file).absolute().parent} (the run config's directory)" if config_file else "the current directory"
     print(f"paths (in the file: relative to {base}; in key=value overrides: to the current directory):")
@@ -246,22 +246,22 @@ def print_paths(config, config_file: str | None) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    from adept_ds.config import with_run_length
-    from adept_ds.data import load_blocks
-    from adept_ds.ds_config import describe_owners
-    from adept_ds.preflight import check_corpus_size, preflight
-    from adept_ds.zeropp import describe as describe_zeropp
+    from adept_ds.run.ds_config import describe_owners
+    from adept_ds.run.zeropp import describe as describe_zeropp
+    from adept_ds.training.resolve import resolve_run
+    from adept_ds.training.validation import validation_blocks
 
     config_file, config = _run_config(args)
     world_size, per_node, where = planned_world(args)
     gpu, device_reason = planned_device(args)
     config = with_node_size(config, per_node)
     try:
-        checked = preflight(config, world_size, gpu)
+        # As the trainer resolves it: the same stores prepared, the same held-out split and run length.
+        run = resolve_run(config, world_size, gpu, data=not args.skip_data)
     except ValueError as err:
         raise ValueError(f"{err} [checked for {'GPU' if gpu else 'CPU'} ranks: {device_reason}]") from None
-    ds = checked.ds_config
-    print(f"config: {config_file or '(overrides only)'}: method {config.method}, model {config.model} ({checked.family.name})")
+    ds = run.ds_config
+    print(f"config: {config_file or '(overrides only)'}: method {config.method}, model {config.model} ({run.family.name})")
     print_paths(config, config_file)
     print(f"device: {'GPU' if gpu else 'CPU'} ({device_reason})")
     print(
@@ -270,40 +270,24 @@ def cmd_check(args: argparse.Namespace) -> None:
         f"{ds.get('zero_optimization', {}).get('stage', 0)}, {'bf16' if ds.get('bf16', {}).get('enabled') else 'fp32'}"
     )
     print(f"owners: {describe_owners(ds)}")
-    for note in checked.notes:
+    print(f"units: {len(run.unit_names)} trainable ({', '.join(run.unit_names[:3])}{', ...' if len(run.unit_names) > 3 else ''})")
+    for note in run.ds_notes:
         print(f"deepspeed config: {note}")
-    print(f"memory: {checked.layout.note}" + ("; `adept-ds plan` shows each term" if "does not fit" in checked.layout.note else ""))
-    print(f"zero++: {describe_zeropp(ds, config, world_size, checked.layout.frozen_weights)}")
-    if not args.skip_data:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-        cache, vocab_size = config.block_cache(), checked.checkpoint.config.get("vocab_size")
-        domain_blocks = 0
-        for name, source in config.corpora().items():
-            max_tokens = config.importance.max_tokens if name == "general" else None
-            store = load_blocks(
-                source.path, tokenizer, config.data.block_size, cache, source.text_field, max_tokens, vocab_size, show_progress=True
+    print(f"memory: {run.layout.note}" + ("; `adept-ds plan` shows each term" if "does not fit" in run.layout.note else ""))
+    print(f"zero++: {describe_zeropp(ds, config, world_size, run.layout.frozen_weights)}")
+    if run.data is not None:
+        for name, store in run.data.stores(config).items():
+            print(
+                f"data: {name} {config.corpora()[name].path}: {len(store)} blocks of {config.data.block_size} tokens (token store {store.path})"
             )
-            domain_blocks += len(store) if name != "general" else 0
-            print(f"data: {name} {source.path}: {len(store)} blocks of {config.data.block_size} tokens (token store {store.path})")
         if config.eval.interval:
-            from adept_ds.validation import validation_blocks
-
-            count, data = validation_blocks(config, world_size), config.data
-            general = data.general_eval or (f"the last blocks of {data.general}" if data.general else "none (no general corpus)")
-            domain = data.domain_eval or f"the last blocks of {config.data.domain_sources()[0].path}, not trained on"
+            count, settings = validation_blocks(config, world_size), config.data
+            general = settings.general_eval or (
+                f"the last blocks of {settings.general}" if settings.general else "none (no general corpus)"
+            )
+            domain = settings.domain_eval or f"the last blocks of {config.data.domain_sources()[0].path}, not trained on"
             print(f"validation: every {config.eval.interval} steps, {count} blocks per corpus; general: {general}; domain: {domain}")
-            if not data.domain_eval:
-                global_batch = config.train.global_batch(world_size)
-                if domain_blocks - count < global_batch:
-                    raise ValueError(
-                        f"data.domain has {domain_blocks} blocks; holding out {count} for validation leaves {max(domain_blocks - count, 0)}, "
-                        f"fewer than one global batch ({global_batch}): give data.domain_eval, lower eval.max_tokens or set eval.interval=0"
-                    )
-                domain_blocks -= count
-        check_corpus_size("domain", config.data.domain, domain_blocks, config, world_size)
-        for note in with_run_length(config, domain_blocks, world_size)[1]:
+        for note in run.notes:
             print(f"length: {note}")
     elif config.train.epochs or config.scheduler.warmup_ratio:
         print("length: train.epochs / scheduler.warmup_ratio are resolved from the corpus's size when the run starts (--skip-data)")
@@ -324,7 +308,9 @@ PLAN_DOES_NOT_FIT = 3
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from adept_ds.plan import GIB, layout_and_plan, model_shape, render
+    from adept_ds.run.plan import GIB
+    from adept_ds.run.plan_report import render
+    from adept_ds.training.resolve import resolve_plan
 
     for name in ("nodes", "gpus_per_node"):
         if getattr(args, name) < 1:
@@ -336,11 +322,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _, config = _run_config(args)
     if not config.model:
         raise ValueError("model is not set: give model=DIR (a model directory or its config.json; no weights are read)")
-    shape = model_shape(config, args.k)
-    gpu = args.device == "gpu"
     memory = None if args.gpu_memory_gb is None else int(args.gpu_memory_gb * GIB)
     config = with_node_size(config, args.gpus_per_node)
-    layout, plan = layout_and_plan(config, shape, args.nodes * args.gpus_per_node, gpu, memory)
+    run = resolve_plan(config, args.nodes * args.gpus_per_node, args.device == "gpu", memory, args.k)
+    layout, plan = run.layout, run.plan
     code = 0 if all(plan.fits(phase) for phase in plan.phases) else PLAN_DOES_NOT_FIT
     if args.json:
         print(
@@ -352,13 +337,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             )
         )
         return code
-    print(render(config, shape, plan, args.nodes, args.gpus_per_node, args.write_gb_per_s))
+    print(render(config, run.shape, plan, args.nodes, args.gpus_per_node, args.write_gb_per_s))
     return code
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from adept_ds.distributed import shutdown_distributed
-    from adept_ds.evaluate import evaluate_model, run_lm_eval
+    from adept_ds.evaluation.evaluate import evaluate_model, run_lm_eval
+    from adept_ds.runtime.distributed import shutdown_distributed
 
     corpora = {name: path for name, path in (("general", args.general), ("domain", args.domain)) if path}
     if not corpora and not args.qa and not args.lm_eval_tasks:
@@ -385,12 +370,12 @@ def launcher_command(args: argparse.Namespace) -> list[str]:
     """DeepSpeed's launcher (the `deepspeed` of this environment) with the job's rank layout."""
     import shutil
 
-    from adept_ds.distributed import free_port
+    from adept_ds.runtime.distributed import free_port
 
     runner = Path(sys.executable).parent / "deepspeed"
     command = [str(runner) if runner.is_file() else shutil.which("deepspeed") or "deepspeed"]
     if args.hostfile:
-        from adept_ds.preflight import read_hostfile
+        from adept_ds.run.hostfile import read_hostfile
 
         read_hostfile(args.hostfile)  # DeepSpeed would fall back to this machine alone on a missing one
         command += ["--hostfile", args.hostfile]
@@ -426,7 +411,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from adept_ds.config import starter_config
+    from adept_ds.run.config import starter_config
 
     output = Path(args.output)
     if output.exists() and not args.force:

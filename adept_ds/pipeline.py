@@ -38,7 +38,7 @@ def train_method(
     `extra` holds more run-config overrides (say, train.seed or importance.normalize)."""
     if (output / "final" / "config.json").is_file():
         return output
-    from adept_ds.distributed import free_port
+    from adept_ds.runtime.distributed import free_port
 
     launcher = Path(sys.executable).parent / "deepspeed"
     overrides = {
@@ -100,12 +100,12 @@ def run_demo(
     k: int = 4,
     max_questions: int = 100,
 ) -> Path:
-    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
-    from adept_ds.demo_model import fetch_demo_model
-    from adept_ds.evaluate import evaluate_model
-    from adept_ds.expand import expand_checkpoint, read_manifest, uniform_layers
-    from adept_ds.probe import layers_from_probe, probe_model, read_probe_result
-    from adept_ds.report import write_report
+    from adept_ds.evaluation.evaluate import evaluate_model
+    from adept_ds.evaluation.report import write_report
+    from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.model.demo_model import fetch_demo_model
+    from adept_ds.model.expand import expand_checkpoint, read_manifest, uniform_layers
+    from adept_ds.probe.layers import layers_from_probe, probe_model, read_probe_result
 
     output = Path(output).absolute()
     started = time.time()

@@ -19,9 +19,9 @@ def _say(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adept_ds.config import load_run_config
-    from adept_ds.engine import NonFiniteLoss, Stopped, run_training
-    from adept_ds.guard import GuardStopped
+    from adept_ds.run.config import load_run_config
+    from adept_ds.training.engine import NonFiniteLoss, Stopped, run_training
+    from adept_ds.training.guard import GuardStopped
 
     parser = argparse.ArgumentParser(prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config YAML (launch/configs/*.yaml)")
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
     args = parser.parse_args(argv)
     try:
-        config = load_run_config(args.config, args.overrides)  # the rest is checked by the engine's preflight
+        config = load_run_config(args.config, args.overrides)  # the rest is checked by resolve_run, before any process group
         # Whether to resume is a filesystem question: rank 0 answers it for every rank, once the group exists.
         summary = run_training(config, resume="auto" if args.auto_resume else args.resume)
     except ValueError as err:

@@ -4,7 +4,7 @@
 
 A variant is `method` or `method:normalisation` (adept:per_type, adept:rank). Each seed s probes the
 demo model on a seeded draw of general blocks, expands its k least important layers (`--k auto`: k chosen from
-that probe by adept_ds.auto_k), and trains every
+that probe by adept_ds.probe.auto_k), and trains every
 variant with train.seed = s (data order and importance probe batches), 2 CPU ranks under ZeRO-3, then
 evaluates held-out general and domain perplexity and domain accuracy. Writes `<output>/results.jsonl`
 (one line per run), `<output>/study.md` (mean ± sd per variant, the Pareto front) and
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--variants", default=VARIANTS, help=f"comma-separated (default {VARIANTS})")
     parser.add_argument("--output", type=Path, default=Path("runs/compare"))
-    parser.add_argument("--k", default="4", help="layers to expand, or auto: chosen from each seed's probe (adept_ds.auto_k)")
+    parser.add_argument("--k", default="4", help="layers to expand, or auto: chosen from each seed's probe (adept_ds.probe.auto_k)")
     parser.add_argument("--probe-tokens", type=int, default=4096)
     parser.add_argument("--max-questions", type=int, default=100)
     parser.add_argument("--num-procs", type=int, default=2)
@@ -38,14 +38,14 @@ def main() -> None:
     if args.k != "auto" and not args.k.isdigit():
         raise SystemExit(f"--k {args.k!r}: a number of layers or auto")
 
-    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
-    from adept_ds.config import METHODS, NORMALIZATIONS
-    from adept_ds.demo_model import fetch_demo_model
-    from adept_ds.evaluate import evaluate_model
-    from adept_ds.expand import expand_checkpoint, uniform_layers
+    from adept_ds.evaluation.evaluate import evaluate_model
+    from adept_ds.evaluation.study import aggregate, markdown_table, pareto_front, plot_tradeoff, run_result
+    from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.model.demo_model import fetch_demo_model
+    from adept_ds.model.expand import expand_checkpoint, uniform_layers
     from adept_ds.pipeline import DOMAIN_TEST, GENERAL, GENERAL_HELDOUT, REPLAY, train_method
-    from adept_ds.probe import layers_from_probe, probe_model, probe_result_for
-    from adept_ds.study import aggregate, markdown_table, pareto_front, plot_tradeoff, run_result
+    from adept_ds.probe.layers import layers_from_probe, probe_model, probe_result_for
+    from adept_ds.run.config import METHODS, NORMALIZATIONS
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for variant in variants:  # every name is checked before hours of training
@@ -74,8 +74,8 @@ def main() -> None:
         checkpoint = open_checkpoint(original)
         fingerprint = fingerprint_checkpoint(checkpoint)
         if args.k == "auto":
-            from adept_ds.auto_k import choose_k, parameter_counts
-            from adept_ds.families import get_family
+            from adept_ds.model.families import get_family
+            from adept_ds.probe.auto_k import choose_k, parameter_counts
 
             counts = parameter_counts(checkpoint, get_family(checkpoint.config["model_type"]))
             choice = choose_k(probe_result_for(probe_file, fingerprint, num_layers)["scores"], *counts)

@@ -58,7 +58,7 @@ def sample_documents(path: Path, count: int) -> list[str]:
 TOKENIZE = """
 import json, sys, time
 from transformers import AutoTokenizer
-from adept_ds.token_store import encode_documents
+from adept_ds.data.token_store import encode_documents
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 docs = json.load(open(sys.argv[2]))
 started, tokens = time.perf_counter(), 0
@@ -70,7 +70,7 @@ print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - started}))
 PREPARE = """
 import json, sys, time
 from transformers import AutoTokenizer
-from adept_ds.token_store import prepare_store
+from adept_ds.data.token_store import prepare_store
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 started = time.perf_counter()
 store = prepare_store(sys.argv[2], sys.argv[3], tokenizer, int(sys.argv[4]), num_workers=int(sys.argv[5]), show_progress=False)
@@ -82,7 +82,7 @@ import json, sys, time
 from transformers import AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 started = time.perf_counter()
-from adept_ds.data import load_blocks
+from adept_ds.data.blocks import load_blocks
 store = load_blocks(sys.argv[2], tokenizer, int(sys.argv[3]), sys.argv[4], vocab_size=len(tokenizer))
 batch = store[list(range(0, len(store), max(1, len(store) // 16)))[:16]]
 print(json.dumps({"seconds": time.perf_counter() - started, "blocks": len(store)}))
@@ -114,7 +114,7 @@ def run_python(code: str, *args: str, env: dict | None = None, measure_rss: bool
 
 
 def sampler_ms(num_blocks: int, steps: int = 500) -> float:
-    from adept_ds.sampler import sample_order
+    from adept_ds.data.sampler import sample_order
 
     rng = random.Random(num_blocks)
     times = []
@@ -127,7 +127,7 @@ def sampler_ms(num_blocks: int, steps: int = 500) -> float:
 
 
 def mixture_ms(sizes: list[int], steps: int = 500) -> float:
-    from adept_ds.sampler import Mixture
+    from adept_ds.data.sampler import Mixture
 
     mixture, counts, times = Mixture(sizes, [3.0, 1.0][: len(sizes)], 0), [0] * len(sizes), []
     for _ in range(steps):
@@ -147,8 +147,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from adept_ds.demo_model import fetch_demo_model
-    from adept_ds.token_store import encode_documents
+    from adept_ds.data.token_store import encode_documents
+    from adept_ds.model.demo_model import fetch_demo_model
 
     model = str(fetch_demo_model())
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys
-from adept_ds.expand import expand_checkpoint
+from adept_ds.model.expand import expand_checkpoint
 
 def high_water_kb():  # VmHWM belongs to this process image (ru_maxrss would carry the parent's over exec)
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=50)
     args = parser.parse_args()
 
-    from adept_ds.demo_model import fetch_demo_model
+    from adept_ds.model.demo_model import fetch_demo_model
 
     model = fetch_demo_model()
     rows = []

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from suite import BENCHMARKS, REPO, add_run_arguments, demo_expansion, machine, run_ranks, summarise, write_result
 
-from adept_ds.ds_config import DEEPSPEED_WINDOW, WINDOW_LAYERS
-from adept_ds.families import decoder_layer_numel
+from adept_ds.model.families import decoder_layer_numel
+from adept_ds.run.ds_config import DEEPSPEED_WINDOW, WINDOW_LAYERS
 
 TARGETS = {"gathered_ratio": 0.1, "step_ratio": 0.8}
 

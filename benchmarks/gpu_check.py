@@ -83,9 +83,9 @@ def save_checkpoint_run(model: Path, work: Path, args) -> Path:
 
 def planned_peak(run: dict) -> int:
     """`adept-ds plan`'s peak for a run config of suite.run_ranks (`run_overrides`): its steps or its importance pass."""
-    from adept_ds.config import load_run_config
-    from adept_ds.frozen_weights import device_bytes
-    from adept_ds.plan import TRAINING_PHASES, layout_and_plan, model_shape
+    from adept_ds.run.config import load_run_config
+    from adept_ds.run.memory_layout import device_bytes, layout_and_plan
+    from adept_ds.run.plan import TRAINING_PHASES, model_shape
 
     config = load_run_config(None, [f"{key}={value}" for key, value in run.items()])
     gpu = torch.cuda.is_available()
@@ -107,11 +107,11 @@ def main() -> None:
     from scale import build_model
     from suite import run_overrides, run_ranks
 
-    from adept_ds.evaluate import evaluate_model
-    from adept_ds.expand import expand_checkpoint, read_manifest
-    from adept_ds.export import export_checkpoint
+    from adept_ds.evaluation.evaluate import evaluate_model
+    from adept_ds.model.expand import expand_checkpoint, read_manifest
     from adept_ds.pipeline import DOMAIN_TEST, GENERAL, GENERAL_HELDOUT
-    from adept_ds.probe import probe_model
+    from adept_ds.probe.layers import probe_model
+    from adept_ds.training.export import export_checkpoint
 
     started = time.time()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -203,7 +203,7 @@ def loss_check(smoke: bool) -> dict:
     HF's (whole logits in fp32), forward and backward at Llama-3's vocabulary: median seconds and peak memory."""
     import torch.nn.functional as F
 
-    from adept_ds.lm_loss import CHUNK_LOGITS, chunk_rows, chunked_cross_entropy
+    from adept_ds.model.lm_loss import CHUNK_LOGITS, chunk_rows, chunked_cross_entropy
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokens, hidden, vocab = (512, 64, 1024) if smoke else (8192, 4096, 128256)
@@ -245,7 +245,7 @@ def allowance_check(train: dict) -> dict:
     """plan.GpuAllowance's parts measured: the CUDA context with cuBLAS loaded, a world-of-one NCCL communicator
     after an all-reduce (each in a fresh process: device memory in use beyond torch's reserve), and fragmentation
     (reserved minus allocated at the peak) of every training run above."""
-    from adept_ds.plan import GPU_ALLOWANCE
+    from adept_ds.run.plan import GPU_ALLOWANCE
 
     probe = (
         f"import json, os, sys, torch; sys.path.insert(0, {str(BENCHMARKS)!r}); from train_step import outside_torch_mb\n"

@@ -13,5 +13,5 @@ PYTHON=${PYTHON:-python}
 "$PYTHON" -c "import adept_ds" 2>/dev/null || "$PYTHON" -m pip install --no-deps --no-build-isolation -e . >/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 timeout 480 "$PYTHON" benchmarks/gpu_check.py "$@"
-# The CPU stand-in for DeepSpeed's ZeRO++ quantizer (adept_ds.zeropp.TorchQuantizer) against the kernel itself; skipped by --smoke.
+# The CPU stand-in for DeepSpeed's ZeRO++ quantizer (adept_ds.run.zeropp.TorchQuantizer) against the kernel itself; skipped by --smoke.
 case " $* " in *" --smoke "*) ;; *) timeout 150 "$PYTHON" benchmarks/qwz_kernel_check.py ;; esac

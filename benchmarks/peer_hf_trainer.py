@@ -61,8 +61,8 @@ def rank_main(argv: list[str]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from adept_ds.data import load_blocks
-    from adept_ds.expand import read_manifest
+    from adept_ds.data.blocks import load_blocks
+    from adept_ds.model.expand import read_manifest
     from adept_ds.pipeline import DOMAIN_TRAIN
 
     result_dir, model_dir, ds_path, steps, block, micro, lr, checkpointing = argv
@@ -125,7 +125,7 @@ def rank_main(argv: list[str]) -> None:
 def hf_trainer_run(name: str, model: Path, ds_config: dict, work: Path, args, checkpointing: bool) -> dict:
     from suite import launch_ranks, launcher_command
 
-    from adept_ds.distributed import free_port
+    from adept_ds.runtime.distributed import free_port
 
     result_dir = work / "runs" / name
     result_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def adept_ds_run(name: str, method: str, model: Path, work: Path, args, extra: d
 
     from suite import run_ranks
 
-    from adept_ds.distributed import free_port
+    from adept_ds.runtime.distributed import free_port
 
     settings = SimpleNamespace(
         num_procs=2, block_size=args.block_size, micro_batch_size=2, warmup_steps=2, timed_steps=args.steps - 2, port=free_port()
@@ -175,10 +175,10 @@ def main() -> None:
 
     from suite import REPO, expanded_model, machine, write_result
 
-    from adept_ds.demo_model import fetch_demo_model
-    from adept_ds.ds_config import DEEPSPEED_WINDOW, WINDOW_LAYERS
-    from adept_ds.expand import uniform_layers
-    from adept_ds.families import decoder_layer_numel
+    from adept_ds.model.demo_model import fetch_demo_model
+    from adept_ds.model.expand import uniform_layers
+    from adept_ds.model.families import decoder_layer_numel
+    from adept_ds.run.ds_config import DEEPSPEED_WINDOW, WINDOW_LAYERS
 
     started = time.time()
     output = Path(args.output)

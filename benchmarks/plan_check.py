@@ -53,7 +53,7 @@ SIZES = {
 
 def run_settings(micro: int, block: int) -> SimpleNamespace:
     """What suite.run_ranks reads: 2 ranks, 1 warm-up and 2 timed steps."""
-    from adept_ds.distributed import free_port
+    from adept_ds.runtime.distributed import free_port
 
     return SimpleNamespace(num_procs=2, block_size=block, micro_batch_size=micro, warmup_steps=1, timed_steps=2, port=free_port())
 
@@ -92,7 +92,7 @@ RANK_MEMORY_GB = 11.0
 def check_size(name: str, work: Path, glibc_default: bool, frozen_weights: str) -> dict:
     from scale import build_model
 
-    from adept_ds.expand import expand_checkpoint
+    from adept_ds.model.expand import expand_checkpoint
 
     shape, copied, micro, block, checkpointing = SIZES[name.removesuffix("_glibc")]
     base_name = name.removesuffix("_ckpt")
@@ -137,7 +137,7 @@ def check_size(name: str, work: Path, glibc_default: bool, frozen_weights: str) 
 
 
 def markdown(results: dict) -> str:
-    from adept_ds.plan import CPU_RUNTIME_BYTES
+    from adept_ds.run.plan import CPU_RUNTIME_BYTES
 
     mb = 2**20
     lines = [

@@ -5,7 +5,7 @@
 Samples `--tokens` tokens from the demo model (SmolLM2-135M) and mask-probes it on that corpus and on the
 bundled general English (adept_ds/assets/general_en.jsonl), both with the same token budget, block size and
 block-drawing seed (compare_seeds' probe: 128-token blocks, batches of 4). Compares the score vectors:
-Spearman rho, and the overlap of the k least important layers for k = 4, 8 and the auto k (adept_ds.auto_k,
+Spearman rho, and the overlap of the k least important layers for k = 4, 8 and the auto k (adept_ds.probe.auto_k,
 the real-text probe's and the generated one's). A second real-text probe (another seed of blocks) gives the
 baseline: how close two draws of real text come to each other. Steps whose output is in `--work` with the
 same inputs are reused. Writes benchmarks/results/probe_corpus-<device>.{json,md}.
@@ -46,7 +46,7 @@ def spearman(a, b) -> float:
 
 def overlap(a, b, k: int) -> float:
     """Share of the k least important layers of `a` that are also among the k least important of `b`."""
-    from adept_ds.probe import least_important_layers
+    from adept_ds.probe.layers import least_important_layers
 
     return len(set(least_important_layers(a, k)) & set(least_important_layers(b, k))) / k
 
@@ -60,8 +60,8 @@ def file_digest(path: Path) -> str | None:
 def probed(model, data: Path, output: Path, args, seed: int) -> dict:
     """The mask probe of `model` on `data`, reused from `output` when it was measured on the same inputs
     (model fingerprint, corpus bytes, budget, blocks, seed)."""
-    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
-    from adept_ds.probe import probe_model, read_probe_result, write_probe_result
+    from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.probe.layers import probe_model, read_probe_result, write_probe_result
 
     wanted = {"num_tokens": args.probe_tokens, "block_size": 128, "seed": seed, "method": "mask"}
     wanted["model_fingerprint"] = fingerprint_checkpoint(open_checkpoint(model))
@@ -87,12 +87,12 @@ def main() -> None:
     args = parser.parse_args()
     real_seeds = [int(seed) for seed in args.real_seeds.split(",")]
 
-    from adept_ds.auto_k import choose_k, parameter_counts
-    from adept_ds.checkpoint import open_checkpoint
-    from adept_ds.demo_model import fetch_demo_model
-    from adept_ds.families import get_family
+    from adept_ds.model.checkpoint import open_checkpoint
+    from adept_ds.model.demo_model import fetch_demo_model
+    from adept_ds.model.families import get_family
     from adept_ds.pipeline import GENERAL
-    from adept_ds.probe_corpus import make_probe_corpus
+    from adept_ds.probe.auto_k import choose_k, parameter_counts
+    from adept_ds.probe.corpus import make_probe_corpus
 
     started = time.perf_counter()
     model = fetch_demo_model()

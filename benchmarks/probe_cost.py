@@ -46,9 +46,9 @@ def random_llama_30l():
 
 
 def measure(name: str, model, batch_size: int, block_size: int, repeats: int, device) -> dict:
-    from adept_ds.families import family_of
-    from adept_ds.mask_probe import mask_loss_sums, naive_mask_loss_sums, record_layer_inputs
-    from adept_ds.probe import next_token_loss_sum
+    from adept_ds.model.families import family_of
+    from adept_ds.probe.mask import mask_loss_sums, naive_mask_loss_sums, record_layer_inputs
+    from adept_ds.probe.runtime import next_token_loss_sum
 
     model = model.to(device).eval()
     family = family_of(model)
@@ -98,8 +98,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from adept_ds.demo_model import fetch_demo_model
-    from adept_ds.distributed import on_cpu
+    from adept_ds.model.demo_model import fetch_demo_model
+    from adept_ds.runtime.distributed import on_cpu
 
     device = torch.device("cpu" if on_cpu() else "cuda")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

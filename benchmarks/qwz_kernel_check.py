@@ -1,4 +1,4 @@
-"""On a GPU: does adept_ds.zeropp.TorchQuantizer (the CPU stand-in for train.zeropp=qwz)
+"""On a GPU: does adept_ds.run.zeropp.TorchQuantizer (the CPU stand-in for train.zeropp=qwz)
 compute what DeepSpeed's CUDA quantizer computes? Run by benchmarks/gpu_check.sh after the GPU check.
 
     python benchmarks/qwz_kernel_check.py [--output benchmarks/results]
@@ -27,7 +27,7 @@ def main() -> None:
         raise SystemExit("qwz_kernel_check: needs a CUDA device (DeepSpeed's quantizer is a CUDA kernel)")
     from deepspeed.ops.op_builder import QuantizerBuilder
 
-    from adept_ds.zeropp import TorchQuantizer
+    from adept_ds.run.zeropp import TorchQuantizer
 
     kernel, stand_in = QuantizerBuilder().load(), TorchQuantizer()
     generator = torch.Generator().manual_seed(0)

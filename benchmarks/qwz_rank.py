@@ -19,14 +19,15 @@ import torch
 
 def main() -> None:
     result_dir, *overrides = sys.argv[1:]
-    from adept_ds.config import load_run_config
-    from adept_ds.distributed import AllGatherCounter
-    from adept_ds.engine import Trainer
-    from adept_ds.export import export_checkpoint
-    from adept_ds.train_checkpoints import CHECKPOINT_DIR
+    from adept_ds.run.config import load_run_config
+    from adept_ds.runtime.distributed import AllGatherCounter
+    from adept_ds.training.checkpoints import CHECKPOINT_DIR
+    from adept_ds.training.engine import Trainer
+    from adept_ds.training.export import export_checkpoint
+    from adept_ds.training.resolve import resolve_run
 
     config = load_run_config(None, overrides)
-    trainer = Trainer(config, show_progress=False)
+    trainer = Trainer(resolve_run(config, show_progress=False), show_progress=False)
     copies = tuple(f"model.layers.{layer}." for layer in trainer.manifest["copied_layers"])
     steps = [{"zeros": 0, "elements": 0, "master_absmax": 0.0} for _ in range(config.train.max_steps)]
 

@@ -79,7 +79,7 @@ def train(model: Path, output: Path, corpus: Path, method: str = "adept_no_stage
     The default method has adept's trainable state, without importance passes. `extra`: more overrides."""
     from suite import launcher_command, run_launcher
 
-    from adept_ds.distributed import free_port
+    from adept_ds.runtime.distributed import free_port
 
     overrides = {
         "model": model,
@@ -109,9 +109,9 @@ def main() -> None:
     parser.add_argument("--old-export", action="store_true", help="also measure the export before streaming (needs ~4x the model in RAM)")
     args = parser.parse_args()
 
-    from adept_ds.checkpoint import open_checkpoint
-    from adept_ds.expand import expand_checkpoint
-    from adept_ds.train_checkpoints import newest_complete
+    from adept_ds.model.checkpoint import open_checkpoint
+    from adept_ds.model.expand import expand_checkpoint
+    from adept_ds.training.checkpoints import newest_complete
     from tests.model_checks import load_state
 
     work = args.work.absolute()
@@ -150,8 +150,8 @@ def main() -> None:
     results["checkpoint"]["before_bytes_estimate"] = written + frozen_fp32
     print(f"checkpoint: {written / 2**30:.3f} GiB = {written / trainable_state:.4f} x the trainable state", flush=True)
 
-    imports = "import torch, safetensors.torch, deepspeed.utils.zero_to_fp32, adept_ds.export"
-    work_line = f"adept_ds.export.export_checkpoint({str(run / 'checkpoints')!r}, None, {str(expanded)!r}, {str(work / 'export')!r}, show_progress=False)"
+    imports = "import torch, safetensors.torch, deepspeed.utils.zero_to_fp32, adept_ds.training.export"
+    work_line = f"adept_ds.training.export.export_checkpoint({str(run / 'checkpoints')!r}, None, {str(expanded)!r}, {str(work / 'export')!r}, show_progress=False)"
     measured = rss_during(imports, work_line)
     bound = max(shards.values()) + 4 * sum(trained) + 1.5 * 4 * max(trained)
     results["export"] = {
@@ -184,7 +184,7 @@ def probe_memory(model: Path, corpus: Path) -> dict:
     hours); the figures scale linearly with blocks x tokens, which `at 4 x 4096 tokens` extrapolates."""
     import tempfile
 
-    from adept_ds.probe import probe_model
+    from adept_ds.probe.layers import probe_model
 
     found = {}
     with tempfile.TemporaryDirectory() as scratch:

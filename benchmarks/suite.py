@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from adept_ds.ds_config import DEEPSPEED_WINDOW
+from adept_ds.run.ds_config import DEEPSPEED_WINDOW
 
 BENCHMARKS = Path(__file__).parent
 REPO = BENCHMARKS.parent
@@ -51,9 +51,9 @@ def machine() -> dict:
 
 def placements(original: Path, output: Path, probe_tokens: int, k: int) -> tuple[dict, dict]:
     """The probe's k least important layers, and the k least important within the top third."""
-    from adept_ds.checkpoint import open_checkpoint
+    from adept_ds.model.checkpoint import open_checkpoint
     from adept_ds.pipeline import GENERAL
-    from adept_ds.probe import probe_model, rank_layers, read_probe_result
+    from adept_ds.probe.layers import probe_model, rank_layers, read_probe_result
 
     probe_file = output / "probe.json"
     started = time.perf_counter()
@@ -78,7 +78,7 @@ def deepspeed_window_config(output: Path) -> Path:
 
 def expanded_model(original: Path, directory: Path, layers: list[int]) -> Path:
     """`original` expanded after `layers` into `directory`, reused when it is already that expansion."""
-    from adept_ds.expand import expand_checkpoint, read_manifest
+    from adept_ds.model.expand import expand_checkpoint, read_manifest
 
     if not (directory / "adept_expansion.json").is_file() or read_manifest(directory)["expanded_layers"] != layers:
         expand_checkpoint(original, directory, layers, overwrite=True, show_progress=False)
@@ -174,7 +174,7 @@ def launch_ranks(name: str, command: list[str], result_dir: Path, num_procs: int
 
 def demo_expansion(output: Path, name: str, layers: str) -> tuple[Path, list[int], Path]:
     """(work dir `output/work/name`, the layers, the demo model expanded after `layers` ("12,14,16,17") in work/model)."""
-    from adept_ds.demo_model import fetch_demo_model
+    from adept_ds.model.demo_model import fetch_demo_model
 
     work = output / "work" / name
     work.mkdir(parents=True, exist_ok=True)
@@ -251,8 +251,8 @@ def main() -> None:
     from probe_cost import measure, random_llama_30l
     from transformers import AutoModelForCausalLM
 
-    from adept_ds.demo_model import fetch_demo_model
-    from adept_ds.expand import read_manifest
+    from adept_ds.model.demo_model import fetch_demo_model
+    from adept_ds.model.expand import read_manifest
 
     started = time.time()
     output = Path(args.output)

@@ -17,10 +17,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from adept_ds.config import load_run_config
-from adept_ds.distributed import AllGatherCounter
-from adept_ds.engine import Trainer
-from adept_ds.zeropp import describe as describe_zeropp
+from adept_ds.run.config import load_run_config
+from adept_ds.run.zeropp import describe as describe_zeropp
+from adept_ds.runtime.distributed import AllGatherCounter
+from adept_ds.training.engine import Trainer
+from adept_ds.training.resolve import resolve_run
 
 
 def _rss_mb() -> float:
@@ -54,7 +55,7 @@ def main() -> None:
     overrides = [item for item in overrides if item != "--save-checkpoint"]
     config = load_run_config(None, overrides)
     rss_mb = {"imports": _rss_mb()}
-    trainer = Trainer(config, show_progress=False)
+    trainer = Trainer(resolve_run(config, show_progress=False), show_progress=False)
     rss_mb["engine_ready"], rss_mb["peak_to_engine_ready"] = _rss_mb(), _peak_rss_mb()
     rss_mb["steps_start"] = _reset_peak_rss()
     if torch.cuda.is_available():

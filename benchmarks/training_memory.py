@@ -53,7 +53,7 @@ def loss_case(impl: str, dtype: str, head: str, shape: str) -> dict:
     """Forward + backward of one loss in this process: peak memory above what the inputs hold, and seconds."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from adept_ds.lm_loss import chunk_rows, chunked_cross_entropy
+    from adept_ds.model.lm_loss import chunk_rows, chunked_cross_entropy
 
     tokens, hidden_size, vocab = LOSS_SHAPES[shape][0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,7 +98,7 @@ def run_loss_cases() -> list[dict]:
 def run_engine(args) -> dict:
     from suite import expanded_model, run_ranks, summarise
 
-    from adept_ds.demo_model import fetch_demo_model
+    from adept_ds.model.demo_model import fetch_demo_model
 
     work = Path(args.output) / "work"
     original = fetch_demo_model()

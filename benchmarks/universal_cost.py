@@ -91,9 +91,9 @@ def small_window_config(work: Path) -> Path:
 def measure_size(name: str, work: Path) -> dict:
     from scale import build_model, train
 
-    from adept_ds.expand import expand_checkpoint
-    from adept_ds.train_checkpoints import newest_complete
-    from adept_ds.universal import conversion_workers
+    from adept_ds.model.expand import expand_checkpoint
+    from adept_ds.training.checkpoints import newest_complete
+    from adept_ds.training.universal import conversion_workers
 
     spec = SIZES[name]
     original = build_model(work / f"llama_{name}", **spec["shape"])
@@ -122,7 +122,7 @@ def measure_size(name: str, work: Path) -> dict:
         for leftover in checkpoint.parent.glob("universal-*"):
             shutil.rmtree(leftover)
         figures = measured(
-            "from pathlib import Path; from adept_ds.universal import convert",
+            "from pathlib import Path; from adept_ds.training.universal import convert",
             f"convert(Path({str(checkpoint.parent)!r}), {checkpoint.name!r}, {workers})",
         )
         universal = checkpoint.parent / f"universal-{checkpoint.name}"
@@ -134,7 +134,7 @@ def measure_size(name: str, work: Path) -> dict:
     export = work / f"export_{name}"
     shutil.rmtree(export, ignore_errors=True)
     figures = measured(
-        "from adept_ds.export import export_checkpoint",
+        "from adept_ds.training.export import export_checkpoint",
         f"export_checkpoint({str(checkpoint.parent)!r}, {checkpoint.name!r}, {str(model)!r}, {str(export)!r}, show_progress=False)",
     )
     figures["bytes"] = sum(f.stat().st_size for f in export.rglob("*") if f.is_file())

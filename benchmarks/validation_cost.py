@@ -22,8 +22,8 @@ from pathlib import Path
 
 from suite import BENCHMARKS, REPO, demo_expansion, machine, run_launcher, run_overrides, write_result
 
-from adept_ds.config import EvalConfig
-from adept_ds.run_log import read_records
+from adept_ds.run.config import EvalConfig
+from adept_ds.runtime.run_log import read_records
 
 TARGET = 0.03
 

@@ -5,9 +5,9 @@
 The demo model with 4 copies after `--layers`, trained by ADEPT on the demo's schedule (cosine, importance every
 steps/5) on 2 ranks under ZeRO-3, at the demo's lr 3e-4 and at 3e-5, nearer what 7B-70B runs use. The frozen
 backbone is sharded, so that qwZ has the backbone's gathers to quantize. Two runs per lr on the same data:
-train.zeropp=off and =qwz (benchmarks/qwz_rank.py). On CPU, qwZ runs through adept_ds.zeropp.TorchQuantizer, a
+train.zeropp=off and =qwz (benchmarks/qwz_rank.py). On CPU, qwZ runs through adept_ds.run.zeropp.TorchQuantizer, a
 stand-in for DeepSpeed's CUDA quantizer, so the seconds per step say nothing of the kernel's.
-Each export is scored on held-out general and domain perplexity and domain accuracy (adept_ds.evaluate), beside
+Each export is scored on held-out general and domain perplexity and domain accuracy (adept_ds.evaluation.evaluate), beside
 the bytes all-gathered per step. Also reported: the share of exact zeros in the copies' zero-initialised o_proj /
 down_proj as their forwards see them, which shows whether quantization keeps the copies from leaving zero.
 Writes benchmarks/results/zeropp_quantization-<device>.{json,md}.
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=29761)
     args = parser.parse_args()
 
-    from adept_ds.evaluate import evaluate_model
+    from adept_ds.evaluation.evaluate import evaluate_model
     from adept_ds.pipeline import DOMAIN_TEST, GENERAL_HELDOUT
 
     started = time.time()

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from adept_ds.distributed import threads_per_rank, usable_cpus
+from adept_ds.runtime.distributed import threads_per_rank, usable_cpus
 from adept_ds.train import main
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 @pytest.fixture(scope="session")
 def demo_model_dir():
     """The real offline demo model (SmolLM2-135M), built once per machine into the cache."""
-    from adept_ds.demo_model import fetch_demo_model
+    from adept_ds.model.demo_model import fetch_demo_model
 
     return fetch_demo_model()
 

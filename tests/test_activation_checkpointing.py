@@ -11,10 +11,10 @@ from tensor_memory import TensorMemory
 from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM
 
-from adept_ds.activation_checkpointing import checkpoint_layers, lowest_trainable_layer
-from adept_ds.families import get_family
-from adept_ds.lm_loss import use_chunked_loss
-from adept_ds.units import adept_units, full_model_units, set_trainable
+from adept_ds.model.families import get_family
+from adept_ds.model.lm_loss import use_chunked_loss
+from adept_ds.model.units import adept_units, full_model_units, set_trainable
+from adept_ds.training.activation_checkpointing import checkpoint_layers, lowest_trainable_layer
 
 LLAMA = get_family("llama")
 NUM_LAYERS = 6

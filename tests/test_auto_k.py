@@ -5,12 +5,12 @@ import pytest
 from PIL import Image
 from tiny_models import make_tiny_model
 
-from adept_ds.auto_k import choose_k, parameter_counts
-from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
 from adept_ds.cli import main as cli_main
-from adept_ds.expand import read_manifest
-from adept_ds.families import get_family
-from adept_ds.probe import PROBE_FORMAT
+from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
+from adept_ds.model.expand import read_manifest
+from adept_ds.model.families import get_family
+from adept_ds.probe.auto_k import choose_k, parameter_counts
+from adept_ds.probe.layers import PROBE_FORMAT
 
 # The demo model's mask probe (30 layers): median 0.296, threshold 0.148.
 DEMO_SCORES = [8.605, 3.843, 1.014, 0.232, 0.285, 0.172, 0.335, 0.236, 0.574, 0.306, 0.384, 2.487, 0.137, 0.157, 0.144]

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from adept_ds.config import load_run_config
-from adept_ds.ds_config import resolve_ds_config
-from adept_ds.families import decoder_layer_numel
+from adept_ds.model.families import decoder_layer_numel
+from adept_ds.run.config import load_run_config
+from adept_ds.run.ds_config import resolve_ds_config
 
 MODEL_CONFIG = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128}
 

@@ -12,13 +12,14 @@ import pytest
 from corpora import sentences, write_jsonl
 from tiny_models import build_byte_tokenizer
 
-from adept_ds import corpus as corpus_module
-from adept_ds import file_lock, token_store
-from adept_ds.config import load_run_config
-from adept_ds.corpus import read_documents
-from adept_ds.data import load_blocks
-from adept_ds.sampler import EpochPermutation, Mixture, sample_order
-from adept_ds.token_store import open_store, prepare_store
+from adept_ds.data import corpus as corpus_module
+from adept_ds.data import token_store
+from adept_ds.data.blocks import load_blocks
+from adept_ds.data.corpus import read_documents
+from adept_ds.data.sampler import EpochPermutation, Mixture, sample_order
+from adept_ds.data.token_store import open_store, prepare_store
+from adept_ds.run.config import load_run_config
+from adept_ds.runtime import file_lock
 
 
 def tokenizer_ids(tokenizer, texts: list[str]) -> list[int]:
@@ -94,7 +95,7 @@ def test_raw_corpus_cache_is_reused_and_keyed_by_block_size_and_content(tmp_path
     tokenizer = build_byte_tokenizer()
     calls = []
     real = token_store.prepare_store
-    monkeypatch.setattr("adept_ds.data.prepare_store", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr("adept_ds.data.blocks.prepare_store", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = load_blocks(corpus, tokenizer, 32, tmp_path / "cache")
     second = load_blocks(corpus, tokenizer, 32, tmp_path / "cache")
     assert len(calls) == 1 and (first[:] == second[:]).all()
@@ -159,7 +160,7 @@ PREPARE = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from tiny_models import build_byte_tokenizer
-    from adept_ds.token_store import prepare_store
+    from adept_ds.data.token_store import prepare_store
     # Ordered by files, not by timing: the first prepares once the second has imported everything, and the
     # second asks for the store once the first holds the lock.
     ready, lock = Path({output!r} + ".second-ready"), Path({output!r} + ".lock")

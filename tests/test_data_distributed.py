@@ -9,9 +9,9 @@ from distributed import run_deepspeed
 from train_setup import make_training_inputs, overrides
 from transformers import AutoTokenizer
 
-from adept_ds.run_log import read_records
-from adept_ds.sampler import Mixture
-from adept_ds.token_store import prepare_store
+from adept_ds.data.sampler import Mixture
+from adept_ds.data.token_store import prepare_store
+from adept_ds.runtime.run_log import read_records
 
 pytestmark = pytest.mark.dist
 MICRO, ACCUMULATION, WORLD = 2, 2, 2

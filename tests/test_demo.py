@@ -17,7 +17,7 @@ import pytest
 from distributed import run_command
 from installed import user_env
 
-from adept_ds.run_log import read_records
+from adept_ds.runtime.run_log import read_records
 
 pytestmark = [pytest.mark.dist, pytest.mark.e2e]
 

@@ -6,8 +6,8 @@ from model_checks import assert_function_preserved
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adept_ds.cli import main as cli_main
-from adept_ds.demo_model import fetch_demo_model
-from adept_ds.expand import read_manifest
+from adept_ds.model.demo_model import fetch_demo_model
+from adept_ds.model.expand import read_manifest
 
 pytestmark = pytest.mark.e2e
 

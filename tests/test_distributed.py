@@ -7,7 +7,7 @@ from distributed import free_port, read_rank_results, run_command, run_deepspeed
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from adept_ds.distributed import decided_by_rank_zero, init_distributed, shutdown_distributed
+from adept_ds.runtime.distributed import decided_by_rank_zero, init_distributed, shutdown_distributed
 
 
 @pytest.mark.dist

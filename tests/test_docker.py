@@ -23,8 +23,8 @@ from test_faults import assert_same_weights, logged_steps
 from test_launch import losses, two_node_hostfile
 from train_setup import make_training_inputs, overrides
 
-from adept_ds.config import load_run_config
-from adept_ds.train_checkpoints import incomplete_reason
+from adept_ds.run.config import load_run_config
+from adept_ds.training.checkpoints import incomplete_reason
 
 REPO = Path(__file__).parent.parent
 DOCKER = REPO / "docker"

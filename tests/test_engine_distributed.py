@@ -10,13 +10,13 @@ from model_checks import load_state
 from train_setup import REPO, make_training_inputs, overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adept_ds.data import load_blocks
-from adept_ds.expand import read_manifest
-from adept_ds.export import export_checkpoint
-from adept_ds.families import family_of
-from adept_ds.run_log import read_records
-from adept_ds.sampler import sample_order
-from adept_ds.units import adept_units
+from adept_ds.data.blocks import load_blocks
+from adept_ds.data.sampler import sample_order
+from adept_ds.model.expand import read_manifest
+from adept_ds.model.families import family_of
+from adept_ds.model.units import adept_units
+from adept_ds.runtime.run_log import read_records
+from adept_ds.training.export import export_checkpoint
 
 pytestmark = pytest.mark.dist
 
@@ -120,7 +120,7 @@ def _tensor_bytes(value) -> int:
 
 
 def test_checkpoints_hold_only_what_trains_and_name_their_backbone(trained):
-    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
 
     inputs, run_dir, _ = trained
     checkpoint = run_dir / "checkpoints" / "step00000006"
@@ -341,8 +341,8 @@ def test_streamed_export_rewrites_only_trained_shards_and_keeps_the_dtype(traine
 
 
 def _write_probe(path, model_dir, scores):
-    from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
-    from adept_ds.probe import PROBE_FORMAT
+    from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.probe.layers import PROBE_FORMAT
 
     fingerprint = fingerprint_checkpoint(open_checkpoint(model_dir))
     path.write_text(
@@ -359,7 +359,7 @@ EACH_METHOD = ("pt_full", "llama_pro", "adept_no_stage1", "adept_no_stage2")
 @pytest.fixture(scope="module")
 def each_method(trained, tmp_path_factory):
     """Every other method trained in one 2-rank job (tests/scripts/train_each.py): {method: (model, run_dir)}."""
-    from adept_ds.expand import expand_checkpoint, uniform_layers
+    from adept_ds.model.expand import expand_checkpoint, uniform_layers
 
     inputs, _, _ = trained
     root = tmp_path_factory.mktemp("each_method")
@@ -406,8 +406,8 @@ def test_each_method_trains_exactly_its_tensors_and_exports(each_method, method)
 
 
 def test_the_planner_predicts_the_checkpoint_bytes_exactly(trained):
-    from adept_ds.config import load_run_config
-    from adept_ds.plan import model_shape, plan_run
+    from adept_ds.run.config import load_run_config
+    from adept_ds.run.plan import model_shape, plan_run
 
     inputs, run_dir, _ = trained
     config = load_run_config(None, overrides(inputs, run_dir))

@@ -9,7 +9,7 @@ from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adept_ds.cli import main as cli_main
-from adept_ds.evaluate import DEFAULT_PROMPT, corpus_loss, evaluate_model, extract_answer, qa_accuracy, run_lm_eval
+from adept_ds.evaluation.evaluate import DEFAULT_PROMPT, corpus_loss, evaluate_model, extract_answer, qa_accuracy, run_lm_eval
 
 
 def test_extract_answer():

@@ -8,11 +8,11 @@ from model_checks import assert_function_preserved, load_state
 from tiny_models import make_tiny_model
 from transformers import AutoTokenizer
 
-from adept_ds import expand as expand_module
-from adept_ds.checkpoint import fingerprint_checkpoint, open_checkpoint
 from adept_ds.cli import main as cli_main
-from adept_ds.expand import MANIFEST_NAME, expand_checkpoint, plan_expansion, read_manifest
-from adept_ds.probe import PROBE_FORMAT
+from adept_ds.model import expand as expand_module
+from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
+from adept_ds.model.expand import MANIFEST_NAME, expand_checkpoint, plan_expansion, read_manifest
+from adept_ds.probe.layers import PROBE_FORMAT
 
 
 def assert_no_leftovers(parent: Path, output: Path) -> None:
@@ -323,7 +323,7 @@ def test_cli_argument_errors(tmp_path, tiny, capsys):
 
 
 def test_uniform_placement_is_llama_pros(tmp_path, tiny):
-    from adept_ds.expand import uniform_layers
+    from adept_ds.model.expand import uniform_layers
 
     assert uniform_layers(30, 4) == [6, 14, 21, 29]
     assert uniform_layers(4, 2) == [1, 3] and uniform_layers(4, 4) == [0, 1, 2, 3]

@@ -17,10 +17,10 @@ from tiny_models import make_tiny_model
 from train_setup import REPO
 from transformers import AutoModelForCausalLM
 
-from adept_ds.checkpoint import open_checkpoint
-from adept_ds.expand import expand_checkpoint, read_manifest
+from adept_ds.model.checkpoint import open_checkpoint
+from adept_ds.model.expand import expand_checkpoint, read_manifest
 
-IMPORTS = "import re, torch, safetensors.torch, deepspeed.utils.zero_to_fp32, adept_ds.export"
+IMPORTS = "import re, torch, safetensors.torch, deepspeed.utils.zero_to_fp32, adept_ds.training.export"
 MEASURE = """
 def status(key):
     return 1024 * int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
@@ -82,7 +82,7 @@ def test_export_peak_memory_is_one_shard_plus_the_trained_tensors(tmp_path):
 
     trained_numels = [t.numel() for name, t in load_state(expanded).items() if name.startswith(copy)]
     trained_fp32, assembling = 4 * sum(trained_numels), 1.5 * 4 * max(trained_numels)
-    export = f"adept_ds.export.export_checkpoint('{run}/checkpoints', None, '{expanded}', '{tmp_path}/out', show_progress=False)"
+    export = f"adept_ds.training.export.export_checkpoint('{run}/checkpoints', None, '{expanded}', '{tmp_path}/out', show_progress=False)"
     start, peak = _rss_during(export)
     bound = start + largest_shard + trained_fp32 + assembling + 16 * 2**20
     mib = 2**20

@@ -3,7 +3,7 @@ import torch
 from tiny_models import CONFIG_CLASSES, tiny_config
 from transformers import AutoModelForCausalLM
 
-from adept_ds.families import FAMILIES, get_family
+from adept_ds.model.families import FAMILIES, get_family
 
 
 def test_unsupported_family_names_the_supported_ones():

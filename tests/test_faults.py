@@ -27,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from train_setup import REPO, make_training_inputs, overrides
 from transformers import AutoTokenizer
 
-from adept_ds.data import load_blocks
-from adept_ds.faults import RankRegistry
-from adept_ds.run_log import read_records
-from adept_ds.sampler import sample_order
-from adept_ds.train_checkpoints import COMPLETE_MARKER, incomplete_reason
+from adept_ds.data.blocks import load_blocks
+from adept_ds.data.sampler import sample_order
+from adept_ds.runtime.faults import RankRegistry
+from adept_ds.runtime.run_log import read_records
+from adept_ds.training.checkpoints import COMPLETE_MARKER, incomplete_reason
 
 pytestmark = pytest.mark.dist
 
@@ -326,7 +326,7 @@ def test_nonfinite_loss_with_stop_policy_saves_the_state_before_it_and_exits(poi
 
 
 def test_a_truncated_checkpoint_file_makes_it_incomplete(reference, tmp_path):
-    from adept_ds.train_checkpoints import newest_complete
+    from adept_ds.training.checkpoints import newest_complete
 
     _, reference_dir = reference
     checkpoints = tmp_path / "checkpoints"
@@ -340,8 +340,8 @@ def test_a_truncated_checkpoint_file_makes_it_incomplete(reference, tmp_path):
 
 
 def test_a_failed_export_leaves_the_previous_export_untouched(reference, tmp_path, monkeypatch):
-    import adept_ds.export
-    from adept_ds.export import export_checkpoint
+    import adept_ds.training.export
+    from adept_ds.training.export import export_checkpoint
 
     inputs, reference_dir = reference
     output = tmp_path / "export"
@@ -352,7 +352,7 @@ def test_a_failed_export_leaves_the_previous_export_untouched(reference, tmp_pat
         Path(filename).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(adept_ds.export, "save_file", disk_full)
+    monkeypatch.setattr(adept_ds.training.export, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         export_checkpoint(reference_dir / "checkpoints", "step00000024", inputs["expanded"], output)
     after = load_state(output)

@@ -16,12 +16,12 @@ from model_checks import load_state
 from tiny_models import make_tiny_model
 from train_setup import REPO, overrides
 
-from adept_ds.config import load_run_config
-from adept_ds.ds_config import DEEPSPEED_WINDOW, WINDOW_LAYERS
-from adept_ds.expand import expand_checkpoint
-from adept_ds.families import decoder_layer_numel
-from adept_ds.frozen_weights import choose_layout
-from adept_ds.plan import model_shape, plan_run
+from adept_ds.model.expand import expand_checkpoint
+from adept_ds.model.families import decoder_layer_numel
+from adept_ds.run.config import load_run_config
+from adept_ds.run.ds_config import DEEPSPEED_WINDOW, WINDOW_LAYERS
+from adept_ds.run.memory_layout import choose_layout
+from adept_ds.run.plan import model_shape, plan_run
 
 pytestmark = pytest.mark.dist
 
@@ -179,7 +179,7 @@ def test_hpz_keeps_the_frozen_backbone_inside_a_node_after_the_first_step(layout
 
 
 def test_qwz_gathers_int8_and_trains_checkpoints_and_exports(layouts):
-    """ZeRO++ qwZ on 2 ranks (CPU: DeepSpeed's own qwZ path, with adept_ds.zeropp.TorchQuantizer as its quantizer):
+    """ZeRO++ qwZ on 2 ranks (CPU: DeepSpeed's own qwZ path, with adept_ds.run.zeropp.TorchQuantizer as its quantizer):
     a step gathers every weight once as int8 plus a scale per group, a quarter of fp32's bytes; the losses follow
     the exact run's within the quantization error; a checkpoint continues the run exactly; the export holds the
     exact fp32 masters, and the frozen weights as they were."""

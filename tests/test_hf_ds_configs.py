@@ -12,7 +12,7 @@ from distributed import run_deepspeed
 from test_config import HF_ZERO3, LLAMA_FACTORY_ZERO2
 from train_setup import REPO, make_training_inputs, overrides
 
-from adept_ds.run_log import read_records
+from adept_ds.runtime.run_log import read_records
 
 pytestmark = pytest.mark.dist
 

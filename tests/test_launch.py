@@ -19,8 +19,8 @@ from distributed import free_port, run_command
 from model_checks import load_state
 from train_setup import REPO, make_training_inputs, overrides
 
-from adept_ds.config import load_run_config
-from adept_ds.run_log import read_records
+from adept_ds.run.config import load_run_config
+from adept_ds.runtime.run_log import read_records
 
 pytestmark = pytest.mark.dist
 
@@ -164,7 +164,7 @@ def test_torchrun_matches_one_node(setup, reference):
     ids=["openmpi", "mpich", "deepspeed", "torchrun"],
 )
 def test_discover_ranks_reads_every_launchers_names(monkeypatch, launcher, expected):
-    from adept_ds.distributed import discover_ranks
+    from adept_ds.runtime.distributed import discover_ranks
 
     for name in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"]:
         monkeypatch.delenv(name, raising=False)

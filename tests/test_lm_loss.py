@@ -11,9 +11,9 @@ from tensor_memory import TensorMemory
 from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM
 
-import adept_ds.lm_loss as lm_loss
-from adept_ds.families import get_family
-from adept_ds.lm_loss import chunk_rows, chunked_cross_entropy, use_chunked_loss
+import adept_ds.model.lm_loss as lm_loss
+from adept_ds.model.families import get_family
+from adept_ds.model.lm_loss import chunk_rows, chunked_cross_entropy, use_chunked_loss
 
 VOCAB = 4096
 HIDDEN = 16  # the head weight (vocab x 16) is smaller than 32 tokens' logits

@@ -2,8 +2,8 @@ import pytest
 import torch
 from deepspeed.runtime import lr_schedules
 
-from adept_ds.config import SCHEDULERS, SchedulerConfig
-from adept_ds.lr import ScaledScheduler, Schedule, build_base_scheduler, lr_scales
+from adept_ds.run.config import SCHEDULERS, SchedulerConfig
+from adept_ds.training.lr import ScaledScheduler, Schedule, build_base_scheduler, lr_scales
 
 
 def test_linear_rule_is_the_papers():
@@ -89,7 +89,7 @@ NAMES = ["layer3.self_attn.q_proj", "layer3.input_layernorm", "layer5.self_attn.
 
 
 def test_normalisations_follow_their_formulas():
-    from adept_ds.lr import normalised_importance
+    from adept_ds.training.lr import normalised_importance
 
     importance = [1e-7, 1e-5, 3e-7, 2e-5]  # projections tiny, norms large: the demo's pattern
     low, high = min(importance), max(importance)
@@ -117,7 +117,7 @@ def test_normalisations_follow_their_formulas():
     ],
 )
 def test_bad_importance_settings_are_refused_with_the_choices(override, message):
-    from adept_ds.config import load_run_config
+    from adept_ds.run.config import load_run_config
 
     with pytest.raises(ValueError, match=message):
         load_run_config(None, [override])

@@ -15,8 +15,8 @@ import torch
 from tiny_models import make_tiny_model, tiny_config
 from train_setup import REPO
 
-from adept_ds.config import load_run_config
-from adept_ds.plan import GPU_RESERVE_BYTES, layer_activation_bytes, model_shape, plan_run
+from adept_ds.run.config import load_run_config
+from adept_ds.run.plan import GPU_RESERVE_BYTES, layer_activation_bytes, model_shape, plan_run
 
 SHAPES = REPO / "launch" / "configs" / "shapes"
 
@@ -143,7 +143,7 @@ def test_plan_refuses_bad_input(tmp_path):
 
 
 def test_a_run_that_fits_without_checkpointing_is_told_it_can_go_faster():
-    from adept_ds.plan import suggestions
+    from adept_ds.run.plan_report import suggestions
 
     config = _config(SHAPES / "llama-3-8b", "data.block_size=4096", "train.micro_batch_size=1", "train.activation_checkpointing=true")
     shape = model_shape(config, k=8)

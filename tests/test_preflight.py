@@ -9,8 +9,8 @@ import pytest
 from train_setup import REPO, make_training_inputs, overrides
 
 from adept_ds.cli import main as cli_main
-from adept_ds.expand import MANIFEST_NAME
-from adept_ds.preflight import read_hostfile
+from adept_ds.model.expand import MANIFEST_NAME
+from adept_ds.run.hostfile import read_hostfile
 from adept_ds.train import main as train_main
 
 
@@ -102,7 +102,7 @@ def test_a_manifest_from_another_model_is_refused(inputs, tmp_path, capsys):
 
 
 def test_a_probe_file_from_another_model_is_refused(inputs, tmp_path, capsys):
-    from adept_ds.probe import write_probe_result
+    from adept_ds.probe.layers import write_probe_result
 
     probe = tmp_path / "probe.json"
     result = {"format": "adept_ds.probe/1", "method": "mask", "scores": [0.1, 0.2, 0.3, 0.4], "base_loss": 5.0}
@@ -146,8 +146,16 @@ def test_check_says_what_validation_holds_out_and_refuses_a_split_that_leaves_to
     assert code == 0, output
     assert f"validation: every 100 steps, 8 blocks per corpus; general: the last blocks of {inputs['general']}" in output
     assert f"domain: the last blocks of {inputs['domain']}, not trained on" in output
+    # The trainer's own split and words: the general corpus's tail first (the importance probe keeps what precedes it),
     code, output = check(capsys, *run, "eval.max_tokens=100000000")
-    assert code == 2 and "holding out 3125000 for validation leaves 0, fewer than one global batch (2)" in output, output
+    assert code == 2 and "data.general=" in output and "holding out 3125000 for validation leaves 0, fewer than the 1 needed" in output, (
+        output
+    )
+    # then the domain's, which must leave one global batch.
+    code, output = check(capsys, *run, "eval.max_tokens=100000000", f"data.general_eval={inputs['general']}")
+    assert code == 2 and "data.domain=" in output and "holding out 3125000 for validation leaves 0, fewer than the 2 needed" in output, (
+        output
+    )
 
 
 def test_a_block_longer_than_the_models_positions_is_refused_unless_rope_is_scaled(inputs, tmp_path, capsys):
@@ -177,3 +185,35 @@ def test_a_login_node_without_gpus_checks_the_gpu_job_its_hostfile_describes(inp
     code = cli_main(["check", "--skip-data", "--device", "cpu", *map(str, run)])
     err = capsys.readouterr().err
     assert code == 2 and "bf16 is enabled but this run is on CPU" in err and "[checked for CPU ranks: --device cpu]" in err
+
+
+def test_a_run_is_resolved_once_into_a_frozen_record_that_check_prints_and_the_trainer_takes(inputs, tmp_path, capsys):
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.model.units import adept_units
+    from adept_ds.run.config import load_run_config
+    from adept_ds.training.resolve import resolve_run
+
+    config = load_run_config(None, [*map(str, overrides(inputs, tmp_path / "run", **{"eval.interval": 2, "train.epochs": 0.5}))])
+    run = resolve_run(config, 2, False, memory=8 * 2**30)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.world_size = 4
+    # The run as it will run: its length from the corpus (0.5 epoch of the blocks training draws), the DeepSpeed
+    # config complete for 2 ranks, the layout planned for the memory given, the copies' units.
+    trained = sum(run.data.domain_sizes)
+    assert run.config.train.max_steps == -(-trained // 2 // 4) and config.train.max_steps == 6
+    assert run.ds_config["train_batch_size"] == 4 and run.layout.memory == 8 * 2**30 and run.plan.world_size == 2
+    assert run.trainable_layers == (2, 4) and run.data.held_out and len(run.data.domain[0]) - trained == run.data.held_out[1].count
+    model = AutoModelForCausalLM.from_pretrained(inputs["expanded"])
+    assert run.unit_names == [unit.name for unit in adept_units(model, run.family, list(run.trainable_layers))]
+    assert run.resume.backbone["method"] == "adept" and run.resume.backbone["backbone_fingerprint"] == fingerprint_checkpoint(
+        open_checkpoint(inputs["expanded"])
+    )
+    # Another memory re-plans only the layout, as the trainer does for the smallest memory of any rank.
+    small = run.for_memory(2**20)
+    assert small.layout.memory == 2**20 and "does not fit" in small.layout.note and small.data is run.data
+    code, output = check(capsys, "--num-gpus", 2, *overrides(inputs, tmp_path / "run"))
+    assert code == 0 and f"units: {len(run.unit_names)} trainable (layer2.self_attn.q_proj, " in output, output

@@ -10,10 +10,9 @@ from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from adept_ds.cli import main as cli_main
-from adept_ds.expand import read_manifest
-from adept_ds.families import family_of
-from adept_ds.mask_probe import bypass_layer, default_chunk_layers, mask_loss_sums, naive_mask_loss_sums
-from adept_ds.probe import (
+from adept_ds.model.expand import read_manifest
+from adept_ds.model.families import family_of
+from adept_ds.probe.layers import (
     PROBE_FORMAT,
     loss_sum,
     plain_runtime,
@@ -23,6 +22,7 @@ from adept_ds.probe import (
     read_probe_result,
     shard_batches,
 )
+from adept_ds.probe.mask import bypass_layer, default_chunk_layers, mask_loss_sums, naive_mask_loss_sums
 
 
 def mean_loss(model, batches):

@@ -7,9 +7,9 @@ from tiny_models import make_tiny_model
 from transformers import AutoTokenizer
 
 from adept_ds.cli import main as cli_main
-from adept_ds.data import load_blocks
-from adept_ds.probe import read_probe_result
-from adept_ds.probe_corpus import batch_seed, make_probe_corpus
+from adept_ds.data.blocks import load_blocks
+from adept_ds.probe.corpus import batch_seed, make_probe_corpus
+from adept_ds.probe.layers import read_probe_result
 
 # Small enough for a few generate calls of the tiny model: 4 documents of at most 24 tokens a batch.
 SIZES = {"num_tokens": 150, "batch_size": 4, "max_new_tokens": 24, "show_progress": False}

@@ -6,8 +6,9 @@ from distributed import REPO_DIR, read_rank_results, run_deepspeed
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from adept_ds.families import family_of
-from adept_ds.probe import plain_runtime, probe_model, probe_scores, read_probe_result, shard_batches
+from adept_ds.model.families import family_of
+from adept_ds.probe.layers import probe_model, probe_scores, read_probe_result, shard_batches
+from adept_ds.probe.runtime import plain_runtime
 
 pytestmark = pytest.mark.dist
 

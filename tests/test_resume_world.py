@@ -17,8 +17,8 @@ from distributed import run_deepspeed
 from model_checks import load_state
 from train_setup import REPO, make_training_inputs, overrides
 
-from adept_ds.lr import lr_scales
-from adept_ds.run_log import read_records
+from adept_ds.runtime.run_log import read_records
+from adept_ds.training.lr import lr_scales
 
 pytestmark = pytest.mark.dist
 
@@ -135,7 +135,7 @@ def test_zero2_resumes_at_another_world_size(uninterrupted, tmp_path):
 
 def test_an_interrupted_conversion_is_redone_and_a_finished_one_reused(uninterrupted, tmp_path):
     inputs, runs, root = uninterrupted
-    from adept_ds.universal import MARKER, convert
+    from adept_ds.training.universal import MARKER, convert
 
     directory = tmp_path / "checkpoints"
     shutil.copytree(runs["adept", 2] / "checkpoints" / "step00000004", directory / "step00000004")
@@ -150,9 +150,9 @@ def test_an_interrupted_conversion_is_redone_and_a_finished_one_reused(uninterru
 
 
 def test_a_world_size_that_cannot_keep_the_global_batch_is_refused(tmp_path):
-    from adept_ds.config import load_run_config
-    from adept_ds.train_checkpoints import mark_complete
-    from adept_ds.universal import keep_global_batch
+    from adept_ds.run.config import load_run_config
+    from adept_ds.training.checkpoints import mark_complete
+    from adept_ds.training.universal import keep_global_batch
 
     checkpoint = tmp_path / "checkpoints" / "step00000002"
     checkpoint.mkdir(parents=True)
@@ -170,7 +170,7 @@ def test_conversion_workers_follow_cores_rank_files_and_memory(tmp_path, monkeyp
     """One worker per rank file at most, as many as this process's cores, and two rank files of memory each."""
     import psutil
 
-    from adept_ds import universal
+    from adept_ds.training import universal
 
     for rank in range(8):
         (tmp_path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 1000)

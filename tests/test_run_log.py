@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from adept_ds.report import plot_losses, plot_validation, validation_records, write_report
-from adept_ds.run_log import RECORD_KINDS, RunLog, last_per_step, read_records, record_kind
+from adept_ds.evaluation.report import plot_losses, write_report
+from adept_ds.runtime.run_log import RECORD_KINDS, RunLog, last_per_step, read_records, record_kind
+from adept_ds.training.validation import plot_validation, validation_records
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -13,9 +13,9 @@ from train_setup import REPO, make_training_inputs, overrides
 from transformers import AutoTokenizer
 
 from adept_ds.cli import main as cli_main
-from adept_ds.data import load_blocks
-from adept_ds.lr import schedule_factor
-from adept_ds.run_log import read_records
+from adept_ds.data.blocks import load_blocks
+from adept_ds.runtime.run_log import read_records
+from adept_ds.training.lr import schedule_factor
 
 pytestmark = pytest.mark.dist
 

@@ -8,8 +8,8 @@ import pytest
 from distributed import read_rank_results, run_deepspeed
 from train_setup import make_training_inputs, overrides
 
-from adept_ds.config import load_run_config
-from adept_ds.ds_config import resolve_ds_config
+from adept_ds.run.config import load_run_config
+from adept_ds.run.ds_config import resolve_ds_config
 
 MODEL_CONFIG = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}  # SmolLM2-135M
 

@@ -11,10 +11,10 @@ import pytest
 from distributed import read_rank_results, run_deepspeed
 from train_setup import make_training_inputs, overrides
 
-from adept_ds.config import load_run_config
-from adept_ds.ds_config import DEEPSPEED_WINDOW
-from adept_ds.expand import expand_checkpoint
-from adept_ds.plan import GIB, model_shape, plan_run
+from adept_ds.model.expand import expand_checkpoint
+from adept_ds.run.config import load_run_config
+from adept_ds.run.ds_config import DEEPSPEED_WINDOW
+from adept_ds.run.plan import GIB, model_shape, plan_run
 
 pytestmark = pytest.mark.dist
 REPO = Path(__file__).parent.parent

@@ -2,7 +2,7 @@
 
 import pytest
 
-from adept_ds.study import aggregate, markdown_table, pareto_front, plot_tradeoff, run_result
+from adept_ds.evaluation.study import aggregate, markdown_table, pareto_front, plot_tradeoff, run_result
 
 
 def result(variant, seed, general, domain, accuracy):

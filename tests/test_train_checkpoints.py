@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from adept_ds.train_checkpoints import (
+from adept_ds.training.checkpoints import (
     COMPLETE_MARKER,
     LATEST,
     check_same_run,

@@ -12,7 +12,7 @@ from corpora import sentences, write_jsonl
 from tiny_models import make_tiny_model
 
 from adept_ds.cli import main, without_local_rank
-from adept_ds.config import SHIPPED_DS_CONFIGS, load_run_config
+from adept_ds.run.config import SHIPPED_DS_CONFIGS, load_run_config
 
 
 @pytest.mark.parametrize(

@@ -18,14 +18,14 @@ from model_checks import load_state
 from train_setup import REPO, make_training_inputs, overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adept_ds.config import load_run_config
-from adept_ds.data import load_blocks
-from adept_ds.evaluate import corpus_loss
-from adept_ds.export import export_checkpoint
-from adept_ds.guard import EXIT_GUARD, best_checkpoint, roll_back_to
-from adept_ds.run_log import read_records
-from adept_ds.train_checkpoints import LATEST, mark_complete, newest_complete, prune, saved_steps
-from adept_ds.validation import validation_blocks
+from adept_ds.data.blocks import load_blocks
+from adept_ds.evaluation.evaluate import corpus_loss
+from adept_ds.run.config import load_run_config
+from adept_ds.runtime.run_log import read_records
+from adept_ds.training.checkpoints import LATEST, mark_complete, newest_complete, prune, saved_steps
+from adept_ds.training.export import export_checkpoint
+from adept_ds.training.guard import EXIT_GUARD, best_checkpoint, roll_back_to
+from adept_ds.training.validation import validation_blocks
 
 pytestmark = pytest.mark.dist
 TRAIN = REPO / "launch" / "train.py"
@@ -162,7 +162,7 @@ def test_validation_size_and_bad_settings_are_explained(inputs):
 
 
 def test_held_out_sets_are_the_given_corpora_or_the_training_corpora_tails(inputs):
-    from adept_ds.validation import held_out_sets
+    from adept_ds.training.validation import held_out_sets
 
     tokenizer = AutoTokenizer.from_pretrained(inputs["expanded"])
     base = overrides(inputs, inputs["root"] / "unused", **{"eval.interval": 100})

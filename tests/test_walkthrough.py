@@ -15,8 +15,8 @@ from distributed import REPO_DIR, run_command
 from installed import install_package, user_env
 from tiny_models import make_tiny_model
 
-from adept_ds.config import load_run_config
-from adept_ds.run_log import read_records
+from adept_ds.run.config import load_run_config
+from adept_ds.runtime.run_log import read_records
 
 pytestmark = [pytest.mark.dist, pytest.mark.e2e]
 

@@ -12,10 +12,10 @@ from test_config import MODEL_CONFIG, write
 from test_plan import SHAPES, plan_cli
 from train_setup import REPO
 
-from adept_ds.config import load_run_config
-from adept_ds.ds_config import resolve_ds_config
-from adept_ds.plan import model_shape, plan_run
-from adept_ds.zeropp import TorchQuantizer, describe
+from adept_ds.run.config import load_run_config
+from adept_ds.run.ds_config import resolve_ds_config
+from adept_ds.run.plan import model_shape, plan_run
+from adept_ds.run.zeropp import TorchQuantizer, describe
 
 ZERO3 = {"zero_optimization": {"stage": 3}}
 
@@ -161,7 +161,7 @@ def test_the_node_size_comes_from_the_launcher(monkeypatch):
     place: LOCAL_WORLD_SIZE (set by discover_ranks for every launcher), else DeepSpeed's LOCAL_SIZE."""
     import os
 
-    from adept_ds.distributed import local_world_size, threads_per_rank
+    from adept_ds.runtime.distributed import local_world_size, threads_per_rank
 
     for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 from corpora import sentences, write_jsonl
 from tiny_models import make_tiny_model
 
-from adept_ds.expand import expand_checkpoint
+from adept_ds.model.expand import expand_checkpoint
 
 REPO = Path(__file__).parent.parent
 

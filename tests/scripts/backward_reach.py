@@ -9,13 +9,14 @@ from pathlib import Path
 
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-from adept_ds.config import load_run_config
-from adept_ds.engine import Trainer
-from adept_ds.families import decoder_layer_numel
+from adept_ds.model.families import decoder_layer_numel
+from adept_ds.run.config import load_run_config
+from adept_ds.training.engine import Trainer
+from adept_ds.training.resolve import resolve_run
 
 out_dir, *overrides = sys.argv[1:]
 config = load_run_config(None, overrides)
-trainer = Trainer(config, show_progress=False)
+trainer = Trainer(resolve_run(config, show_progress=False), show_progress=False)
 reached = set()
 model = trainer.engine.module
 layers = trainer.family.decoder_layers(model)
@@ -44,7 +45,7 @@ report = {
     "rank": trainer.rank,
     "backward_layers": sorted(reached),
     "forward_calls": forward_calls,
-    "copied_layers": trainer.manifest["copied_layers"],
+    "copied_layers": list(trainer.run.manifest["copied_layers"]),
     "num_layers": len(layers),
     "requires_grad": sorted(n for n, p in trainer.engine.module.named_parameters() if p.requires_grad),
     "optimizer_partition_elements": state_elements,

@@ -17,7 +17,7 @@ import deepspeed.comm
 import torch
 import torch.distributed
 
-import adept_ds.engine
+import adept_ds.training.engine
 
 COLLECTIVES = (
     "all_reduce",
@@ -95,8 +95,8 @@ for module in (torch.distributed, deepspeed.comm):
     for name in COLLECTIVES:
         if callable(getattr(module, name, None)):
             setattr(module, name, counted(name, getattr(module, name)))
-adept_ds.engine.local_share = reading(adept_ds.engine.local_share, ends_recompute=False)
-adept_ds.engine.unit_importance = reading(adept_ds.engine.unit_importance, ends_recompute=True)
+adept_ds.training.engine.local_share = reading(adept_ds.training.engine.local_share, ends_recompute=False)
+adept_ds.training.engine.unit_importance = reading(adept_ds.training.engine.unit_importance, ends_recompute=True)
 
 counts_dir, *train_argv = sys.argv[1:]
 train_run = Path(__file__).with_name("train_run.py")

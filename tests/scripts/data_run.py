@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-import adept_ds.engine as engine
-from adept_ds.config import load_run_config
+import adept_ds.training.engine as engine
+from adept_ds.run.config import load_run_config
+from adept_ds.training.resolve import resolve_run
 
 out_dir, *rest = sys.argv[1:]
 resume = "--resume" in rest
@@ -19,7 +20,7 @@ config = load_run_config(None, [item for item in rest if item != "--resume"])
 trained_on = []
 gather = engine.gather_blocks
 engine.gather_blocks = lambda stores, pairs: trained_on.append([list(p) for p in pairs]) or gather(stores, pairs)
-trainer = engine.Trainer(config, resume=resume, show_progress=False)
+trainer = engine.Trainer(resolve_run(config, resume=resume, show_progress=False), show_progress=False)
 trainer.train()
 world = torch.distributed.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
 record = {

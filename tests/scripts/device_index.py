@@ -1,4 +1,4 @@
-"""Which GPU each rank takes (adept_ds.distributed.device_index), from the environment its launcher gave it.
+"""Which GPU each rank takes (adept_ds.runtime.distributed.device_index), from the environment its launcher gave it.
 
 No GPU here: the visible count is simulated from CUDA_VISIBLE_DEVICES, as the CUDA runtime derives it."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from adept_ds.distributed import device_index, discover_ranks
+from adept_ds.runtime.distributed import device_index, discover_ranks
 
 discover_ranks()
 torch.cuda.device_count = lambda: len(os.environ["CUDA_VISIBLE_DEVICES"].split(","))

@@ -12,7 +12,7 @@ import torch.distributed as dist
 for name in [n for n in os.environ if n.startswith("OMPI_COMM_WORLD_") or n.startswith("MASTER_")]:
     del os.environ[name]
 
-from adept_ds.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from adept_ds.runtime.distributed import init_distributed, shutdown_distributed  # noqa: E402
 
 rank, world_size = init_distributed()
 total = torch.tensor([float(rank)])

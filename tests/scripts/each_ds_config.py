@@ -8,24 +8,17 @@ import json
 import sys
 from pathlib import Path
 
-import adept_ds.engine
-from adept_ds.config import load_run_config
-from adept_ds.distributed import shutdown_distributed
-from adept_ds.engine import Trainer
-from adept_ds.preflight import preflight
-
-
-def preflight_as_on_a_gpu(config, world_size, gpu):
-    return preflight(config, world_size, True)
-
+from adept_ds.run.config import load_run_config
+from adept_ds.runtime.distributed import shutdown_distributed
+from adept_ds.training.engine import Trainer
+from adept_ds.training.resolve import resolve_run
 
 out_dir, ds_configs, *overrides = sys.argv[1:]
 first_loss, rank = {}, 0
 for ds_config in ds_configs.split(","):
     name = Path(ds_config).stem
-    adept_ds.engine.preflight = preflight_as_on_a_gpu if name.endswith("_bf16") else preflight
     config = load_run_config(None, [*overrides, f"deepspeed={ds_config}", f"output_dir={out_dir}/{name}"])
-    trainer = Trainer(config, show_progress=False)
+    trainer = Trainer(resolve_run(config, gpu=True if name.endswith("_bf16") else None, show_progress=False), show_progress=False)
     model_dtype, grad_accum_dtype = trainer.engine.get_data_types()
     first_loss[name] = {"loss": trainer.train()[0], "stage": trainer.stage, "dtypes": [str(model_dtype), str(grad_accum_dtype)]}
     rank = trainer.rank

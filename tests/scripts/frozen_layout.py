@@ -7,15 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from adept_ds.config import load_run_config
-from adept_ds.distributed import AllGatherCounter
-from adept_ds.engine import Trainer
-from adept_ds.export import export_checkpoint
-from adept_ds.train_checkpoints import CHECKPOINT_DIR
+from adept_ds.run.config import load_run_config
+from adept_ds.runtime.distributed import AllGatherCounter
+from adept_ds.training.checkpoints import CHECKPOINT_DIR
+from adept_ds.training.engine import Trainer
+from adept_ds.training.export import export_checkpoint
+from adept_ds.training.resolve import resolve_run
 
 out_dir, *overrides = sys.argv[1:]
 config = load_run_config(None, overrides)
-trainer = Trainer(config, show_progress=False)
+trainer = Trainer(resolve_run(config, show_progress=False), show_progress=False)
 model = trainer.engine.module
 partitioned = {name: [p.ds_numel, p.ds_tensor.numel()] for name, p in model.named_parameters()}
 hpz_ranks = trainer.ds_config["zero_optimization"].get("zero_hpz_partition_size", 1)

@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from adept_ds.config import load_run_config
-from adept_ds.engine import Trainer
+from adept_ds.run.config import load_run_config
+from adept_ds.training.engine import Trainer
+from adept_ds.training.resolve import resolve_run
 
 out_dir, *overrides = sys.argv[1:]
 report = {}
@@ -18,7 +19,7 @@ variants = json.loads(os.environ.get("VARIANTS", '{"": []}'))
 runs = [(f"{name}/{kind}" if name else kind, extra, kind) for name, extra in variants.items() for kind in kinds]
 for label, extra, kind in runs:
     config = load_run_config(None, [*overrides, *extra, f"scheduler.type={kind}", f"output_dir={out_dir}/{label}"])
-    trainer = Trainer(config, show_progress=False)
+    trainer = Trainer(resolve_run(config, show_progress=False), show_progress=False)
     records = []
     while trainer.state.step < config.train.max_steps:
         if trainer.state.step % config.importance.interval == 0:

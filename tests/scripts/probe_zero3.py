@@ -10,9 +10,10 @@ import deepspeed
 import torch
 from model_checks import load_state
 
-from adept_ds.distributed import init_distributed, shutdown_distributed, zero3_probe_runtime
-from adept_ds.families import get_family
-from adept_ds.probe import probe_scores, shard_batches
+from adept_ds.model.families import get_family
+from adept_ds.probe.layers import probe_scores, shard_batches
+from adept_ds.probe.runtime import zero3_probe_runtime
+from adept_ds.runtime.distributed import init_distributed, shutdown_distributed
 
 model_dir, blocks_file, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 rank, world_size = init_distributed()

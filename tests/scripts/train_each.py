@@ -6,14 +6,15 @@ import json
 import sys
 from pathlib import Path
 
-from adept_ds.config import load_run_config
-from adept_ds.engine import Trainer
-from adept_ds.export import export_checkpoint
+from adept_ds.run.config import load_run_config
+from adept_ds.training.engine import Trainer
+from adept_ds.training.export import export_checkpoint
+from adept_ds.training.resolve import resolve_run
 
 runs = json.loads(Path(sys.argv[1]).read_text())
 for index, overrides in enumerate(runs):
     config = load_run_config(None, overrides)
-    trainer = Trainer(config, show_progress=False)
+    trainer = Trainer(resolve_run(config, show_progress=False), show_progress=False)
     trainer.train()
     rank, tag = trainer.rank, trainer.latest_tag()
     trainer.close(shutdown=index == len(runs) - 1)

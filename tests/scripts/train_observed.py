@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-import adept_ds.engine as engine
-import adept_ds.train_checkpoints as train_checkpoints
+import adept_ds.training.checkpoints as train_checkpoints
+import adept_ds.training.engine as engine
 from adept_ds.train import main
 
 out_dir, *argv = sys.argv[1:]

@@ -7,14 +7,15 @@ import sys
 
 import torch
 
-from adept_ds.config import load_run_config
-from adept_ds.engine import Trainer
-from adept_ds.export import export_checkpoint
+from adept_ds.run.config import load_run_config
+from adept_ds.training.engine import Trainer
+from adept_ds.training.export import export_checkpoint
+from adept_ds.training.resolve import resolve_run
 
 logits_file, *rest = sys.argv[1:]
 resume = "auto" if "--auto-resume" in rest else "--resume" in rest
 config = load_run_config(None, [item for item in rest if item not in ("--resume", "--auto-resume")])
-trainer = Trainer(config, resume=resume, show_progress=False)
+trainer = Trainer(resolve_run(config, resume=resume, show_progress=False), show_progress=False)
 # What the optimizer holds right after a resume (or at the start): each group's LR, and AdamW's step counters.
 inner = trainer.engine.optimizer.optimizer if hasattr(trainer.engine.optimizer, "optimizer") else trainer.engine.optimizer
 started = {

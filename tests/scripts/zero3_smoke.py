@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-from adept_ds.distributed import init_distributed, shutdown_distributed
+from adept_ds.runtime.distributed import init_distributed, shutdown_distributed
 
 model_dir, out_dir = sys.argv[1], Path(sys.argv[2])
 rank, world_size = init_distributed()

@@ -1,0 +1,1 @@
+"""Judging a trained model: perplexity and exact-match accuracy, the demo report, and multi-seed comparisons."""

@@ -1,0 +1,117 @@
+"""The package layout docs/ARCHITECTURE.md describes: subpackages in one order of imports, no import cycle, DeepSpeed
+only where the page says, and the old import paths kept for one release."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "adept_ds"
+ARCHITECTURE = PACKAGE.parent / "docs" / "ARCHITECTURE.md"
+ORDER = ("runtime", "model", "data", "probe", "run", "training", "evaluation")
+"""Each subpackage imports only those before it (model and data do not import each other)."""
+TOP_LEVEL = {"__init__", "cli", "train", "pipeline", "expand", "engine"}
+"""The entry points, the demo pipeline, and the re-exports of moved modules."""
+DEEPSPEED_MODULES = {
+    "probe/runtime.py",
+    "run/zeropp.py",
+    "runtime/distributed.py",
+    "training/engine.py",
+    "training/export.py",
+    "training/frozen_weights.py",
+    "training/lr.py",
+    "training/universal.py",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def imports(path: Path) -> set[str]:
+    """The adept_ds modules a file imports, anywhere in it (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("adept_ds"):
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                found.add(name if name in MODULES else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("adept_ds"))
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args:
+            found.add(node.args[0].value)  # the re-export modules
+    return found & MODULES.keys()
+
+
+def test_the_top_level_keeps_only_entry_points_and_every_module_lives_in_a_known_subpackage():
+    assert {path.stem for path in PACKAGE.glob("*.py")} == TOP_LEVEL
+    assert {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").is_file()} == set(ORDER)
+
+
+def test_no_module_imports_itself_back_through_others():
+    graph = {name: imports(path) - {name} for name, path in MODULES.items()}
+    # The package __init__ of a subpackage may name its own modules lazily (probe's re-exports): not an edge back.
+    graph["adept_ds.probe"] = set()
+    state: dict[str, int] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            assert state.get(target) != 1, "import cycle: " + " -> ".join([*trail, name, target])
+            if target not in state:
+                visit(target, [*trail, name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+def test_subpackages_import_only_those_before_them():
+    for name, path in MODULES.items():
+        parts = name.split(".")
+        if len(parts) < 3:
+            continue
+        rank = ORDER.index(parts[1])
+        for target in imports(path):
+            other = target.split(".")[1]
+            if other in ORDER and other != parts[1]:
+                assert ORDER.index(other) < rank, f"{name} imports {target}: {parts[1]}/ may import only {ORDER[:rank]}"
+
+
+def test_deepspeed_is_imported_only_where_the_architecture_page_says():
+    users = {
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if any(
+            (isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "deepspeed" for alias in node.names))
+            or (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "deepspeed")
+            for node in ast.walk(ast.parse(path.read_text()))
+        )
+    }
+    assert users == DEEPSPEED_MODULES
+    page = ARCHITECTURE.read_text()
+    assert all(f"`{module}`" in page for module in DEEPSPEED_MODULES)
+    assert "docs/ARCHITECTURE.md" in (PACKAGE.parent / "README.md").read_text()
+
+
+@pytest.mark.parametrize("old,new", [("adept_ds.expand", "adept_ds.model.expand"), ("adept_ds.engine", "adept_ds.training.engine")])
+def test_moved_modules_keep_their_old_import_path(old, new):
+    assert importlib.import_module(old) is importlib.import_module(new)
+
+
+def test_the_former_probe_module_s_names_still_import_from_adept_ds_probe():
+    from adept_ds.probe import ProbeRuntime, layers_from_probe, probe_model, read_probe_result
+    from adept_ds.probe.layers import layers_from_probe as moved
+    from adept_ds.probe.runtime import ProbeRuntime as moved_runtime
+
+    assert layers_from_probe is moved and ProbeRuntime is moved_runtime and callable(probe_model) and callable(read_probe_result)
+    with pytest.raises(ImportError):
+        from adept_ds.probe import no_such_name  # noqa: F401
