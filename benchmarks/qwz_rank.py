@@ -28,7 +28,7 @@ def main() -> None:
 
     config = load_run_config(None, overrides)
     trainer = Trainer(resolve_run(config, show_progress=False), show_progress=False)
-    copies = tuple(f"model.layers.{layer}." for layer in trainer.manifest["copied_layers"])
+    copies = tuple(f"model.layers.{layer}." for layer in trainer.run.manifest["copied_layers"])
     steps = [{"zeros": 0, "elements": 0, "master_absmax": 0.0} for _ in range(config.train.max_steps)]
 
     def count_zeros(module, _inputs):

@@ -163,7 +163,14 @@ def main() -> None:
     print(f"export: peak growth {(measured['peak'] - measured['start']) / 2**30:.2f} GiB, bound {bound / 2**30:.2f} GiB", flush=True)
     if args.old_export:
         old = work / "export_before.py"
-        old.write_text(subprocess.run(["git", "show", "f890e06:adept_ds/export.py"], capture_output=True, text=True, check=True).stdout)
+        text = subprocess.run(["git", "show", "f890e06:adept_ds/export.py"], capture_output=True, text=True, check=True).stdout
+        for moved, now in (
+            ("checkpoint", "model.checkpoint"),
+            ("outputs", "runtime.outputs"),
+            ("train_checkpoints", "training.checkpoints"),
+        ):
+            text = text.replace(f"from adept_ds.{moved} import", f"from adept_ds.{now} import")  # where those modules live now
+        old.write_text(text)
         imports_old = f"import sys; sys.path.insert(0, {str(work)!r}); import torch, transformers, export_before"
         line = f"export_before.export_checkpoint({str(run / 'checkpoints')!r}, None, {str(expanded)!r}, {str(work / 'export_old')!r})"
         before = rss_during(imports_old, line)

@@ -35,7 +35,7 @@ def two_steps(tmp_path, name: str, inputs: dict, zero_settings: dict, **extra) -
 
 def layered_window_memory_gb(args: list[str]) -> float:
     """Memory per rank in which an "auto" window is the ~3-layer one: what the plan needs with it, less than with
-    DeepSpeed's wide window (frozen_weights.choose_layout). A config with the window set explicitly needs the same."""
+    DeepSpeed's wide window (memory_layout.choose_layout). A config with the window set explicitly needs the same."""
     config = load_run_config(None, args)
     shape = model_shape(config)
     needed = {}

@@ -3,12 +3,14 @@ runtime.py: plain or ZeRO-3 models), a probe corpus the model writes itself (cor
 
 `from adept_ds.probe import X`, the path of the former module adept_ds/probe.py, keeps working for one release."""
 
+import importlib
+
 
 def __getattr__(name: str):
-    # Looked up only for names not found otherwise (PEP 562): the submodules stay unimported until asked for.
-    from adept_ds.probe import layers, runtime
-
-    for module in (layers, runtime):
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise AttributeError(f"module 'adept_ds.probe' has no attribute {name!r}")
+    # Asked only for names the package lacks (PEP 562): its submodules stay unimported until a name is wanted.
+    if not name.startswith("__"):
+        for module in ("layers", "runtime"):
+            found = importlib.import_module(f"{__name__}.{module}")
+            if hasattr(found, name):
+                return getattr(found, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

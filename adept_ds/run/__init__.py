@@ -1,2 +1,2 @@
-"""What a run is, settled before any process starts: the run config, the DeepSpeed config, the memory plan and
-layout, and `resolve.resolve_run`, which turns them into the one `ResolvedRun` that check, plan and train read."""
+"""What a run is, settled before anything loads: the run config, the DeepSpeed config, the memory plan and layout
+(training/resolve.py puts them together with the model and the data into the `ResolvedRun`)."""

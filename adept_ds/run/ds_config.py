@@ -112,7 +112,7 @@ def resolve_ds_config(
     and train.zeropp's ZeRO++ keys set (quantized options refused where they cannot work: zeropp.py). `notes`, if
     given, receives one line per rule that filled a value.
 
-    ZeRO-3's parameter window: `wide_window` (when the memory plan says gathered weights fit: frozen_weights.py)
+    ZeRO-3's parameter window: `wide_window` (when the memory plan says gathered weights fit: memory_layout.py)
     takes DeepSpeed's defaults, so a layer gathered for forward stays live for its backward. Otherwise it is
     sized in decoder layers (`model_config`'s shape), capped at DeepSpeed's defaults: prefetch one layer ahead,
     about three layers gathered, and a gathered layer released once used unless it is needed again within a

@@ -297,7 +297,7 @@ def plan_run(
 ) -> Plan:
     """Per-rank memory of every stage of `config` on `world_size` ranks, and its checkpoint size.
 
-    `frozen_weights` and `wide_window`: the memory layout (adept_ds/training/frozen_weights.py) training runs with."""
+    `frozen_weights` and `wide_window`: the memory layout (adept_ds/run/memory_layout.py) training runs with."""
     from adept_ds.model.lm_loss import chunk_rows
     from adept_ds.probe.mask import ACTIVATION_BUDGET_BYTES
     from adept_ds.run.ds_config import resolve_ds_config

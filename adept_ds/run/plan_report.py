@@ -3,7 +3,9 @@ change that makes training fit (`suggestions`, which re-plans the changed run as
 
 from __future__ import annotations
 
-from adept_ds.run.config import SHIPPED_DS_CONFIGS, RunConfig
+from pathlib import Path
+
+from adept_ds.run.config import RunConfig
 from adept_ds.run.memory_layout import layout_and_plan
 from adept_ds.run.plan import CPU_RUNTIME_BYTES, GIB, GPU_ALLOWANCE, GPU_RESERVE_BYTES, SHOWN_BYTES, TRAINING_PHASES, ModelShape, Plan, _gb
 
@@ -44,7 +46,7 @@ def suggestions(config: RunConfig, shape: ModelShape, plan: Plan, nodes: int, gp
             text = f"{named}train.micro_batch_size={micro} train.gradient_accumulation_steps={samples // micro} (same global batch)"
             if tip := fits(text, smaller):
                 return tip
-    offload = SHIPPED_DS_CONFIGS / "zero3_offload.json"
+    offload = Path(__file__).resolve().parents[2] / "ds_configs" / "zero3_offload.json"  # a checkout's, as the tip names it
     if offload.is_file() and (
         tip := fits(f"{named}deepspeed=ds_configs/{offload.name} (optimizer and parameters in host memory)", checkpointed, str(offload))
     ):

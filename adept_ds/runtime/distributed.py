@@ -1,5 +1,5 @@
-"""Process-group setup and teardown: with the training engine and the probe's ZeRO-3 runtime (probe/runtime.py), the only
-modules that touch torch.distributed."""
+"""Process-group setup and teardown: with the training engine, universal.py and the probe's ZeRO-3 runtime
+(probe/runtime.py), the only modules that touch torch.distributed."""
 
 from __future__ import annotations
 

@@ -101,6 +101,8 @@ class Trainer:
         from transformers import AutoModelForCausalLM
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
+        if not isinstance(run, ResolvedRun) or run.data is None:  # the 0.1 call was Trainer(config, resume=...)
+            raise TypeError(f"Trainer takes a run resolved with its data, Trainer(resolve_run(config, resume=...)), not {run!r:.80}")
         self.show_progress = show_progress
         self.config = config = run.config
         self.output_dir = Path(config.output_dir)
@@ -117,6 +119,10 @@ class Trainer:
         convert_before_start(run.resume.checkpoints, run.resume.mode, run.resume.backbone, run.world_size)
 
         self.rank, self.world_size = init_distributed(config.train.timeout_minutes, config.train.threads)
+        if self.world_size != run.world_size:
+            raise ValueError(
+                f"the run was resolved for {run.world_size} ranks but {self.world_size} started: resolve it for the launched world"
+            )
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
         # Every rank takes the layout planned for the smallest memory of any rank (nodes may differ).
         local = run.layout.memory

@@ -18,7 +18,7 @@ what DeepSpeed 0.19 leaves to the caller:
   cannot be mapped to other ranks, so it is derived from the seed, step and rank.
 - The global batch (and the global probe batch of the importance passes) must stay the same, so that the same
   sample stream continues: `keep_global_batch` re-derives micro-batch x accumulation for the new world size.
-The frozen backbone is checked by fingerprint before any conversion (train_checkpoints.check_same_run).
+The frozen backbone is checked by fingerprint before any conversion (checkpoints.check_same_run).
 """
 
 from __future__ import annotations
