@@ -319,6 +319,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--gpu-memory-gb {args.gpu_memory_gb}: need a positive number of GiB")
     if args.write_gb_per_s <= 0:
         raise ValueError(f"--write-gb-per-s {args.write_gb_per_s}: need a positive bandwidth")
+    check_time_options(args)
     _, config = _run_config(args)
     if not config.model:
         raise ValueError("model is not set: give model=DIR (a model directory or its config.json; no weights are read)")
@@ -327,6 +328,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     run = resolve_plan(config, args.nodes * args.gpus_per_node, args.device == "gpu", memory, args.k)
     layout, plan = run.layout, run.plan
     code = 0 if all(plan.fits(phase) for phase in plan.phases) else PLAN_DOES_NOT_FIT
+    timing = planned_time(args, run) if args.tokens else None
     if args.json:
         print(
             json.dumps(
@@ -334,11 +336,94 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 | {"checkpoint_bytes": plan.checkpoint_bytes, "checkpoint_bytes_per_rank": plan.checkpoint_bytes_per_rank}
                 | {"frozen_weights": layout.frozen_weights, "wide_window": layout.wide_window}
                 | {"fits": {name: plan.fits(name) for name in plan.phases}}
+                | ({"time": timing} if timing else {})
             )
         )
         return code
     print(render(config, run.shape, plan, args.nodes, args.gpus_per_node, args.write_gb_per_s))
+    if timing:
+        print(describe_time(timing))
     return code
+
+
+def check_time_options(args: argparse.Namespace) -> None:
+    """`plan`'s time options, each refused on its own line with what would be valid."""
+    if args.tokens is not None and args.tokens < 1:
+        raise ValueError(f"--tokens {args.tokens}: need the training tokens to plan for, at least 1 (e.g. 50000000000)")
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu {args.mfu}: need a fraction of the peak in (0, 1] (0.35: torchtitan's H100 figure)")
+    if args.network_gbps is not None and args.network_gbps <= 0:
+        raise ValueError(f"--network-gbps {args.network_gbps}: need a positive bandwidth in Gb/s per GPU (e.g. 400 for NDR InfiniBand)")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ValueError(f"--peak-tflops {args.peak_tflops}: need a positive dense peak in TFLOP/s per device")
+    if args.tokens is None and any(value is not None for value in (args.mfu, args.network_gbps, args.peak_tflops)):
+        raise ValueError("--mfu, --network-gbps and --peak-tflops time a run: give --tokens too")
+
+
+def planned_time(args: argparse.Namespace, run) -> dict:
+    """Step time, steps, hours and GPU-hours for --tokens, with where each assumption comes from."""
+    import math
+
+    from adept_ds.run.ds_config import half_precision
+    from adept_ds.run.flops import gpu_peak_tflops
+    from adept_ds.run.step_time import DEFAULT_NETWORK_GBPS, H100_MFU, NVLINK_GBPS, run_step_time
+    from adept_ds.training.throughput import measure_matmul_tflops
+
+    gpu, ds = args.device == "gpu", run.ds_config
+    half = half_precision(ds)
+    if args.peak_tflops:
+        peak, peak_source = args.peak_tflops, "--peak-tflops"
+    elif gpu:
+        peak, peak_source = gpu_peak_tflops("H100", half), f"H100 SXM datasheet, {'bf16' if half else 'fp32'} dense"
+    else:
+        peak, peak_source = measure_matmul_tflops(), "a 1024^2 fp32 matmul measured here"
+    mfu = args.mfu or H100_MFU
+    network = args.network_gbps or DEFAULT_NETWORK_GBPS
+    if gpu and args.nodes == 1:  # one node: every collective stays on NVLink
+        network, network_source = NVLINK_GBPS, "one node: NVLink (run/step_time.py)"
+    else:
+        network_source = "--network-gbps" if args.network_gbps else "one 400 Gb/s NDR NIC per GPU (run/step_time.py)"
+    world = args.nodes * args.gpus_per_node
+    timing = run_step_time(run.config, run.shape, run.flops, ds, run.layout, world, args.nodes, gpu, peak, mfu, network)
+    tokens_per_step = run.config.train.global_batch(world) * run.config.data.block_size
+    steps = math.ceil(args.tokens / tokens_per_step)
+    hours = steps * timing.seconds / 3600
+    return {
+        "tokens": args.tokens,
+        "tokens_per_step": tokens_per_step,
+        "steps": steps,
+        "step_s": timing.seconds,
+        "compute_s": timing.compute_s,
+        "communication_s": timing.communication_s,
+        "step_tflop": run.flops.total / 1e12,
+        "step_tflop_6n": run.flops.six_n / 1e12,
+        "network_bytes_per_rank": timing.traffic.network,
+        "node_local_bytes_per_rank": timing.traffic.node_local,
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "mfu": mfu,
+        "mfu_source": "--mfu" if args.mfu else "torchtitan's H100 BF16 figure (run/step_time.py)",
+        "network_gbps": network,
+        "network_source": network_source,
+        "hours": hours,
+        "gpu_hours": hours * world,
+    }
+
+
+def describe_time(timing: dict) -> str:
+    """`plan --tokens`'s lines."""
+    return "\n".join(
+        [
+            f"time: {timing['step_s']:.3g} s a step = compute {timing['compute_s']:.3g} s ({timing['step_tflop']:.4g} TFLOP at "
+            f"MFU {timing['mfu']:.0%} of {timing['peak_tflops']:.4g} TFLOP/s per device: {timing['peak_source']}; "
+            f"{timing['step_tflop_6n']:.4g} TFLOP at 6N) + communication {timing['communication_s']:.3g} s "
+            f"({timing['network_bytes_per_rank'] / 1e9:.3g} GB per rank at {timing['network_gbps']:g} Gb/s, "
+            f"{timing['node_local_bytes_per_rank'] / 1e9:.3g} GB node-local); no overlap assumed",
+            f"time: {timing['tokens']:,} tokens = {timing['steps']:,} steps of {timing['tokens_per_step']:,}: "
+            f"{timing['hours']:,.1f} h, {timing['gpu_hours']:,.0f} GPU-hours (MFU: {timing['mfu_source']}; "
+            f"network: {timing['network_source']})",
+        ]
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -578,6 +663,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--write-gb-per-s", type=float, default=1.0, help="checkpoint write bandwidth, GB/s in all (default 1)")
     plan.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="plan for GPUs (default) or CPU ranks (fp32, RSS)")
     plan.add_argument("--json", action="store_true", help="print the terms as JSON (bytes)")
+    plan.add_argument("--tokens", type=int, help="training tokens: add step time, time-to-train and GPU-hours")
+    plan.add_argument("--mfu", type=float, help="fraction of the peak the compute reaches (default 0.35: torchtitan's H100 figure)")
+    plan.add_argument("--network-gbps", type=float, help="Gb/s per GPU between nodes (default 400: one NDR InfiniBand NIC per GPU)")
+    plan.add_argument(
+        "--peak-tflops", type=float, help="dense peak per device (default: H100 SXM's datasheet on GPU; a matmul measured here on CPU)"
+    )
     plan.add_argument("overrides", nargs="*", help="key.sub=value overrides, as given to launch/train.py")
     plan.set_defaults(func=cmd_plan)
 

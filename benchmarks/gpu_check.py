@@ -34,7 +34,6 @@ REPO = BENCHMARKS.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCHMARKS))
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}  # dense, per GPU
 SIZES = {
     "check": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 16, "num_key_value_heads": 4},
     "smoke": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2},
@@ -103,7 +102,6 @@ def main() -> None:
     args.block_size, args.micro_batch_size, args.timed_steps = (64, 2, 2) if args.smoke else (2048, 4, 5)
     args.num_procs, args.warmup_steps = 1, 2  # what suite.run_ranks reads
 
-    from flop_model import full_step_flops, partial_step_flops
     from scale import build_model
     from suite import run_overrides, run_ranks
 
@@ -111,18 +109,18 @@ def main() -> None:
     from adept_ds.model.expand import expand_checkpoint, read_manifest
     from adept_ds.pipeline import DOMAIN_TEST, GENERAL, GENERAL_HELDOUT
     from adept_ds.probe.layers import probe_model
+    from adept_ds.run.flops import gpu_peak_tflops
     from adept_ds.training.export import export_checkpoint
 
     started = time.time()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     if gpu is None and not args.smoke:
         raise SystemExit("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); --smoke runs on CPU")
-    peak = args.peak_tflops or next((value for key, value in PEAK_BF16_TFLOPS.items() if gpu and key in gpu), None)
+    peak = args.peak_tflops or (gpu_peak_tflops(gpu, half_precision=True) if gpu else None)  # adept_ds/run/flops.py's table
     work = args.output / "work" / "gpu_check"
     work.mkdir(parents=True, exist_ok=True)
     size = "smoke" if args.smoke else "check"
     original = build_model(work / f"llama_{size}", max_shard_size="1GB", **SIZES[size])
-    config = json.loads((original / "config.json").read_text())
     report: dict = {"gpu": gpu, "torch": torch.__version__, "peak_tflops": peak, "model": SIZES[size], "probe": {}, "train": {}}
     print(f"[gpu_check] {gpu or 'CPU (smoke)'}: model {size}", flush=True)
 
@@ -147,12 +145,6 @@ def main() -> None:
     expanded = work / "expanded"
     if not (expanded / "adept_expansion.json").is_file() or read_manifest(expanded)["expanded_layers"] != layers:
         expand_checkpoint(original, expanded, layers, overwrite=True, show_progress=False)
-    manifest = read_manifest(expanded)
-    expanded_config = {**config, "num_hidden_layers": manifest["num_layers"]}
-    flops_per_token = {
-        "pt_full": full_step_flops(config, args.block_size),
-        "adept": partial_step_flops(expanded_config, args.block_size, manifest["num_layers"], manifest["copied_layers"]),
-    }
     runs = {
         "adept": ("adept", expanded, {}),
         "adept, frozen weights sharded": ("adept", expanded, {"train.frozen_weights": "sharded"}),
@@ -163,6 +155,7 @@ def main() -> None:
     }
     for name, (method, model, extra) in runs.items():
         run_name = name.replace(", ", "_").replace(" ", "_")
+        extra = {**extra, **({"train.peak_tflops": peak} if peak else {})}
         rank = run_ranks(run_name, method, model, work, args, ds_config(), extra=extra)[0]
         step = statistics.median(rank["step_seconds"])
         tokens_per_s = rank["tokens_per_step_per_rank"] / step
@@ -172,7 +165,9 @@ def main() -> None:
             "tokens_per_second": tokens_per_s,
             "peak_gpu_gb": (rank["peak_gpu_mb"] or 0) / 1024,
             "importance_seconds": statistics.median(rank["importance_seconds"]) if rank["importance_seconds"] else None,
-            "mfu": tokens_per_s * flops_per_token[method] / (peak * 1e12) if peak else None,
+            # by the exact count of what the step runs, and at 6N as peers quote it (adept_ds/run/flops.py)
+            "mfu": rank["step_flops"] / step / (rank["peak_tflops"] * 1e12) if rank["peak_tflops"] else None,
+            "mfu_6n": rank["step_flops_6n"] / step / (rank["peak_tflops"] * 1e12) if rank["peak_tflops"] else None,
             "trainable_parameters": rank["trainable_parameters"],
             "gathered_gb_per_step": rank["gathered_bytes_per_step"] / 2**30,
             "layout": rank["layout"],
@@ -286,7 +281,7 @@ def markdown(report: dict) -> str:
         extra = f", recorded peak {probe['recorded_peak_bytes'] / 2**20:.0f} MiB" if probe.get("recorded_peak_bytes") else ""
         lines.append(f"| probe {method} | {probe['seconds']:.1f} s for {probe['tokens']} tokens ({probe['dtype']}){extra} |")
     for method, run in report["train"].items():
-        mfu = f", MFU {run['mfu']:.1%}" if run["mfu"] is not None else ""
+        mfu = f", MFU {run['mfu']:.1%} ({run['mfu_6n']:.1%} at 6N)" if run["mfu"] is not None else ""
         lines.append(
             f"| train {method} (bf16, ZeRO-3, 1 rank) | {run['step_seconds']:.3f} s/step, {run['tokens_per_second']:.0f} tok/s, "
             f"peak {run['peak_gpu_gb']:.2f} GiB (planned {run['planned_peak_gb']:.2f}){mfu}, all-gathered "

@@ -6,7 +6,7 @@ On the demo model (SmolLM2-135M, 30 layers), side by side in one run, under the 
 ZeRO-3 config, batch and sequence length, with real launcher processes:
 1. step time of `adept` (k=4 copies) versus `pt_full`, for the probe's placement (the least
    important layers, mid-network on this model) and for copies in the top third, each beside the
-   limit a FLOP count gives (benchmarks/flop_model.py). pt_full also runs with DeepSpeed's default
+   limit a FLOP count gives (adept_ds/run/flops.py). pt_full also runs with DeepSpeed's default
    parameter window (the whole small model stays gathered: no re-gathering for backward); step
    ratios are taken to the faster of the two pt_full runs;
 2. the cost of one unit-importance recompute, as a share of training time at interval 500;
@@ -237,6 +237,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sample_train_flops(model: Path, method: str, block_size: int) -> int:
+    """The FLOPs one `block_size`-token sample costs a training step of `method` on `model` (adept_ds/run/flops.py)."""
+    from adept_ds.run.config import load_run_config
+    from adept_ds.run.flops import sample_flops
+    from adept_ds.run.plan import model_shape
+
+    return sample_flops(model_shape(load_run_config(None, [f"model={model}", f"method={method}"])), block_size).train
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=str(BENCHMARKS / "results"))
@@ -247,19 +256,16 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(BENCHMARKS))
-    from flop_model import adept_limit, full_step_flops
     from probe_cost import measure, random_llama_30l
     from transformers import AutoModelForCausalLM
 
     from adept_ds.model.demo_model import fetch_demo_model
-    from adept_ds.model.expand import read_manifest
 
     started = time.time()
     output = Path(args.output)
     work = output / "work"
     work.mkdir(parents=True, exist_ok=True)
     original = fetch_demo_model()
-    config = json.loads((original / "config.json").read_text())
 
     layers, probe = placements(original, work, args.probe_tokens, k=4)
     runs = {"pt_full": summarise(run_ranks("pt_full", "pt_full", original, work, args))}
@@ -268,10 +274,11 @@ def main() -> None:
     runs[REFERENCE] = summarise(run_ranks("pt_full_deepspeed_window", "pt_full", original, work, args, deepspeed_window_config(work)))
     for label, chosen in layers.items():
         expanded = expanded_model(original, work / "models" / label.split()[0], chosen)
-        manifest = read_manifest(expanded)
         run = summarise(run_ranks(f"adept_{label.split()[0]}", "adept", expanded, work, args))
         run["layers"] = chosen
-        run["flop_limit"] = adept_limit(config, args.block_size, manifest["copied_layers"], manifest["num_layers"])
+        run["flop_limit"] = sample_train_flops(expanded, "adept", args.block_size) / sample_train_flops(
+            original, "pt_full", args.block_size
+        )
         runs[f"adept {label}"] = run
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -298,7 +305,7 @@ def main() -> None:
         checks.append(check(f"probe reuse / naive ({probe_run['model']})", probe_run["ratio"], "probe_ratio"))
     if args.peak_tflops and torch.cuda.is_available():
         tokens = base["tokens_per_second_per_rank"]
-        base["mfu"] = tokens * full_step_flops(config, args.block_size) / (args.peak_tflops * 1e12)
+        base["mfu"] = tokens / args.block_size * sample_train_flops(original, "pt_full", args.block_size) / (args.peak_tflops * 1e12)
 
     result = {
         "date": time.strftime("%Y-%m-%d"),

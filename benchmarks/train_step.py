@@ -1,7 +1,8 @@
 """One rank of a step-time / memory measurement (run by benchmarks/suite.py under the DeepSpeed launcher).
 
 argv: RESULT_DIR WARMUP_STEPS TIMED_STEPS IMPORTANCE_REPEATS [--save-checkpoint] key=value overrides...
-Writes RESULT_DIR/rank{R}.json: per-step seconds and bytes all-gathered (and of them, within ZeRO++ hpZ groups), unit-importance recompute seconds, peak memory (also per
+Writes RESULT_DIR/rank{R}.json: per-step seconds, the peak MFU is measured against and the all-gather bandwidth
+(plan's step-time inputs), and bytes all-gathered (and of them, within ZeRO++ hpZ groups), unit-importance recompute seconds, peak memory (also per
 phase: the peak RSS is reset after the engine is ready and again before the importance passes), and with
 --save-checkpoint the checkpoint written after them.
 """
@@ -84,6 +85,7 @@ def main() -> None:
         importance_seconds.append(time.perf_counter() - started)
     rss_mb["peak_to_importance_end"], rss_mb["importance_peak"] = _peak_rss_mb(), _phase_peak_rss_mb()
     checkpoint = str(trainer.save_checkpoint()) if save else None
+    gloo_gbps = all_gather_gbps() if trainer.world_size > 1 else None
     record = {
         "rank": trainer.rank,
         "world_size": trainer.world_size,
@@ -105,9 +107,32 @@ def main() -> None:
         # what the device holds beyond torch's reserve: CUDA context and NCCL buffers
         "gpu_outside_torch_mb": outside_torch_mb(),
         "checkpoint": checkpoint,
+        "step_flops": trainer.run.flops.train,  # a training step's exact FLOPs, all ranks (adept_ds/run/flops.py)
+        "step_flops_6n": trainer.run.flops.six_n,
+        "peak_tflops": trainer.peak.tflops,  # what MFU is measured against (on CPU: a matmul measured at start-up)
+        "peak_source": trainer.peak.source,
+        "all_gather_gbps": gloo_gbps,
     }
     Path(result_dir, f"rank{trainer.rank}.json").write_text(json.dumps(record))
     trainer.close()
+
+
+def all_gather_gbps(numel: int = 16 * 2**20, repeats: int = 5) -> float:
+    """Gb/s this rank receives in an all-gather of `numel` fp32 elements per rank (its ring share, (W-1)/W of the
+    gathered bytes, as plan's step time counts traffic), every rank at once, after one warm-up."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    mine, gathered = torch.ones(numel, device=device), torch.empty(numel * world, device=device)
+    dist.all_gather_into_tensor(gathered, mine)
+    dist.barrier()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_gather_into_tensor(gathered, mine)
+    synchronize()
+    seconds = time.perf_counter() - started
+    return repeats * (world - 1) * numel * 4 * 8 / seconds / 1e9
 
 
 def outside_torch_mb() -> float | None:

@@ -416,3 +416,24 @@ def test_the_planner_predicts_the_checkpoint_bytes_exactly(trained):
     assert len(files) == plan.checkpoint_files == 2
     # Every rank's fp32 master and moments, partitions padded to ceil(numel / 2): exactly the predicted bytes.
     assert [_tensor_bytes(torch.load(f, weights_only=False)) for f in files] == [plan.checkpoint_bytes_per_rank] * 2
+
+
+def test_every_step_logs_model_tflops_and_mfu_by_the_exact_count_and_at_6n(trained):
+    from adept_ds.run.config import load_run_config
+    from adept_ds.run.plan import model_shape
+    from adept_ds.training.resolve import run_flops
+
+    inputs, run_dir, _ = trained
+    config = load_run_config(None, overrides(inputs, run_dir))
+    flops = run_flops(config, model_shape(config), 2, held_out=0)
+    tokens_per_step = config.train.global_batch(2) * config.data.block_size
+    records = metrics(run_dir)
+    assert records and all({"tflops_per_s", "tflops_per_s_6n", "mfu", "mfu_6n"} <= set(record) for record in records)
+    for record in records:
+        # The same elapsed time as tokens/s, per device of 2: the step's exact FLOPs and 6N's.
+        seconds = tokens_per_step / record["tokens_per_s"]
+        assert record["tflops_per_s"] == pytest.approx(flops.train / seconds / 2 / 1e12, rel=1e-9)
+        assert record["tflops_per_s_6n"] == pytest.approx(flops.six_n / seconds / 2 / 1e12, rel=1e-9)
+        # Both against the one peak (on CPU a matmul measured at start-up); a frozen backbone does less than 6N.
+        assert record["mfu"] / record["tflops_per_s"] == pytest.approx(record["mfu_6n"] / record["tflops_per_s_6n"])
+        assert 0 < record["mfu"] < record["mfu_6n"]

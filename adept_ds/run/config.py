@@ -188,6 +188,9 @@ class TrainConfig:
     memory_gb: float = 0
     """Device memory per rank (GiB) that the automatic choices plan against (frozen_weights=auto and ZeRO-3's
     "auto" window); 0: the GPU's memory, or on CPU the machine's RAM / its ranks."""
+    peak_tflops: float = 0
+    """Dense peak TFLOP/s of one device in the run's precision, which MFU is measured against; 0: NVIDIA's datasheet
+    figure for an H100, H200 or A100 (adept_ds/run/flops.py), or on CPU a matmul measured at start-up."""
 
     def global_batch(self, world_size: int) -> int:
         """Blocks per optimizer step over all ranks: micro batch x accumulation x ranks."""
@@ -228,6 +231,10 @@ class TrainConfig:
         _check(
             isinstance(self.memory_gb, (int, float)) and self.memory_gb >= 0,
             f"train.memory_gb={self.memory_gb!r}: need GiB >= 0 (0 = the device's own memory)",
+        )
+        _check(
+            isinstance(self.peak_tflops, (int, float)) and self.peak_tflops >= 0,
+            f"train.peak_tflops={self.peak_tflops!r}: need TFLOP/s >= 0 (0 = the datasheet's, or measured on CPU)",
         )
 
 

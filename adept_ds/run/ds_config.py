@@ -207,3 +207,8 @@ def describe_owners(ds: dict) -> str:
         f"{ds['train_batch_size']}, clipping {ds['gradient_clipping']}: the run config (train.*); precision {precision}: "
         "the DeepSpeed config (bf16/fp16 sections)"
     )
+
+
+def half_precision(ds: dict) -> bool:
+    """Whether a resolved DeepSpeed config trains in bf16 or fp16 (weights of 2 bytes; the GPU's tensor-core peak)."""
+    return any(ds.get(kind, {}).get("enabled") for kind in ("bf16", "fp16"))

@@ -2,7 +2,8 @@
 each sink of report.to (TensorBoard, W&B, MLflow).
 
 `metrics.jsonl` holds one record per line, each of one kind, named by its "kind" field:
-- train: an optimizer step ({"step", "loss", "tokens_per_s", "lr_base", "lr_max", "lr_multiplier", "tokens"});
+- train: an optimizer step ({"step", "loss", "tokens_per_s", "lr_base", "lr_max", "lr_multiplier", "tokens", and per device
+  "tflops_per_s" and "tflops_per_s_6n", with "mfu" and "mfu_6n" when the peak is known: training/throughput.py});
 - skipped: a global batch dropped for a non-finite loss ({"step", "skipped", "position"});
 - validation: held-out losses ({"step", "validation": {corpus: {"loss", "perplexity", "tokens"}}, "seconds"});
 - guard: a forgetting-guard trigger ({"step", "guard": {...}});

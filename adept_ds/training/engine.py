@@ -38,6 +38,7 @@ from adept_ds.data.sampler import Mixture, sample_order
 from adept_ds.model.lm_loss import use_chunked_loss
 from adept_ds.model.units import Unit, adept_units, build_param_groups, full_model_units, set_trainable
 from adept_ds.run.config import RunConfig
+from adept_ds.run.ds_config import half_precision
 from adept_ds.run.zeropp import describe as describe_zeropp
 from adept_ds.run.zeropp import use_cpu_quantizer
 from adept_ds.runtime.distributed import (
@@ -67,6 +68,7 @@ from adept_ds.training.guard import ForgettingGuard, GuardStopped
 from adept_ds.training.importance import AbsGradAccumulator, unit_importance
 from adept_ds.training.lr import ScaledScheduler, build_base_scheduler, lr_scales, normalised_importance
 from adept_ds.training.resolve import ResolvedRun, resolve_run
+from adept_ds.training.throughput import describe_flops, device_peak, measure_matmul_tflops, step_figures
 from adept_ds.training.universal import (
     convert_before_start,
     derived_seed,
@@ -137,6 +139,10 @@ class Trainer:
                 print(f"deepspeed config: {note}", flush=True)
             print(f"memory: {self.layout.note}", flush=True)
             print(f"zero++: {describe_zeropp(self.ds_config, config, self.world_size, self.layout.frozen_weights)}", flush=True)
+        half = half_precision(self.ds_config)
+        self.peak = device_peak(config.train.peak_tflops, self.gpu, half, self._measured_peak)
+        if self.rank == 0:
+            print(describe_flops(run.flops, self.peak, self.world_size), flush=True)
         random.seed(config.train.seed)
         np.random.seed(config.train.seed)
         torch.manual_seed(config.train.seed)
@@ -198,6 +204,12 @@ class Trainer:
         self.saved: Path | None = None  # the checkpoint holding the current state (last saved or resumed from)
         if tag is not None:
             self.load_checkpoint(tag)
+
+    def _measured_peak(self) -> float:
+        """Each rank's matmul rate, measured by all at once (they share the cores as in training), averaged."""
+        dist.barrier()
+        rate = measure_matmul_tflops()
+        return all_reduce_sum(torch.tensor([rate], dtype=torch.float64)).item() / self.world_size
 
     def _units(self, model) -> list[Unit]:
         if self.trainable_layers is None:
@@ -364,9 +376,13 @@ class Trainer:
             elapsed = time.perf_counter() - started
             losses.append(loss)
             if self.rank == 0:
-                self._log(loss, tokens_per_step / elapsed)
+                figures = step_figures(self.run.flops, elapsed, self.world_size, self.peak)
+                self._log(loss, tokens_per_step / elapsed, figures)
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / elapsed:.0f}", **self.validator.postfix(self.state))
+                mfu = {"mfu": f"{figures['mfu']:.1%}"} if "mfu" in figures else {}
+                progress.set_postfix(
+                    loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / elapsed:.0f}", **mfu, **self.validator.postfix(self.state)
+                )
             self.validate_if_due()
             if self.stop_agreed:
                 saved = self.save_checkpoint()
@@ -387,14 +403,15 @@ class Trainer:
             self.validator.run(self.engine, self.state)
             self.guard.check(self.state, self.save_checkpoint, self.scheduler.set_scales)
 
-    def _log(self, loss: float, tokens_per_s: float) -> None:
+    def _log(self, loss: float, tokens_per_s: float, figures: dict[str, float]) -> None:
         step = self.state.step
         tokens = {source.name: count * self.config.data.block_size for source, count in zip(self.sources, self.state.source_samples)}
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         record = {"step": step, "loss": loss, "tokens_per_s": tokens_per_s, "lr_base": self.scheduler.base_lr(), "lr_max": max(lrs)}
-        self.log.metric("train", {**record, "lr_multiplier": self.state.lr_multiplier, "tokens": tokens})
+        self.log.metric("train", {**record, **figures, "lr_multiplier": self.state.lr_multiplier, "tokens": tokens})
         if step % self.config.train.log_interval == 0:
             self.log.scalars({"train/loss": loss, "train/tokens_per_s": tokens_per_s, "lr/base": self.scheduler.base_lr()}, step)
+            self.log.scalars({f"train/{name}": value for name, value in figures.items()}, step)
             self.log.scalars({f"data/tokens/{name}": count for name, count in tokens.items()}, step)
             self.log.scalars({f"lr/{unit.name}": lr for unit, lr in zip(self.units, lrs)}, step)
 

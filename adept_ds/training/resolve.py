@@ -25,13 +25,14 @@ from adept_ds.model.families import Family, get_family
 from adept_ds.probe.layers import layers_from_probe
 from adept_ds.run.config import DataSource, RunConfig, with_run_length
 from adept_ds.run.ds_config import resolve_ds_config
+from adept_ds.run.flops import StepFlops, step_flops
 from adept_ds.run.memory_layout import MemoryLayout, device_bytes, layout_and_plan
 from adept_ds.run.plan import ModelShape, Plan, model_shape
 from adept_ds.runtime.distributed import launched_world_size, on_cpu
 from adept_ds.runtime.run_log import check_sinks
 from adept_ds.training.checkpoints import CHECKPOINT_DIR
 from adept_ds.training.universal import keep_global_batch
-from adept_ds.training.validation import HeldOut, held_out_sets
+from adept_ds.training.validation import HeldOut, held_out_sets, validation_blocks
 
 DEVICE_MEMORY = "device"
 """`resolve_run(memory=...)`: plan for train.memory_gb, else this rank's device (device_bytes)."""
@@ -90,8 +91,10 @@ class ResolvedRun:
     """Where frozen weights live and how wide ZeRO-3's window is (run/memory_layout.py)."""
     plan: Plan | None
     """The memory plan of that layout (run/plan.py); None under ZeRO stages below 3, which it does not model."""
-    shape: ModelShape | None
-    """The trained model's tensors as the plan counts them (None with the plan)."""
+    shape: ModelShape
+    """The trained model's tensors, as the plan and the FLOP count see them."""
+    flops: StepFlops
+    """A step's floating-point operations as this run makes them (run/flops.py): for MFU and time-to-train."""
     ds_notes: tuple[str, ...]
     """How the DeepSpeed config's "auto" values were filled and what was dropped (ds_config.py), one line each."""
     notes: tuple[str, ...]
@@ -111,8 +114,8 @@ class ResolvedRun:
         """This run laid out for `memory` bytes per rank: the trainer's re-plan for the smallest memory of any rank,
         so that every rank takes the same layout on nodes that differ."""
         notes: list[str] = []
-        layout, ds_config, plan, shape = memory_layout(self.config, self.world_size, self.gpu, self.checkpoint.config, memory, notes)
-        return dataclasses.replace(self, layout=layout, ds_config=ds_config, plan=plan, shape=shape, ds_notes=tuple(notes))
+        layout, ds_config, plan = memory_layout(self.config, self.shape, self.world_size, self.gpu, self.checkpoint.config, memory, notes)
+        return dataclasses.replace(self, layout=layout, ds_config=ds_config, plan=plan, ds_notes=tuple(notes))
 
 
 def resolve_run(
@@ -155,11 +158,13 @@ def resolve_run(
     check_positions(config, checkpoint.config)
     ds_notes = []
     memory = device_bytes(config, gpu) if memory == DEVICE_MEMORY else memory
-    layout, ds_config, plan, shape = memory_layout(config, world_size, gpu, checkpoint.config, memory, ds_notes)
-    resolved_data = None
+    shape = model_shape(config)
+    layout, ds_config, plan = memory_layout(config, shape, world_size, gpu, checkpoint.config, memory, ds_notes)
+    resolved_data, held_out = None, held_out_samples(config, world_size)
     if data:
         resolved_data, config, length_notes = resolve_data(config, world_size, checkpoint.config.get("vocab_size"), show_progress)
         notes += length_notes
+        held_out = sum(held.count for held in resolved_data.held_out)
     return ResolvedRun(
         config=config,
         world_size=world_size,
@@ -172,6 +177,7 @@ def resolve_run(
         layout=layout,
         plan=plan,
         shape=shape,
+        flops=run_flops(config, shape, world_size, held_out),
         ds_notes=tuple(ds_notes),
         notes=tuple(notes),
         data=resolved_data,
@@ -199,6 +205,7 @@ def resolve_plan(config: RunConfig, world_size: int, gpu: bool, memory: int | No
         layout=layout,
         plan=plan,
         shape=shape,
+        flops=run_flops(config, shape, world_size, held_out_samples(config, world_size)),
         ds_notes=(),
         notes=(),
         data=None,
@@ -244,18 +251,42 @@ def check_positions(config: RunConfig, model_config: dict) -> None:
         )
 
 
-def memory_layout(config: RunConfig, world_size: int, gpu: bool, model_config: dict, memory: int | None, notes: list):
-    """(MemoryLayout, the resolved DeepSpeed config, the layout's memory Plan, the ModelShape planned) for `memory`
-    bytes per rank (memory_layout.py chooses; no plan under ZeRO stages below 3); `notes` receives how the final
-    config's "auto" values were filled."""
+def memory_layout(config: RunConfig, shape: ModelShape, world_size: int, gpu: bool, model_config: dict, memory: int | None, notes: list):
+    """(MemoryLayout, the resolved DeepSpeed config, the layout's memory Plan) for `memory` bytes per rank
+    (memory_layout.py chooses; no plan under ZeRO stages below 3); `notes` receives how the final config's "auto"
+    values were filled."""
     filled = []
     ds_config = resolve_ds_config(config.deepspeed, config, world_size, gpu, model_config, notes=filled)
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         notes.extend(filled)
-        return MemoryLayout("replicated", False, "ZeRO stage < 3 keeps every weight whole on every rank"), ds_config, None, None
-    shape = model_shape(config)
+        return MemoryLayout("replicated", False, "ZeRO stage < 3 keeps every weight whole on every rank"), ds_config, None
     layout, plan = layout_and_plan(config, shape, world_size, gpu, memory)
-    return layout, resolve_ds_config(config.deepspeed, config, world_size, gpu, model_config, layout.wide_window, notes), plan, shape
+    return layout, resolve_ds_config(config.deepspeed, config, world_size, gpu, model_config, layout.wide_window, notes), plan
+
+
+def held_out_samples(config: RunConfig, world_size: int) -> int:
+    """Blocks one validation scores, before the corpora are read: validation_blocks per held-out set (the general
+    one when there is a general corpus, and the domain's)."""
+    if not config.eval.interval:
+        return 0
+    sets = 1 + bool(config.data.general_eval or config.data.general)
+    return sets * validation_blocks(config, world_size)
+
+
+def run_flops(config: RunConfig, shape: ModelShape, world_size: int, held_out: int) -> StepFlops:
+    """A step's FLOPs as the trainer makes them: its global batch, and its importance passes (adaptive LR) and
+    validations (`held_out` blocks each) amortised over their intervals."""
+    importance = config.importance
+    return step_flops(
+        shape,
+        config.data.block_size,
+        config.train.global_batch(world_size),
+        config.train.activation_checkpointing,
+        importance_samples=importance.batches * importance.batch_size * world_size if config.adaptive_lr else 0,
+        importance_interval=importance.interval,
+        validation_samples=held_out,
+        eval_interval=config.eval.interval,
+    )
 
 
 def check_corpus_size(name: str, path: str, num_blocks: int, config: RunConfig, world_size: int) -> None:
