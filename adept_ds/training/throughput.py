@@ -64,7 +64,4 @@ def describe_flops(flops: StepFlops, peak: Peak, world_size: int) -> str:
     extra = flops.importance + flops.validation
     amortised = f" (+{extra / 1e12:.4g} for importance and validation, amortised)" if extra else ""
     against = f"MFU against {peak.tflops:.4g} TFLOP/s per device ({peak.source})" if peak.tflops else f"no MFU: {peak.source}"
-    return (
-        f"flops: {flops.train / 1e12:.4g} TFLOP a step{amortised}, {flops.six_n / 1e12:.4g} at 6N over {world_size} "
-        f"device(s); {against}"
-    )
+    return f"flops: {flops.train / 1e12:.4g} TFLOP a step{amortised}, {flops.six_n / 1e12:.4g} at 6N over {world_size} device(s); {against}"
