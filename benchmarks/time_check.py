@@ -8,7 +8,8 @@ then the timed ones). Each rank records the two figures the plan needs, measured
 - the matmul rate it measured at start-up, with both ranks measuring at once (what MFU is measured against);
 - the all-gather bandwidth each rank receives on gloo.
 The plan is asked about the same run config with those figures (`--peak-tflops`, `--network-gbps`) and
-`--mfu 1`, so its compute term is the FLOP count at the measured matmul rate. Measured: the median of the timed
+`--mfu 1`, so its compute term is the FLOP count at the measured matmul rate; the table also gives it at the MFU
+that one run (0.1b adept) measured, as a prediction for the others. Measured: the median of the timed
 steps, the slower rank. The importance pass and validation are off in both (importance.interval is far away,
 eval.interval=0), so both are training steps alone. Writes benchmarks/results/time_check.{json,md}.
 """
@@ -41,10 +42,10 @@ def model_for(size: str, method: str, work: Path) -> Path:
     from adept_ds.model.expand import expand_checkpoint
 
     shape, copied, *_ = SIZES[size]
-    original = build_model(work / "models" / size, **shape)
+    original = build_model(work / "models" / size.removesuffix("_ckpt"), **shape)  # _ckpt: the same model, checkpointed
     if method == "pt_full":
         return original
-    expanded = work / "models" / f"{size}_expanded"
+    expanded = work / "models" / f"{size.removesuffix('_ckpt')}_expanded"
     if not (expanded / "adept_expansion.json").is_file():
         expand_checkpoint(original, expanded, copied, overwrite=True, show_progress=False)
     return expanded
@@ -103,22 +104,41 @@ def check(size: str, method: str, work: Path, timed_steps: int) -> dict:
     }
 
 
+CALIBRATION_ROW = "0.1b_adept"
+"""The run whose measured step fixes the CPU's MFU (the share of the matmul rate a whole step reaches); every other
+row is then a prediction."""
+
+
+def calibrated_mfu(results: dict) -> float | None:
+    """The MFU that makes the calibration row's predicted step its measured one (compute scales with 1/MFU, traffic not)."""
+    row = results["rows"].get(CALIBRATION_ROW)
+    if row is None:
+        return None
+    return row["predicted_compute_s"] / (row["measured_step_s"] - row["predicted_communication_s"])
+
+
 def markdown(results: dict) -> str:
+    mfu = calibrated_mfu(results)
     lines = [
-        "2 CPU ranks, ZeRO-3 (fp32). Predicted: `adept-ds plan --tokens` at `--mfu 1` of the matmul rate the ranks measured "
-        "at start-up, and traffic at the all-gather bandwidth they measured. Measured: the median timed step, the slower rank.",
+        "2 CPU ranks, ZeRO-3 (fp32). Predicted: `adept-ds plan --tokens` with the matmul rate the ranks measured at start-up "
+        "(`--peak-tflops`) and the all-gather bandwidth they measured (`--network-gbps`); at `--mfu 1`, and at the MFU "
+        f"calibrated on {CALIBRATION_ROW} ({mfu:.3f}: the share of the matmul rate a whole step reaches here). "
+        "Measured: the median timed step, the slower rank.",
         "",
         "| size | method | params | trainable | layout | step TFLOP (6N) | matmul TFLOP/s per rank | all-gather Gb/s | "
-        "predicted s (compute + comm.) | measured s | predicted / measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "at MFU 1: s (compute + comm.) | measured s | at MFU 1 / measured | calibrated s | calibrated / measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in results["rows"].values():
-        within = "" if abs(row["ratio"] - 1) <= TARGET else " (outside 25 %)"
+    for name, row in results["rows"].items():
+        calibrated = row["predicted_compute_s"] / mfu + row["predicted_communication_s"]
+        ratio = calibrated / row["measured_step_s"]
+        verdict = " (the calibration)" if name == CALIBRATION_ROW else ("" if abs(ratio - 1) <= TARGET else " (outside 25 %)")
         lines.append(
             f"| {row['size']} | {row['method']} | {row['parameters'] / 1e9:.2f}B | {row['trainable_parameters'] / 1e6:.0f}M | "
             f"{row['layout']} | {row['step_tflop']:.3f} ({row['step_tflop_6n']:.3f}) | {row['peak_tflops_measured']:.4f} | "
             f"{row['all_gather_gbps_measured']:.2f} | {row['predicted_step_s']:.2f} ({row['predicted_compute_s']:.2f} + "
-            f"{row['predicted_communication_s']:.2f}) | {row['measured_step_s']:.2f} | {row['ratio']:.2f}{within} |"
+            f"{row['predicted_communication_s']:.2f}) | {row['measured_step_s']:.2f} | {row['ratio']:.2f} | {calibrated:.2f} | "
+            f"{ratio:.2f}{verdict} |"
         )
     return "\n".join(lines) + "\n"
 
