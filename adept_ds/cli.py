@@ -358,25 +358,33 @@ def check_time_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--peak-tflops {args.peak_tflops}: need a positive dense peak in TFLOP/s per device")
     if args.tokens is None and any(value is not None for value in (args.mfu, args.network_gbps, args.peak_tflops)):
         raise ValueError("--mfu, --network-gbps and --peak-tflops time a run: give --tokens too")
+    if args.tokens is not None and args.device == "cpu" and args.network_gbps is None:
+        raise ValueError("--device cpu --tokens: give --network-gbps, gloo's all-gather rate here (benchmarks/train_step.py measures it)")
 
 
 def planned_time(args: argparse.Namespace, run) -> dict:
     """Step time, steps, hours and GPU-hours for --tokens, with where each assumption comes from."""
     import math
 
+    import torch
+
     from adept_ds.run.ds_config import half_precision
     from adept_ds.run.flops import gpu_peak_tflops
     from adept_ds.run.step_time import DEFAULT_NETWORK_GBPS, H100_MFU, NVLINK_GBPS, run_step_time
+    from adept_ds.runtime.distributed import usable_cpus
     from adept_ds.training.throughput import measure_matmul_tflops
 
     gpu, ds = args.device == "gpu", run.ds_config
     half = half_precision(ds)
     if args.peak_tflops:
         peak, peak_source = args.peak_tflops, "--peak-tflops"
+    elif run.config.train.peak_tflops:
+        peak, peak_source = run.config.train.peak_tflops, "train.peak_tflops"
     elif gpu:
         peak, peak_source = gpu_peak_tflops("H100", half), f"H100 SXM datasheet, {'bf16' if half else 'fp32'} dense"
-    else:
-        peak, peak_source = measure_matmul_tflops(), "a 1024^2 fp32 matmul measured here"
+    else:  # with this machine's cores shared among a node's ranks, as training shares them
+        torch.set_num_threads(max(1, usable_cpus() // args.gpus_per_node))
+        peak, peak_source = measure_matmul_tflops(), f"a 1024^2 fp32 matmul measured here on {torch.get_num_threads()} thread(s)"
     mfu = args.mfu or H100_MFU
     network = args.network_gbps or DEFAULT_NETWORK_GBPS
     if gpu and args.nodes == 1:  # one node: every collective stays on NVLink

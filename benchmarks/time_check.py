@@ -1,7 +1,8 @@
-"""`adept-ds plan --tokens`'s step time against real steps on CPU (issue 33): random Llamas of 0.14, 0.48 and 1.66B,
-2 CPU ranks, ZeRO-3 (fp32), adept (2 copies) and pt_full.
+"""`adept-ds plan --tokens`'s step time against real steps on CPU (issue 33): plan_check.py's random Llamas (0.1b,
+0.5b, 1.5b: 0.12-1.57B originals, 0.14-1.66B with adept's 2 copies; 0.1b_ckpt: 0.1b with activation checkpointing),
+2 CPU ranks, ZeRO-3 (fp32), adept and pt_full.
 
-    python benchmarks/time_check.py [--sizes 0.1b,0.5b,1.5b] [--methods adept,pt_full] [--timed-steps 3]
+    python benchmarks/time_check.py [--sizes 0.1b,0.5b,1.5b,0.1b_ckpt] [--methods adept,pt_full] [--timed-steps 3]
 
 Each run is benchmarks/train_step.py under the launcher (plan_check.py's models and run config: 1 warm-up step,
 then the timed ones). Each rank records the two figures the plan needs, measured on this machine:
@@ -119,6 +120,8 @@ def calibrated_mfu(results: dict) -> float | None:
 
 def markdown(results: dict) -> str:
     mfu = calibrated_mfu(results)
+    if mfu is None:  # the calibration run is not measured yet: the predictions at MFU 1 only
+        mfu = float("nan")
     lines = [
         "2 CPU ranks, ZeRO-3 (fp32). Predicted: `adept-ds plan --tokens` with the matmul rate the ranks measured at start-up "
         "(`--peak-tflops`) and the all-gather bandwidth they measured (`--network-gbps`); at `--mfu 1`, and at the MFU "

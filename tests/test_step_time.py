@@ -11,7 +11,7 @@ from train_setup import REPO
 
 from adept_ds.run.flops import StepFlops
 from adept_ds.run.plan import ModelShape, Tensor
-from adept_ds.run.step_time import NVLINK_GBPS, StepTraffic, step_time, step_traffic
+from adept_ds.run.step_time import NVLINK_GBPS, StepTraffic, micro_batch_gathers, step_time, step_traffic
 
 RUN = REPO / "launch" / "configs" / "llama3_adept_4k.yaml"
 
@@ -31,17 +31,45 @@ def test_traffic_counts_each_gather_and_the_gradients_as_zero3_makes_them():
     # the trainable layer's 100 gradients are reduce-scattered.
     traffic = step_traffic(toy_shape(), world_size=4, micro_batches=2, dtype_bytes=2)
     assert traffic == StepTraffic(math.ceil(0.75 * 2 * (2410 + 1210 + 100) * 2), 0)
-    # The wide window keeps forward's weights for backward; replicated gathers only what trains.
-    assert step_traffic(toy_shape(), 4, 2, 2, wide_window=True).network == math.ceil(0.75 * 2 * (2410 + 100) * 2)
+    # A window that keeps 1100 elements live from forward spares backward the head (1000), the norm (10) and 90 of
+    # layer 3's weight (top first); one that keeps everything spares all of it. Replicated gathers only what trains.
+    assert step_traffic(toy_shape(), 4, 2, 2, live=1100).network == math.ceil(0.75 * 2 * (2410 + 110 + 100) * 2)
+    assert step_traffic(toy_shape(), 4, 2, 2, live=10**9).network == math.ceil(0.75 * 2 * (2410 + 100) * 2)
     assert step_traffic(toy_shape(), 4, 2, 2, frozen_weights="replicated").network == math.ceil(0.75 * 2 * (100 + 100 + 100) * 2)
-    # qwZ gathers forward's weights as int8; hpZ moves frozen gathers and backward's to the node.
-    assert step_traffic(toy_shape(), 4, 2, 2, qwz=True).network == math.ceil(0.75 * 2 * (2410 * 1 + 1210 * 2 + 100 * 2))
+    # qwZ gathers every weight as int8, forward and backward; hpZ moves frozen gathers and backward's to the node.
+    assert step_traffic(toy_shape(), 4, 2, 2, qwz=True).network == math.ceil(0.75 * 2 * ((2410 + 1210) * 1 + 100 * 2))
     hpz = step_traffic(toy_shape(), 4, 2, 2, hpz=True)
     assert hpz == StepTraffic(math.ceil(0.75 * 2 * (100 + 100) * 2), math.ceil(0.75 * 2 * (2310 + 1210) * 2))
     # A tied head is the embedding: backward gathers it; one importance probe batch per 2 steps adds half a pass.
     assert step_traffic(toy_shape(tied=True), 4, 1, 2).network == math.ceil(0.75 * (1410 + 1210 + 100) * 2)
     assert step_traffic(toy_shape(), 4, 2, 2, importance_passes=0.5).network == math.ceil(0.75 * 2.5 * (2410 + 1210 + 100) * 2)
     assert step_traffic(toy_shape(), 1, 2, 2) == StepTraffic(0, 0)
+
+
+@pytest.mark.e2e
+def test_the_gathers_are_what_zero3_gathered_on_the_demo_model():
+    """benchmarks/RESULTS.md, issue 16: AllGatherCounter on 2 CPU ranks, ADEPT with copies after layers 12, 14, 16
+    and 17 of the demo model, fp32, one micro-batch: 1005.2 MB sharded with the ~3-layer window, 594.7 MB with the
+    wide one (the whole model is under its 1e9 live elements), 56.6 MB replicated (the copies, kept for backward)."""
+    import tempfile
+    from pathlib import Path
+
+    from adept_ds.model.checkpoint import open_checkpoint
+    from adept_ds.model.demo_model import fetch_demo_model
+    from adept_ds.model.expand import plan_expansion
+    from adept_ds.run.config import load_run_config
+    from adept_ds.run.plan import model_shape
+
+    config = open_checkpoint(fetch_demo_model()).config
+    layers = config["num_hidden_layers"]
+    copies = [index for index, (_, copy) in enumerate(plan_expansion(layers, [12, 14, 16, 17]).layer_sources()) if copy]
+    model = Path(tempfile.mkdtemp())
+    (model / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=layers + 4)))
+    (model / "adept_expansion.json").write_text(json.dumps({"copied_layers": copies, "num_layers": layers + 4}))
+    shape = model_shape(load_run_config(None, [f"model={model}", "method=adept"]))
+    measured = {("sharded", 0): 1005.2, ("sharded", 10**9): 594.7, ("replicated", 10**9): 56.6}
+    for (layout, live), megabytes in measured.items():
+        assert micro_batch_gathers(shape, 4, layout, live).network / 1e6 == pytest.approx(megabytes, abs=0.15), layout
 
 
 def test_step_time_is_compute_at_the_mfu_plus_traffic_at_its_bandwidth():
@@ -80,6 +108,7 @@ def test_plan_tokens_adds_step_time_time_to_train_and_gpu_hours():
         (["--tokens", "100", "--network-gbps", "-1"], "--network-gbps -1.0: need a positive bandwidth"),
         (["--tokens", "100", "--peak-tflops", "0"], "--peak-tflops 0.0: need a positive dense peak"),
         (["--mfu", "0.4"], "--mfu, --network-gbps and --peak-tflops time a run: give --tokens too"),
+        (["--tokens", "100", "--device", "cpu"], "--device cpu --tokens: give --network-gbps, gloo's all-gather rate"),
     ],
 )
 def test_plan_refuses_nonsense_time_options_in_one_line(extra, message):

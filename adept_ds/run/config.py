@@ -233,7 +233,7 @@ class TrainConfig:
             f"train.memory_gb={self.memory_gb!r}: need GiB >= 0 (0 = the device's own memory)",
         )
         _check(
-            isinstance(self.peak_tflops, (int, float)) and self.peak_tflops >= 0,
+            isinstance(self.peak_tflops, (int, float)) and not isinstance(self.peak_tflops, bool) and self.peak_tflops >= 0,
             f"train.peak_tflops={self.peak_tflops!r}: need TFLOP/s >= 0 (0 = the datasheet's, or measured on CPU)",
         )
 

@@ -20,7 +20,8 @@ A step is a global batch of such samples. Two passes come every so many steps an
   samples, every `importance.interval` steps;
 - validation: forward only, on each held-out set, every `eval.interval` steps.
 
-`six_n` is the peers' count: 6 x parameters x tokens. It overstates a step whose backbone is frozen.
+`six_n` is the common 6 x parameters x tokens, for comparing with peers (torchtitan and PaLM add 12 L H Q T for
+attention and leave out the embedding; none count recompute). It overstates a step whose backbone is frozen.
 
 MFU is achieved FLOP/s per device over the device's dense peak in the run's precision: `GPU_PEAK_TFLOPS`, from
 NVIDIA's datasheets (whose tensor-core figures are quoted with 2:4 sparsity: half of them is the dense peak), or
@@ -41,12 +42,17 @@ GPU_PEAK_TFLOPS = {
     "H100": (989.4, 66.9),  # H100 datasheet, SXM5: BF16/FP16 tensor 1,979 with sparsity; FP32 67
     "H200": (989.4, 66.9),  # H200 datasheet, SXM: the H100 SXM's compute with 141 GB of HBM3e
     "A100": (312.0, 19.5),  # A100 datasheet: BF16/FP16 tensor 312 (624 with sparsity); FP32 19.5
+    "L40S": (362.05, 91.6),  # L40S datasheet: BF16/FP16 tensor 733 with sparsity; FP32 91.6
+    "A10": (125.0, 31.2),  # A10 datasheet: BF16/FP16 tensor 250 with sparsity; FP32 31.2
 }
-"""The first name found in the device's name wins, so the PCIe H100 is listed before the SXM one."""
+"""The first name found in the device's name wins, so the PCIe H100 is listed before the SXM one. The NVL boards
+(H100 NVL, H200 NVL) run at other clocks and are left out: they need train.peak_tflops."""
 
 
 def gpu_peak_tflops(device_name: str, half_precision: bool) -> float | None:
     """The datasheet's dense peak of a GPU by its name, in bf16/fp16 or fp32; None for a GPU not in the table."""
+    if "NVL" in device_name:
+        return None
     for name, (half, single) in GPU_PEAK_TFLOPS.items():
         if name in device_name:
             return half if half_precision else single
@@ -80,7 +86,7 @@ class StepFlops:
     validation: int
     """Validation, amortised per step."""
     six_n: int
-    """6 x parameters x the step's trained tokens: the count peers quote MFU at."""
+    """6 x parameters x the step's trained tokens: the common count to compare MFU with peers at."""
 
     @property
     def total(self) -> int:
@@ -113,7 +119,7 @@ def sample_flops(shape: ModelShape, tokens: int, activation_checkpointing: bool 
     if not backward:
         return SampleFlops(forward, 0, 0, 0)
     trainable = set(shape.trainable_layers)
-    lowest = 0 if shape.trains_everything else min(trainable)
+    lowest = shape.lowest_trainable_layer
     through = [layer for layer in layer_forward if layer >= lowest]
     inputs = sum(layer_forward[layer] - attention + 2 * attention for layer in through) + head
     weights = sum(2 * tokens * numel for layer in through if shape.trains_everything or layer in trainable for _, numel in linears[layer])

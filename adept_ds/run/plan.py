@@ -138,9 +138,14 @@ class ModelShape:
         return 1 if self.trains_everything else len(self.trainable_layers) * len(get_family(self.config["model_type"]).units)
 
     @property
+    def lowest_trainable_layer(self) -> int:
+        """Backward runs from the loss down to this layer (every layer for pt_full)."""
+        return min(self.trainable_layers)
+
+    @property
     def backward_layers(self) -> int:
         """Layers whose activations wait for backward: from the lowest trainable one up."""
-        return self.num_layers - min(self.trainable_layers)
+        return self.num_layers - self.lowest_trainable_layer
 
 
 def layer_activation_bytes(config: dict, tokens: int, dtype_bytes: int) -> int:

@@ -8,15 +8,18 @@ gathers as int8). W is the world, and (W-1)/W is a ring's share:
 - forward, each micro-batch: every weight ZeRO-3 partitions is all-gathered. That is every weight with
   `frozen_weights=sharded`, only the trainable ones when replicated;
 - backward, each micro-batch: those of the layers backward runs through (from the lowest trainable one up), the
-  final norm and the head are gathered again, unless the wide window kept them live since forward;
+  final norm and the head are gathered again, less what the window kept live since forward (the wide window:
+  DeepSpeed's `stage3_max_live_parameters`, 1e9 elements; the ~3-layer window: none);
 - the trainable gradients are reduce-scattered, each micro-batch;
 - the importance pass makes its forwards and backwards too, amortised over `importance.interval`;
 - with hpZ the frozen weights, and the backward's trainable ones, come from the node's secondary shards:
-  node-local traffic.
+  node-local traffic;
+- qwZ gathers every weight as int8, forward and backward.
+Validation's forward gathers are not counted (a few % of a step at the default interval).
 
 Node-local traffic runs at NVLink's rate on GPUs (450 GB/s a direction per H100 SXM, its datasheet: 900 GB/s
 total). Traffic between nodes runs at `network_gbps` per GPU. A one-node GPU job is all node-local. On CPU every
-collective runs at `network_gbps` (gloo measured on loopback: benchmarks/plan_check.py).
+collective runs at `network_gbps` (gloo's all-gather rate: benchmarks/train_step.py measures it).
 
 Overlap: none is assumed. Step time = compute + communication. DeepSpeed's prefetch hides part of the gathers
 behind compute, so on GPUs the figure is an upper bound.
@@ -61,42 +64,64 @@ class StepTime:
         return self.compute_s + self.communication_s  # no overlap assumed
 
 
+@dataclass(frozen=True)
+class Gathers:
+    """Whole bytes ZeRO-3 all-gathers for one micro-batch's forward and backward (as `AllGatherCounter` counts them)."""
+
+    network: int
+    node_local: int
+
+
+def micro_batch_gathers(
+    shape: ModelShape, dtype_bytes: int, frozen_weights: str = "sharded", live: int = 0, hpz: bool = False, qwz: bool = False
+) -> Gathers:
+    """What one micro-batch gathers. Forward: every weight ZeRO-3 partitions. Backward: those of the layers it runs
+    through, the final norm and the head, less the `live` elements still held from forward (ZeRO-3 releases the
+    least recently used first, so the head and the top layers stay: backward needs them first)."""
+    trains = {tensor.name for tensor in shape.trainable()}
+    tied = not any(tensor.name.startswith("lm_head") for tensor in shape.tensors)
+    weight_bytes = 1 if qwz else dtype_bytes  # qwZ quantizes every gather, forward and backward
+    gathered = [t for t in shape.tensors if frozen_weights == "sharded" or t.name in trains]
+    where = {"network": 0, "node_local": 0}
+    for tensor in gathered:
+        where["node_local" if hpz and tensor.name not in trains else "network"] += tensor.numel * weight_bytes
+    lowest = shape.lowest_trainable_layer
+    backward = [
+        tensor
+        for tensor in gathered
+        if (tensor.layer is None and (tied or "embed" not in tensor.name or tensor.name in trains))
+        or (tensor.layer is not None and tensor.layer >= lowest)
+    ]
+    # Backward's order: the head and final norm, then the layers from the top down.
+    backward.sort(key=lambda tensor: -1 if tensor.layer is None else shape.num_layers - tensor.layer)
+    for tensor in backward:
+        kept = min(live, tensor.numel)
+        live -= kept
+        where["node_local" if hpz else "network"] += (tensor.numel - kept) * weight_bytes
+    return Gathers(where["network"], where["node_local"])
+
+
 def step_traffic(
     shape: ModelShape,
     world_size: int,
     micro_batches: int,
     dtype_bytes: int,
     frozen_weights: str = "sharded",
-    wide_window: bool = False,
+    live: int = 0,
     hpz: bool = False,
     qwz: bool = False,
     importance_passes: float = 0.0,
 ) -> StepTraffic:
-    """The bytes of one step's ZeRO-3 collectives per rank; `importance_passes`: probe batches (each a forward and
-    a backward) per step, amortised. A wide window keeps forward's gathered weights live for backward."""
+    """The bytes one rank receives in a step's ZeRO-3 collectives: each micro-batch's gathers (`live`: elements the
+    window keeps from forward to backward) and its gradients' reduce-scatter; `importance_passes`: probe batches
+    (a forward and a backward each) per step, amortised."""
     if world_size == 1:
         return StepTraffic(0, 0)
     ring = (world_size - 1) / world_size
-    lowest = 0 if shape.trains_everything else min(shape.trainable_layers)
-    trains = {tensor.name for tensor in shape.trainable()}
-    tied = not any(tensor.name.startswith("lm_head") for tensor in shape.tensors)
-    gathered = [t for t in shape.tensors if frozen_weights == "sharded" or t.name in trains]
-    forward = {"network": 0, "node_local": 0}
-    for tensor in gathered:
-        frozen = tensor.name not in trains
-        forward["node_local" if hpz and frozen else "network"] += tensor.numel * (1 if qwz else dtype_bytes)
-    backward = {"network": 0, "node_local": 0}
-    for tensor in [] if wide_window else gathered:
-        if tensor.layer is not None and tensor.layer < lowest:
-            continue  # backward stops at the lowest trainable layer
-        if tensor.layer is None and "embed" in tensor.name and not tied and tensor.name not in trains:
-            continue  # an untied embedding gets no gradient and is not gathered again
-        backward["node_local" if hpz else "network"] += tensor.numel * dtype_bytes
+    gathers = micro_batch_gathers(shape, dtype_bytes, frozen_weights, live, hpz, qwz)
     gradients = sum(tensor.numel for tensor in shape.trainable()) * dtype_bytes
     passes = micro_batches + importance_passes
-    network = ring * passes * (forward["network"] + backward["network"] + gradients)
-    node_local = ring * passes * (forward["node_local"] + backward["node_local"])
-    return StepTraffic(math.ceil(network), math.ceil(node_local))
+    return StepTraffic(math.ceil(ring * passes * (gathers.network + gradients)), math.ceil(ring * passes * gathers.node_local))
 
 
 def step_time(
@@ -134,7 +159,8 @@ def run_step_time(
         config.train.gradient_accumulation_steps,
         2 if half else 4,
         layout.frozen_weights,
-        layout.wide_window,
+        # The wide window is DeepSpeed's defaults: up to stage3_max_live_parameters stay gathered into backward.
+        live=int(zero.get("stage3_max_live_parameters", 10**9)) if layout.wide_window else 0,
         hpz=zero.get("zero_hpz_partition_size", 1) > 1,
         qwz=bool(zero.get("zero_quantized_weights")),
         importance_passes=importance.batches / importance.interval if config.adaptive_lr else 0.0,
