@@ -370,7 +370,7 @@ def planned_time(args: argparse.Namespace, run) -> dict:
 
     from adept_ds.run.ds_config import half_precision
     from adept_ds.run.flops import gpu_peak_tflops
-    from adept_ds.run.step_time import DEFAULT_NETWORK_GBPS, H100_MFU, NVLINK_GBPS, run_step_time
+    from adept_ds.run.step_time import DEFAULT_NETWORK_GBPS, H100_MFU, link_rates, run_step_time
     from adept_ds.runtime.distributed import usable_cpus
     from adept_ds.training.throughput import measure_matmul_tflops
 
@@ -387,12 +387,12 @@ def planned_time(args: argparse.Namespace, run) -> dict:
         peak, peak_source = measure_matmul_tflops(), f"a 1024^2 fp32 matmul measured here on {torch.get_num_threads()} thread(s)"
     mfu = args.mfu or H100_MFU
     network = args.network_gbps or DEFAULT_NETWORK_GBPS
-    if gpu and args.nodes == 1:  # one node: every collective stays on NVLink
-        network, network_source = NVLINK_GBPS, "one node: NVLink (run/step_time.py)"
-    else:
-        network_source = "--network-gbps" if args.network_gbps else "one 400 Gb/s NDR NIC per GPU (run/step_time.py)"
     world = args.nodes * args.gpus_per_node
     timing = run_step_time(run.config, run.shape, run.flops, ds, run.layout, world, args.nodes, gpu, peak, mfu, network)
+    network_source = "--network-gbps" if args.network_gbps else "one 400 Gb/s NDR NIC per GPU (run/step_time.py)"
+    between, _ = link_rates(network, gpu, args.nodes)
+    if between != network:  # one GPU node: its collectives run on NVLink
+        network, network_source = between, "one node: NVLink (run/step_time.py)"
     tokens_per_step = run.config.train.global_batch(world) * run.config.data.block_size
     steps = math.ceil(args.tokens / tokens_per_step)
     hours = steps * timing.seconds / 3600

@@ -47,13 +47,10 @@ def test_traffic_counts_each_gather_and_the_gradients_as_zero3_makes_them():
 
 
 @pytest.mark.e2e
-def test_the_gathers_are_what_zero3_gathered_on_the_demo_model():
+def test_the_gathers_are_what_zero3_gathered_on_the_demo_model(tmp_path):
     """benchmarks/RESULTS.md, issue 16: AllGatherCounter on 2 CPU ranks, ADEPT with copies after layers 12, 14, 16
     and 17 of the demo model, fp32, one micro-batch: 1005.2 MB sharded with the ~3-layer window, 594.7 MB with the
     wide one (the whole model is under its 1e9 live elements), 56.6 MB replicated (the copies, kept for backward)."""
-    import tempfile
-    from pathlib import Path
-
     from adept_ds.model.checkpoint import open_checkpoint
     from adept_ds.model.demo_model import fetch_demo_model
     from adept_ds.model.expand import plan_expansion
@@ -63,7 +60,7 @@ def test_the_gathers_are_what_zero3_gathered_on_the_demo_model():
     config = open_checkpoint(fetch_demo_model()).config
     layers = config["num_hidden_layers"]
     copies = [index for index, (_, copy) in enumerate(plan_expansion(layers, [12, 14, 16, 17]).layer_sources()) if copy]
-    model = Path(tempfile.mkdtemp())
+    model = tmp_path
     (model / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=layers + 4)))
     (model / "adept_expansion.json").write_text(json.dumps({"copied_layers": copies, "num_layers": layers + 4}))
     shape = model_shape(load_run_config(None, [f"model={model}", "method=adept"]))

@@ -124,14 +124,19 @@ def step_traffic(
     return StepTraffic(math.ceil(ring * passes * (gathers.network + gradients)), math.ceil(ring * passes * gathers.node_local))
 
 
+def link_rates(network_gbps: float, gpu: bool, nodes: int) -> tuple[float, float]:
+    """(Gb/s of the collectives over the whole world, Gb/s of node-local ones): on GPUs NVLink within a node, so a
+    one-node job's world collectives run on it too; on CPU everything at `network_gbps`."""
+    within = NVLINK_GBPS if gpu else network_gbps
+    return (within if gpu and nodes == 1 else network_gbps), within
+
+
 def step_time(
     flops: StepFlops, traffic: StepTraffic, world_size: int, peak_tflops: float, mfu: float, network_gbps: float, gpu: bool, nodes: int
 ) -> StepTime:
-    """Seconds of one step at `mfu` of `peak_tflops` per device, with the traffic at `network_gbps` between nodes
-    (NVLink within one, on GPUs)."""
+    """Seconds of one step at `mfu` of `peak_tflops` per device, with the traffic at `link_rates`."""
     compute = flops.total / (world_size * peak_tflops * 1e12 * mfu)
-    between = network_gbps if (not gpu or nodes > 1) else NVLINK_GBPS
-    within = NVLINK_GBPS if gpu else network_gbps
+    between, within = link_rates(network_gbps, gpu, nodes)
     communication = traffic.network * 8 / (between * 1e9) + traffic.node_local * 8 / (within * 1e9)
     return StepTime(compute, communication, traffic)
 

@@ -160,11 +160,11 @@ def resolve_run(
     memory = device_bytes(config, gpu) if memory == DEVICE_MEMORY else memory
     shape = model_shape(config)
     layout, ds_config, plan = memory_layout(config, shape, world_size, gpu, checkpoint.config, memory, ds_notes)
-    resolved_data, held_out = None, held_out_samples(config, world_size)
+    resolved_data = None
     if data:
         resolved_data, config, length_notes = resolve_data(config, world_size, checkpoint.config.get("vocab_size"), show_progress)
         notes += length_notes
-        held_out = sum(held.count for held in resolved_data.held_out)
+    held_out = sum(held.count for held in resolved_data.held_out) if data else held_out_samples(config, world_size)
     return ResolvedRun(
         config=config,
         world_size=world_size,
