@@ -186,7 +186,12 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
     if is_store(args.output):
         store = open_store(args.output)
         store.check_compatible(tokenizer, args.block_size)
-        print(f"{args.output} is already a token store ({len(store)} blocks of {store.block_size} tokens); nothing to do")
+        old = (
+            ""
+            if store.doc_starts is not None
+            else "; it records no document boundaries (format 1): delete it and run this again to record them"
+        )
+        print(f"{args.output} is already a token store ({len(store)} blocks of {store.block_size} tokens); nothing to do{old}")
         return
     store = prepare_store(args.data, args.output, tokenizer, args.block_size, args.text_field, args.workers, args.max_tokens)
     manifest = store.manifest
