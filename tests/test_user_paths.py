@@ -101,6 +101,8 @@ def test_overrides_are_relative_to_the_current_directory_and_check_prints_every_
         assert f"  {key}: {path}\n" in out, (key, out)
     assert "world: 1 ranks (no --hostfile or --num-gpus, so 1 rank per node was assumed" in out
     assert "attention: sdpa (model.attn_implementation=auto: on CPU); data.document_mask off\n" in out
+    assert main([*argv[:4], "model.attn_implementation=flex_attention", *argv[4:]]) == 2  # refused before anything loads, in one line
+    assert "model.attn_implementation=flex_attention: torch's FlexAttention has no backward on CPU" in capsys.readouterr().err
 
 
 def test_train_refuses_bad_input_before_starting_any_rank(project, capsys):

@@ -257,8 +257,8 @@ def prepare_store(
                 with open(staging / TOKENS, "wb") as tokens_file, open(staging / DOC_STARTS, "wb") as starts_file:
                     progress = tqdm(desc=f"preparing {Path(source).name}", unit="tok", unit_scale=True, disable=not show_progress)
                     hasher = threading.Thread(target=_hash_sources, args=(files, hashes, stop_hashing), daemon=True)
-                    files_out = (tokens_file, starts_file)
-                    counts = _write_tokens(chunks, files_out, tokenizer, text_field, dtype, num_workers, limit, progress, holder, hasher)
+                    outputs = (tokens_file, starts_file)
+                    counts = _write_tokens(chunks, outputs, tokenizer, text_field, dtype, num_workers, limit, progress, holder, hasher)
                     written, documents, max_id, complete = counts
                     progress.close()
                     num_blocks = written // block_size

@@ -99,7 +99,8 @@ class DataConfig:
     """A token attends only to earlier tokens of its own document, not to the documents packed before it in its
     block: each block's position ids restart at 0 at every document start (a block that begins inside a document
     starts that part at 0 too), and transformers masks attention across them. Training, validation and unit
-    importance all pass them; the token stores must record document boundaries (format 2, `adept-ds prepare-data`)."""
+    importance all pass them (give `adept-ds probe` and `eval` --document-mask to match); the token stores must record
+    document boundaries (format 2, `adept-ds prepare-data`)."""
     loss_on_document_start: bool = True
     """Score each document's first token, which the previous document's last token (its EOS) predicts: with
     document_mask it is predicted from the previous document alone. false drops that label (Megatron's
@@ -149,7 +150,6 @@ class ModelConfig:
     flash-attn is installed, else sdpa. Every one of them honours data.document_mask; the run prints its choice."""
 
     def __post_init__(self):
-        _check(isinstance(self.path, str), f"model.path={self.path!r}: need a model directory")
         _check(
             self.attn_implementation in ATTN_IMPLEMENTATIONS,
             f"model.attn_implementation={self.attn_implementation!r}: choose one of {', '.join(ATTN_IMPLEMENTATIONS)}",
@@ -554,8 +554,6 @@ def _build(cls, values: dict, prefix: str = ""):
             raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
         kind = fields[key].type
         sub = {section.__name__: section for section in SECTIONS.values()}.get(kind)
-        if sub is ModelConfig and isinstance(value, str):
-            value = {"path": value}  # `model: DIR`
         if sub is not None:
             kwargs[key] = _build(sub, value, f"{prefix}{key}.")
         else:

@@ -103,11 +103,12 @@ class ResolvedRun:
     data: ResolvedData | None
     """None when resolved without data (`check --skip-data`, `plan`)."""
     resume: ResumeInputs
-    attention: str
-    """The attention kernel the model is loaded with (model.attn_implementation resolved: model/attention.py)."""
-    attention_note: str
+    attention: str = ""
+    """The attention kernel the model is loaded with (model.attn_implementation resolved: model/attention.py); "" for
+    `adept-ds plan`, which loads no model (and may plan a GPU job where flash-attn is not installed)."""
+    attention_note: str = ""
     """The run's `attention:` line: the kernel, why, and the document mask."""
-    packing: Packing
+    packing: Packing = Packing()
     """How batches meet the model: the document mask, the loss at document starts, one row for flash-attention 2."""
 
     @property
@@ -214,7 +215,6 @@ def resolve_plan(config: RunConfig, world_size: int, gpu: bool, memory: int | No
     shape = model_shape(config, k)
     layout, plan = layout_and_plan(config, shape, world_size, gpu, memory)
     ds_config = resolve_ds_config(config.deepspeed, config, world_size, gpu, shape.config, layout.wide_window)
-    attention, attention_note, packing = attention_and_packing(config, gpu, ds_config)
     return ResolvedRun(
         config=config,
         world_size=world_size,
@@ -232,9 +232,6 @@ def resolve_plan(config: RunConfig, world_size: int, gpu: bool, memory: int | No
         notes=(),
         data=None,
         resume=ResumeInputs(Path(config.output_dir) / CHECKPOINT_DIR, False, {}),
-        attention=attention,
-        attention_note=attention_note,
-        packing=packing,
     )
 
 
