@@ -173,5 +173,6 @@ def test_on_two_zero3_ranks_a_packed_block_scores_as_its_documents_alone(tmp_pat
     assert "attention: sdpa (model.attn_implementation=auto: on CPU); data.document_mask on" in result.stdout
     for rank in read_rank_results(tmp_path, 2):
         assert len(rank["losses"]) == 1 and [v["step"] for v in rank["validations"]] == [0, 1]
+        assert len(rank["blocks"]) == 2
         for block in rank["blocks"]:
             assert block["documents"] >= 2 and block["packed"] == pytest.approx(block["alone"], rel=1e-6, abs=0), block

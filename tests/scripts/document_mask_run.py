@@ -21,9 +21,11 @@ trainer = Trainer(resolve_run(load_run_config(None, overrides), show_progress=Fa
 losses = trainer.train()
 trainer.engine.eval()
 blocks = []
+store = trainer.domain[0]
+packed_blocks = [index for index in range(len(store)) if (store.positions(index)[1:] == 0).any()][:2]  # 2+ documents each
 with torch.no_grad():
-    for index in range(2):
-        batch = store_batch(trainer.domain[0], [index], trainer.packing)
+    for index in packed_blocks:
+        batch = store_batch(store, [index], trainer.packing)
         packed = trainer.forward_loss(batch).item()
         positions, ids = batch.position_ids[0], batch.input_ids[0]
         starts = [*torch.nonzero(positions == 0).flatten().tolist(), len(ids)]
