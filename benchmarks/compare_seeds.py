@@ -14,14 +14,15 @@ that has its result line is not trained or evaluated again.
 
 `--set KEY=VALUE` (repeatable) overrides a run-config key in every training run of the study. The document mask's
 keys (data.document_mask, data.loss_on_document_start) also set how the probe scores its blocks, and how evaluation
-does unless `--eval-document-mask` / `--no-eval-document-mask` says otherwise (evaluating two studies alike). Give
-each study its own --output: its probes, models and before.json follow its settings.
+does, unless one of two fixed evaluations is asked for, to compare studies alike: `--no-eval-document-mask`, plain
+blocks with every token scored (as before the mask existed), or `--eval-document-mask`, each document scored alone
+(the mask, document starts dropped). Give each study its own --output: its probes, models and before.json follow
+its settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument(
         "--eval-document-mask",
         action=argparse.BooleanOptionalAction,
-        help="score held-out perplexity with the document mask (default: as --set data.document_mask says)",
+        help="held-out perplexity of each document alone (--no-: of plain blocks, every token scored); default: as --set says",
     )
     args = parser.parse_args()
     if args.k != "auto" and not args.k.isdigit():
@@ -67,7 +68,8 @@ def main() -> None:
         raise SystemExit(f"--set: {err}") from None
     sets = dict(item.split("=", 1) for item in args.set)
     packing = Packing(document_mask=data.document_mask, loss_on_document_start=data.loss_on_document_start)
-    eval_packing = packing if args.eval_document_mask is None else dataclasses.replace(packing, document_mask=args.eval_document_mask)
+    fixed = Packing(document_mask=True, loss_on_document_start=False) if args.eval_document_mask else Packing()
+    eval_packing = packing if args.eval_document_mask is None else fixed
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for variant in variants:  # every name is checked before hours of training
         method, _, normalize = variant.partition(":")

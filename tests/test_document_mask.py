@@ -23,7 +23,7 @@ MASK = Packing(document_mask=True, loss_on_document_start=False)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """Short documents (6-40 words of 1-byte tokens) packed into blocks of 48: several per block, many split."""
+    """Short documents (5-33 bytes, a token each, and an EOS) packed into blocks of 48: several per block, many split."""
     root = tmp_path_factory.mktemp("documents")
     texts = [text[: 5 + 7 * (index % 5)] for index, text in enumerate(sentences(40, seed=11))]
     return prepare_store(write_jsonl(root / "c.jsonl", texts), root / "store", build_byte_tokenizer(), BLOCK, show_progress=False)
@@ -72,6 +72,22 @@ def test_a_packed_block_scores_as_its_documents_scored_alone(store, kernel, keep
             for model in (plain, chunked):  # HF's loss (train.chunked_loss: false) and adept_ds's chunked one
                 packed = model(**batch[row : row + 1].model_inputs()).loss.item()
                 assert packed == pytest.approx(expected, rel=1e-6, abs=0), (row, model is chunked)
+
+
+def test_a_packed_blocks_gradient_is_its_documents_gradient(store):
+    """What training steps on: the gradient of the packed loss (chunked, as the trainer computes it) equals the
+    token-weighted gradient of the documents' losses, each document scored alone."""
+    batch = store_batch(store, [3], MASK)
+    model = tiny_model(chunked=True)
+    model(**batch.model_inputs()).loss.backward()
+    packed = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad()
+    pieces = [piece for piece in documents(batch, 0, False) if len(piece) > 1]
+    for piece in pieces:  # sum over documents of (their tokens / all tokens) x d(their mean loss)
+        (model(input_ids=piece[None], labels=piece[None]).loss * (len(piece) - 1) / batch.predicted).backward()
+    assert len(pieces) >= 2 and packed["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, packed[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
 def test_a_document_split_across_blocks_starts_again_at_position_0(store):
@@ -169,10 +185,12 @@ def test_on_two_zero3_ranks_a_packed_block_scores_as_its_documents_alone(tmp_pat
     inputs = make_training_inputs(tmp_path)
     settings = {"data.document_mask": True, "data.loss_on_document_start": False, "train.max_steps": 1, "train.save_interval": 0}
     settings.update({"importance.interval": 1, "importance.batches": 1, "eval.interval": 1, "train.export": False})
+    settings.update({"scheduler.type": "constant", "scheduler.warmup_steps": 0})  # the step moves the weights
     result = run_deepspeed("document_mask_run.py", tmp_path, *overrides(inputs, tmp_path / "run", **settings))
     assert "attention: sdpa (model.attn_implementation=auto: on CPU); data.document_mask on" in result.stdout
     for rank in read_rank_results(tmp_path, 2):
         assert len(rank["losses"]) == 1 and [v["step"] for v in rank["validations"]] == [0, 1]
+        assert rank["validations"][1]["domain"] != rank["validations"][0]["domain"]  # the step changed the model
         assert len(rank["blocks"]) == 2
         for block in rank["blocks"]:
             assert block["documents"] >= 2 and block["packed"] == pytest.approx(block["alone"], rel=1e-6, abs=0), block
