@@ -110,8 +110,7 @@ class TokenStore:
     def positions(self, index: int) -> np.ndarray:
         """Block `index`'s position ids (int64): 0 at the block's first token and at every document start inside it,
         counting up from there. Two binary searches over the document starts and O(block) numpy work."""
-        if self.doc_starts is None:
-            raise ValueError(self.no_documents_message())
+        self.require_documents("a block's position ids")
         start, size = index * self.block_size, self.block_size
         first = np.searchsorted(self.doc_starts, start, side="right")  # documents starting after the block's first token
         last = np.searchsorted(self.doc_starts, start + size, side="left")
@@ -120,16 +119,13 @@ class TokenStore:
         restarts[inside] = inside
         return np.arange(size, dtype=np.int64) - np.maximum.accumulate(restarts)
 
-    def no_documents_message(self, setting: str = "document boundaries") -> str:
-        return (
-            f"token store {self.path} is of format {self.manifest['format']!r}, which records no document boundaries; "
-            f"{setting} needs them: prepare it again (adept-ds prepare-data) to write {STORE_FORMAT!r}"
-        )
-
     def require_documents(self, setting: str) -> None:
         """Refuse a store without document boundaries (format 1) for `setting`, which needs them."""
         if self.doc_starts is None:
-            raise ValueError(self.no_documents_message(setting))
+            raise ValueError(
+                f"token store {self.path} is of format {self.manifest['format']!r}, which records no document boundaries; "
+                f"{setting} needs them: prepare it again (adept-ds prepare-data) to write {STORE_FORMAT!r}"
+            )
 
     def check_compatible(self, tokenizer, block_size: int, vocab_size: int | None = None) -> None:
         """Refuse a store made with another tokenizer or block size, or holding ids the model has no embedding for."""
