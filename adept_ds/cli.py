@@ -120,6 +120,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         mask_chunk_layers=args.mask_chunk_layers,
         offload_activations=args.offload_activations,
+        packing=packing_of(args),
     )
     if int(os.environ.get("RANK", "0")) == 0:
         if result["method"] == "mask":
@@ -133,6 +134,30 @@ def cmd_probe(args: argparse.Namespace) -> None:
             f"probe ({result['method']}): base loss {result['base_loss']:.4f} on {result['num_tokens']} tokens; "
             f"least important layers: {order[:8]}; wrote {args.output} and {Path(args.output).with_suffix('.png')}"
         )
+
+
+def packing_of(args: argparse.Namespace):
+    """`--document-mask` and `--loss-on-document-start` as data.document_mask and data.loss_on_document_start."""
+    from adept_ds.data.blocks import Packing
+
+    return Packing(document_mask=args.document_mask, loss_on_document_start=args.loss_on_document_start)
+
+
+def add_packing_options(parser: argparse.ArgumentParser) -> None:
+    """The run config's data.document_mask and data.loss_on_document_start, for the probe and eval commands."""
+    parser.add_argument(
+        "--document-mask",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="position ids that restart at each document, so a token attends only to its own document (data.document_mask; "
+        "default off); needs stores with document boundaries",
+    )
+    parser.add_argument(
+        "--loss-on-document-start",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score each document's first token, predicted across the boundary (data.loss_on_document_start; default on)",
+    )
 
 
 def cmd_make_probe_corpus(args: argparse.Namespace) -> None:
@@ -161,7 +186,12 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
     if is_store(args.output):
         store = open_store(args.output)
         store.check_compatible(tokenizer, args.block_size)
-        print(f"{args.output} is already a token store ({len(store)} blocks of {store.block_size} tokens); nothing to do")
+        old = (
+            ""
+            if store.doc_starts is not None
+            else "; it records no document boundaries (format 1): delete it and run this again to record them"
+        )
+        print(f"{args.output} is already a token store ({len(store)} blocks of {store.block_size} tokens); nothing to do{old}")
         return
     store = prepare_store(args.data, args.output, tokenizer, args.block_size, args.text_field, args.workers, args.max_tokens)
     manifest = store.manifest
@@ -184,6 +214,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         if not config_file.is_file():
             raise ValueError(f"{args.run} has no run_config.yaml; pass --model (the model training started from)")
         model = yaml.safe_load(config_file.read_text())["model"]
+        model = model["path"] if isinstance(model, dict) else model  # `model: DIR` in runs written before model.path
     output = export_checkpoint(checkpoints, args.tag, model, args.output, overwrite=args.overwrite)
     print(f"exported {checkpoints}/{args.tag or '(newest complete checkpoint)'} -> {output}")
 
@@ -261,7 +292,7 @@ def cmd_check(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise ValueError(f"{err} [checked for {'GPU' if gpu else 'CPU'} ranks: {device_reason}]") from None
     ds = run.ds_config
-    print(f"config: {config_file or '(overrides only)'}: method {config.method}, model {config.model} ({run.family.name})")
+    print(f"config: {config_file or '(overrides only)'}: method {config.method}, model {config.model.path} ({run.family.name})")
     print_paths(config, config_file)
     print(f"device: {'GPU' if gpu else 'CPU'} ({device_reason})")
     print(
@@ -275,6 +306,7 @@ def cmd_check(args: argparse.Namespace) -> None:
         print(f"deepspeed config: {note}")
     print(f"memory: {run.layout.note}" + ("; `adept-ds plan` shows each term" if "does not fit" in run.layout.note else ""))
     print(f"zero++: {describe_zeropp(ds, config, world_size, run.layout.frozen_weights)}")
+    print(f"attention: {run.attention_note}")
     if run.data is not None:
         for name, store in run.data.stores(config).items():
             print(
@@ -321,7 +353,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--write-gb-per-s {args.write_gb_per_s}: need a positive bandwidth")
     check_time_options(args)
     _, config = _run_config(args)
-    if not config.model:
+    if not config.model.path:
         raise ValueError("model is not set: give model=DIR (a model directory or its config.json; no weights are read)")
     memory = None if args.gpu_memory_gb is None else int(args.gpu_memory_gb * GIB)
     config = with_node_size(config, args.gpus_per_node)
@@ -446,7 +478,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise ValueError(f"evaluation data {path} does not exist")
     model = _model_dir(args.model)
     results = evaluate_model(
-        model, corpora, args.qa, args.block_size, args.max_blocks, args.max_questions, args.answer_pattern, dtype=args.dtype
+        model,
+        corpora,
+        args.qa,
+        args.block_size,
+        args.max_blocks,
+        args.max_questions,
+        args.answer_pattern,
+        dtype=args.dtype,
+        packing=packing_of(args),
     )
     if args.lm_eval_tasks:
         results["lm_eval"] = run_lm_eval(model, args.lm_eval_tasks.split(","), args.max_questions)
@@ -594,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mask: bypass candidates per chunk, whose layer inputs are held at once (default: as many as fit 2 GiB per rank)",
     )
     probe.add_argument("--offload-activations", action="store_true", help="mask: hold the recorded layer inputs in CPU memory")
+    add_packing_options(probe)
     probe.set_defaults(func=cmd_probe)
 
     corpus = commands.add_parser(
@@ -697,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default): the model's own dtype on GPU (TF32 allowed), float32 on CPU",
     )
     evaluate.add_argument("--output", help="write the results JSON here")
+    add_packing_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     demo = commands.add_parser("demo", help="the built-in end-to-end run on the demo model")

@@ -57,7 +57,7 @@ def main() -> None:
     tag, rank = trainer.latest_tag(), trainer.rank
     trainer.close()
     if rank == 0:
-        export_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, tag, config.model, Path(result_dir) / "final", show_progress=False)
+        export_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, tag, config.model.path, Path(result_dir) / "final", show_progress=False)
     Path(result_dir, f"rank{rank}.json").write_text(json.dumps(record))
 
 

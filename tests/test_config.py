@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 
 from adept_ds.model.families import decoder_layer_numel
 from adept_ds.run.config import load_run_config
@@ -17,7 +18,7 @@ def test_yaml_with_overrides(tmp_path):
     assert config.optimizer.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string: coerced
     assert config.importance.mapping == "power"
     assert config.optimizer.betas == (0.9, 0.99)
-    assert config.model == str(tmp_path / "m")  # relative to the run config's directory
+    assert config.model.path == str(tmp_path / "m")  # relative to the run config's directory
 
 
 @pytest.mark.parametrize(
@@ -40,6 +41,10 @@ def test_yaml_with_overrides(tmp_path):
         (["optimizer.betas=[0.9]"], r"optimizer.betas=\[0.9\]: need two numbers in \[0, 1\)"),
         (["optimizer.betas=[0.9, 1.5]"], r"optimizer.betas=\[0.9, 1.5\]: need two numbers in \[0, 1\)"),
         (["train"], r"override 'train' is not key=value"),
+        (["data.document_mask=maybe"], r"config key 'data.document_mask' = 'maybe': expected bool"),
+        (["data.loss_on_document_start=2"], r"config key 'data.loss_on_document_start' = 2: expected bool"),
+        (["model.attn_implementation=flash"], r"model.attn_implementation='flash': choose one of auto, sdpa, eager, flash_attention_2, flex"),
+        (["model.attn_implementaton=sdpa"], r"unknown config key 'model.attn_implementaton'; did you mean 'model.attn_implementation'\?"),
         (["train=3"], r"train must be a mapping"),
     ],
 )
@@ -47,6 +52,19 @@ def test_bad_config_values_are_named(overrides, message):
     with pytest.raises(ValueError, match=message) as refused:
         load_run_config(None, overrides)
     assert "\n" not in str(refused.value)
+
+
+def test_the_model_is_a_path_or_a_section_with_its_attention_kernel(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.yaml").write_text("model: m\n")
+    config = load_run_config(tmp_path / "a.yaml", ["model.attn_implementation=eager"])
+    assert (config.model.path, config.model.attn_implementation) == (str(tmp_path / "m"), "eager")
+    (tmp_path / "b.yaml").write_text("model:\n  path: m\n  attn_implementation: eager\n")
+    config = load_run_config(tmp_path / "b.yaml", ["model=other"])  # model=DIR sets the path, and only the path
+    assert (config.model.path, config.model.attn_implementation) == (str(tmp_path / "other"), "eager")
+    (tmp_path / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict()))  # as a run writes it
+    assert load_run_config(tmp_path / "run_config.yaml").model == config.model
+    assert load_run_config(None, ["model=m"]).model.attn_implementation == "auto"
 
 
 def test_missing_paths_are_reported_before_any_process_starts(tmp_path):

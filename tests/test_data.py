@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from corpora import sentences, write_jsonl
 from tiny_models import build_byte_tokenizer
 
@@ -25,6 +26,21 @@ from adept_ds.runtime import file_lock
 def tokenizer_ids(tokenizer, texts: list[str]) -> list[int]:
     """The tokenizer's own ids of a corpus, EOS after each document: what a store must hold."""
     return [i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+
+
+def document_starts(tokenizer, texts: list[str]) -> list[int]:
+    """Where each non-empty document starts in the packed stream of `tokenizer_ids`."""
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1 for text in texts if text]
+    return [sum(lengths[:index]) for index in range(len(lengths))]
+
+
+def positions_by_hand(starts: list[int], block: int, size: int) -> list[int]:
+    """A block's position ids, token by token: 0 at its first token and at each document start, else one more."""
+    inside = set(starts)
+    positions = []
+    for offset in range(size):
+        positions.append(0 if offset == 0 or block * size + offset in inside else positions[-1] + 1)
+    return positions
 
 
 def test_formats_read_alike(tmp_path):
@@ -73,6 +89,12 @@ def test_store_round_trips_the_tokenizers_ids_across_many_chunks(tmp_path, monke
     assert manifest["tokenizer_fingerprint"] == token_store.tokenizer_fingerprint(tokenizer)
     assert (tmp_path / "store" / "tokens.bin").stat().st_size == 2 * usable
     assert not list(tmp_path.glob(".store*")) and not (tmp_path / "store.lock").exists()  # no staging or lock left
+    # Document boundaries: offsets into the whole stream, whichever chunk and worker tokenised them.
+    starts = [start for start in document_starts(tokenizer, texts) if start < usable]
+    assert manifest["format"] == "adept_ds.token_store/2" and np.asarray(store.doc_starts).tolist() == starts
+    assert manifest["num_doc_starts"] == len(starts) and manifest["num_documents"] == len(texts)
+    for block in range(len(store)):
+        assert store.positions(block).tolist() == positions_by_hand(starts, block, 64), block
 
 
 def test_a_large_vocabulary_is_stored_as_uint32():
@@ -88,6 +110,7 @@ def test_a_token_budget_prepares_only_a_prefix(tmp_path, monkeypatch):
     assert len(store) == 31 and not store.manifest["complete"] and store.manifest["sources"][0]["sha256"] is None
     assert store.manifest["tokens_read"] == 31 * 32
     assert np.asarray(store.tokens).tolist() == tokenizer_ids(tokenizer, texts)[: 31 * 32]
+    assert np.asarray(store.doc_starts).tolist() == [start for start in document_starts(tokenizer, texts) if start < 31 * 32]
 
 
 def test_raw_corpus_cache_is_reused_and_keyed_by_block_size_and_content(tmp_path, monkeypatch):
@@ -139,6 +162,30 @@ def test_a_truncated_store_names_expected_and_actual_sizes(tmp_path):
         handle.truncate(expected - 10)
     with pytest.raises(ValueError, match=rf"tokens.bin has {expected - 10} bytes, the manifest promises {expected}"):
         open_store(tmp_path / "store")
+    with open(tmp_path / "store" / "tokens.bin", "r+b") as handle:
+        handle.truncate(expected)
+    expected = store.manifest["num_doc_starts"] * 8
+    (tmp_path / "store" / "doc_starts.bin").write_bytes(b"\0" * (expected - 8))
+    with pytest.raises(ValueError, match=rf"doc_starts.bin has {expected - 8} bytes, the manifest promises {expected}"):
+        open_store(tmp_path / "store")
+
+
+def test_a_format_1_store_still_opens_and_is_refused_only_where_document_boundaries_are_needed(tmp_path):
+    from adept_ds.data.blocks import Packing, gather_batch
+
+    tokenizer = build_byte_tokenizer()
+    store = prepare_store(write_jsonl(tmp_path / "c.jsonl", sentences(80)), tmp_path / "store", tokenizer, 32, show_progress=False)
+    manifest = {**store.manifest, "format": "adept_ds.token_store/1"}  # what adept_ds wrote before document boundaries
+    del manifest["num_doc_starts"]
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "store" / "doc_starts.bin").unlink()
+    old = load_blocks(tmp_path / "store", tokenizer, 32, tmp_path / "cache")
+    assert old.doc_starts is None and torch.equal(gather_batch([old], [(0, 2)]).input_ids, store[[2]])
+    for setting in ("data.document_mask", "data.loss_on_document_start=false"):
+        with pytest.raises(ValueError, match=rf"format 'adept_ds.token_store/1', which records no document boundaries; {setting} needs"):
+            load_blocks(tmp_path / "store", tokenizer, 32, tmp_path / "cache", documents=setting)
+    with pytest.raises(ValueError, match="records no document boundaries"):
+        gather_batch([old], [(0, 2)], Packing(document_mask=True))
 
 
 def test_a_failed_prepare_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -29,6 +29,8 @@ def test_configs_are_shipped():
 def test_run_config_loads_and_names_real_files(path):
     config = load_run_config(path)
     assert (REPO / config.deepspeed).is_file()
+    masked = load_run_config(path, ["data.document_mask=true", "data.loss_on_document_start=false", "model.attn_implementation=eager"])
+    assert masked.data.document_mask and masked.model.path == config.model.path
     for corpus in [source.path for source in config.data.domain_sources()] + [config.data.general]:
         if corpus:
             assert (REPO / corpus).is_file(), corpus

@@ -1,5 +1,7 @@
 """The comparison harness's aggregation: mean and sample sd per variant, and the Pareto front."""
 
+import json
+
 import pytest
 
 from adept_ds.evaluation.study import aggregate, markdown_table, pareto_front, plot_tradeoff, run_result
@@ -43,3 +45,19 @@ def test_run_result_and_plot(tmp_path):
     assert run_result("adept", 2, before, after) == result("adept", 2, 1.5, 8.5, 0.31)
     plot_tradeoff(RESULTS, tmp_path / "tradeoff.png")
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_step_time_is_shown_when_every_run_has_it(tmp_path):
+    from adept_ds.evaluation.study import step_seconds
+
+    timed = [{**r, "step_s": 2.0 + r["seed"]} for r in RESULTS if r["variant"] == "a"]
+    table = aggregate(timed)
+    assert table["a"]["step_s"] == pytest.approx((3.0, 1.0))
+    assert "| a | 3 | +2.00 ± 1.00 | 9.00 ± 0.50 | 32.0% ± 2.0% | 3.00 ± 1.00 |" in markdown_table(table)
+    assert "step s" not in markdown_table(aggregate([*timed, RESULTS[3]]))  # b has none: no column
+    lines = [
+        {"kind": "train", "step": step, "tokens": {"d": 100 * step}, "tokens_per_s": 100 / seconds}
+        for step, seconds in enumerate((9, 2, 3, 4), 1)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert step_seconds(tmp_path) == pytest.approx(3.0)  # the median of steps 2-4; step 1 warms up

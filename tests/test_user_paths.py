@@ -68,12 +68,12 @@ def test_init_writes_a_config_that_loads_with_paths_relative_to_itself(project, 
     given = ["model=my-model", "data.domain=corpus/domain.jsonl", "data.general=corpus/general.jsonl", "train.max_steps=7"]
     assert main(["init", "configs/run.yaml", *given]) == 0
     written = yaml.safe_load((project / "configs" / "run.yaml").read_text())
-    assert written["model"] == "../my-model" and written["data"]["domain"] == "../corpus/domain.jsonl"  # relative to the file
+    assert written["model"]["path"] == "../my-model" and written["data"]["domain"] == "../corpus/domain.jsonl"  # relative to the file
     assert written["deepspeed"] == "zero3" and "# " in (project / "configs" / "run.yaml").read_text()  # explained
 
     os.chdir(project / "corpus")  # loaded from anywhere: the file's directory is the base
     config = load_run_config(project / "configs" / "run.yaml")
-    assert config.model == str(project / "my-model") and config.data.general == str(project / "corpus" / "general.jsonl")
+    assert config.model.path == str(project / "my-model") and config.data.general == str(project / "corpus" / "general.jsonl")
     assert config.deepspeed == str(SHIPPED_DS_CONFIGS / "zero3.json") and config.train.max_steps == 7
     os.chdir(project)
 
@@ -92,7 +92,7 @@ def test_overrides_are_relative_to_the_current_directory_and_check_prints_every_
     assert main(argv) == 0
     out = capsys.readouterr().out
     for key, path in [
-        ("model", project / "my-model"),
+        ("model.path", project / "my-model"),
         ("deepspeed", SHIPPED_DS_CONFIGS / "zero3.json"),
         ("output_dir", project / "runs" / "a"),
         ("data.domain", project / "corpus" / "domain.jsonl"),
@@ -100,6 +100,9 @@ def test_overrides_are_relative_to_the_current_directory_and_check_prints_every_
     ]:
         assert f"  {key}: {path}\n" in out, (key, out)
     assert "world: 1 ranks (no --hostfile or --num-gpus, so 1 rank per node was assumed" in out
+    assert "attention: sdpa (model.attn_implementation=auto: on CPU); data.document_mask off\n" in out
+    assert main([*argv[:4], "model.attn_implementation=flex_attention", *argv[4:]]) == 2  # refused before anything loads, in one line
+    assert "model.attn_implementation=flex_attention: torch's FlexAttention has no backward on CPU" in capsys.readouterr().err
 
 
 def test_train_refuses_bad_input_before_starting_any_rank(project, capsys):

@@ -73,11 +73,11 @@ def test_readme_walkthrough_runs_verbatim_outside_the_checkout_on_the_installed_
     assert json.loads((work / "stores" / "domain" / "manifest.json").read_text())["num_documents"] == 1200  # both files
 
     config = load_run_config(work / "run.yaml")
-    assert config.model == str(work / "my-model-adept") and config.data.domain == str(work / "stores" / "domain")
+    assert config.model.path == str(work / "my-model-adept") and config.data.domain == str(work / "stores" / "domain")
     assert "ok: nothing wrong found" in output and "world: 2 ranks" in output
     assert re.search(r"^train: .*: fits$", output, re.M)  # the plan
 
-    assert f"  model: {work / 'my-model-adept'}\n" in output and f"  data.domain: {work / 'stores' / 'domain'}\n" in output
+    assert f"  model.path: {work / 'my-model-adept'}\n" in output and f"  data.domain: {work / 'stores' / 'domain'}\n" in output
     assert [r["step"] for r in read_records(work / "runs" / "adept", "train")] == list(range(1, 21))
     assert [r["step"] for r in read_records(work / "runs" / "adept", "validation")] == [0, 10, 20]
     final = json.loads((work / "runs" / "adept" / "final" / "config.json").read_text())

@@ -1,9 +1,16 @@
 """Token stores: a corpus tokenised and packed once into one memory-mapped file of token ids.
 
 A store is a directory with `tokens.bin` (the packed token stream: documents tokenised, an EOS after
-each, concatenated and cut into `block_size`-token blocks, the tail shorter than a block dropped) and
-`manifest.json` (format, tokenizer fingerprint, block size, counts, dtype, and the source files with
-sizes and a content hash computed once). Ids are uint16 when the vocabulary fits, else uint32.
+each, concatenated and cut into `block_size`-token blocks, the tail shorter than a block dropped),
+`doc_starts.bin` (int64: the offset in that stream at which each document starts, ascending; format 2 on)
+and `manifest.json` (format, tokenizer fingerprint, block size, counts, dtype, and the source files with
+sizes and a content hash computed once). Ids are uint16 when the vocabulary fits, else uint32. Stores of
+format 1 (no `doc_starts.bin`) still open; they serve every run but one that needs document boundaries
+(`data.document_mask`, `data.loss_on_document_start: false`), which refuses them (`require_documents`).
+
+A block's position ids restart at 0 at each document that starts inside it (`positions`); a block that
+begins inside a document starts it at 0 too: a document split across two blocks is two documents for the
+model, each part attending only to itself.
 
 `prepare_store` tokenises in N worker processes (a `multiprocessing` pool over the corpus's chunks,
 see corpus.py; results come back in order and are appended to the file as they arrive, so memory
@@ -12,7 +19,7 @@ int64 id lists: several times the final store on disk, and a text copy before th
 in a hidden sibling and renamed into place; a lock file lets one process (of any node on a shared
 filesystem) build it while the others wait on the filesystem, never inside a collective (file_lock.py).
 
-`open_store` reads only the manifest and the file's size: O(1) in the corpus size.
+`open_store` reads only the manifest and the files' sizes: O(1) in the corpus size.
 """
 
 from __future__ import annotations
@@ -35,9 +42,13 @@ from adept_ds.runtime.distributed import usable_cpus
 from adept_ds.runtime.file_lock import exclusive
 from adept_ds.runtime.outputs import atomic_output_dir
 
-STORE_FORMAT = "adept_ds.token_store/1"
+STORE_FORMAT = "adept_ds.token_store/2"
+"""Written now; format 1 (before document boundaries were recorded) is still read."""
+READ_FORMATS = ("adept_ds.token_store/1", STORE_FORMAT)
 MANIFEST = "manifest.json"
 TOKENS = "tokens.bin"
+DOC_STARTS = "doc_starts.bin"
+DOC_START_DTYPE = np.dtype("<i8")
 DOCS_PER_CALL = 256
 
 
@@ -68,6 +79,8 @@ class TokenStore:
     path: Path
     manifest: dict
     tokens: np.ndarray
+    doc_starts: np.ndarray | None = None
+    """Where each document starts in `tokens`, ascending (a memory map); None in a format-1 store."""
 
     @property
     def block_size(self) -> int:
@@ -94,6 +107,26 @@ class TokenStore:
             indices = range(*indices.indices(len(self)))
         return blocks_tensor([self.block(int(i)) for i in indices], self.block_size)
 
+    def positions(self, index: int) -> np.ndarray:
+        """Block `index`'s position ids (int64): 0 at the block's first token and at every document start inside it,
+        counting up from there. Two binary searches over the document starts and O(block) numpy work."""
+        self.require_documents("a block's position ids")
+        start, size = index * self.block_size, self.block_size
+        first = np.searchsorted(self.doc_starts, start, side="right")  # documents starting after the block's first token
+        last = np.searchsorted(self.doc_starts, start + size, side="left")
+        restarts = np.zeros(size, dtype=np.int64)
+        inside = np.asarray(self.doc_starts[first:last], dtype=np.int64) - start
+        restarts[inside] = inside
+        return np.arange(size, dtype=np.int64) - np.maximum.accumulate(restarts)
+
+    def require_documents(self, setting: str) -> None:
+        """Refuse a store without document boundaries (format 1) for `setting`, which needs them."""
+        if self.doc_starts is None:
+            raise ValueError(
+                f"token store {self.path} is of format {self.manifest['format']!r}, which records no document boundaries; "
+                f"{setting} needs them: prepare it again (adept-ds prepare-data) to write {STORE_FORMAT!r}"
+            )
+
     def check_compatible(self, tokenizer, block_size: int, vocab_size: int | None = None) -> None:
         """Refuse a store made with another tokenizer or block size, or holding ids the model has no embedding for."""
         manifest, where = self.manifest, f"token store {self.path}"
@@ -119,23 +152,29 @@ def is_store(path: str | Path) -> bool:
 
 
 def open_store(path: str | Path) -> TokenStore:
-    """Open a prepared store: reads the manifest and the token file's size, nothing of its contents."""
+    """Open a prepared store: reads the manifest and its files' sizes, nothing of their contents."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"token store {path}: cannot read {MANIFEST} ({err})") from None
-    if manifest.get("format") != STORE_FORMAT:
-        raise ValueError(f"token store {path}: format {manifest.get('format')!r} is not {STORE_FORMAT!r}; prepare it again")
-    dtype = np.dtype(manifest["dtype"])
-    expected = manifest["num_tokens"] * dtype.itemsize
-    tokens_file = path / TOKENS
-    actual = tokens_file.stat().st_size if tokens_file.is_file() else 0
+    if manifest.get("format") not in READ_FORMATS:
+        raise ValueError(f"token store {path}: format {manifest.get('format')!r} is not one of {', '.join(READ_FORMATS)}; prepare it again")
+    tokens = _map(path / TOKENS, np.dtype(manifest["dtype"]), manifest["num_tokens"], "tokens")
+    doc_starts = None
+    if manifest["format"] != READ_FORMATS[0]:
+        doc_starts = _map(path / DOC_STARTS, DOC_START_DTYPE, manifest["num_doc_starts"], "document starts")
+    return TokenStore(path=path, manifest=manifest, tokens=tokens, doc_starts=doc_starts)
+
+
+def _map(file: Path, dtype: np.dtype, count: int, what: str) -> np.ndarray:
+    """`count` values of `dtype` in `file`, memory-mapped, after checking its size against the manifest's count."""
+    expected = count * dtype.itemsize
+    actual = file.stat().st_size if file.is_file() else 0
     if actual != expected:
-        raise ValueError(f"token store {path}: {TOKENS} has {actual} bytes, the manifest promises {expected} "
-                         f"({manifest['num_tokens']} {dtype.name} tokens); the file is truncated or damaged: prepare it again")  # fmt: skip
-    tokens = np.memmap(tokens_file, dtype=dtype, mode="r") if expected else np.empty(0, dtype)
-    return TokenStore(path=path, manifest=manifest, tokens=tokens)
+        raise ValueError(f"token store {file.parent}: {file.name} has {actual} bytes, the manifest promises {expected} "
+                         f"({count} {dtype.name} {what}); the file is truncated or damaged: prepare it again")  # fmt: skip
+    return np.memmap(file, dtype=dtype, mode="r") if expected else np.empty(0, dtype)
 
 
 # -- preparing ------------------------------------------------------------------------------------
@@ -148,8 +187,8 @@ def _start_worker(tokenizer, text_field: str, dtype: str) -> None:
     _worker.update(tokenizer=tokenizer, text_field=text_field, dtype=np.dtype(dtype))
 
 
-def _tokenize_chunk(chunk: Chunk) -> tuple[np.ndarray, int]:
-    """One chunk's documents as a flat id array (EOS after each document), and its document count."""
+def _tokenize_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk's documents as a flat id array (EOS after each document), and where each document starts in it."""
     tokenizer, eos = _worker["tokenizer"], _worker["tokenizer"].eos_token_id
     texts = read_chunk(chunk, _worker["text_field"])
     docs = []
@@ -159,7 +198,8 @@ def _tokenize_chunk(chunk: Chunk) -> tuple[np.ndarray, int]:
     flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(ids, (eos,)) for ids in docs), dtype=np.int64, count=total)
     if flat.size and int(flat.max()) > np.iinfo(_worker["dtype"]).max:
         raise ValueError(f"token id {int(flat.max())} does not fit the store's {_worker['dtype'].name}")
-    return flat.astype(_worker["dtype"]), len(docs)
+    lengths = np.fromiter((len(ids) + 1 for ids in docs), dtype=np.int64, count=len(docs))
+    return flat.astype(_worker["dtype"]), np.cumsum(lengths) - lengths
 
 
 def _hash_sources(files: list[Path], hashes: dict, stop: threading.Event) -> None:
@@ -210,16 +250,20 @@ def prepare_store(
         stop_hashing = threading.Event()
         with atomic_output_dir(output) as staging:
             try:
-                with open(staging / TOKENS, "wb") as tokens_file:
+                with open(staging / TOKENS, "wb") as tokens_file, open(staging / DOC_STARTS, "wb") as starts_file:
                     progress = tqdm(desc=f"preparing {Path(source).name}", unit="tok", unit_scale=True, disable=not show_progress)
                     hasher = threading.Thread(target=_hash_sources, args=(files, hashes, stop_hashing), daemon=True)
-                    counts = _write_tokens(chunks, tokens_file, tokenizer, text_field, dtype, num_workers, limit, progress, holder, hasher)
+                    outputs = (tokens_file, starts_file)
+                    counts = _write_tokens(chunks, outputs, tokenizer, text_field, dtype, num_workers, limit, progress, holder, hasher)
                     written, documents, max_id, complete = counts
                     progress.close()
                     num_blocks = written // block_size
                     if num_blocks == 0:
                         raise ValueError(f"corpus {source} has {written} tokens, fewer than one block of {block_size}")
                     tokens_file.truncate(num_blocks * block_size * dtype.itemsize)  # the tail shorter than a block
+                    starts_file.flush()
+                    num_doc_starts = _starts_before(staging / DOC_STARTS, num_blocks * block_size)
+                    starts_file.truncate(num_doc_starts * DOC_START_DTYPE.itemsize)  # documents that start in that tail
                 if not complete:
                     stop_hashing.set()  # a prefix: hashing whole files would read what the store never used
                 hasher.join()
@@ -236,6 +280,7 @@ def prepare_store(
                 "num_blocks": num_blocks,
                 "tokens_read": written,
                 "num_documents": documents,
+                "num_doc_starts": num_doc_starts,
                 "max_token_id": max_id,
                 "text_field": text_field,
                 "max_tokens": max_tokens,
@@ -253,8 +298,16 @@ def prepare_store(
     return open_store(output)
 
 
-def _write_tokens(chunks, tokens_file, tokenizer, text_field, dtype, num_workers, limit, progress, holder, hasher):
-    """Tokenise `chunks` in a pool and append their ids in corpus order; stop at `limit` tokens.
+def _starts_before(file: Path, num_tokens: int) -> int:
+    """How many of the ascending document starts in `file` lie before token `num_tokens`."""
+    if file.stat().st_size == 0:
+        return 0
+    return int(np.searchsorted(np.memmap(file, dtype=DOC_START_DTYPE, mode="r"), num_tokens, side="left"))
+
+
+def _write_tokens(chunks, files, tokenizer, text_field, dtype, num_workers, limit, progress, holder, hasher):
+    """Tokenise `chunks` in a pool and append their ids, and their documents' starts offset to the stream's, in
+    corpus order to `files` (tokens, document starts); stop at `limit` tokens.
 
     Returns (tokens written, documents, largest id, whether every chunk was used whole).
     """
@@ -269,13 +322,16 @@ def _write_tokens(chunks, tokens_file, tokenizer, text_field, dtype, num_workers
         hasher.start()
         holder.start_heartbeat()
         results = _in_order(pool, _tokenize_chunk, pieces(chunks), window=2 * num_workers)
-        for (ids, docs), last in _with_last(results):
+        tokens_file, starts_file = files
+        for (ids, starts), last in _with_last(results):
             if limit is not None and written + ids.size >= limit:
                 complete = last and written + ids.size == limit
                 ids = ids[: limit - written]
+                starts = starts[starts < ids.size]
             tokens_file.write(memoryview(np.ascontiguousarray(ids)).cast("B"))
+            starts_file.write(memoryview((starts + written).astype(DOC_START_DTYPE)).cast("B"))
             written += ids.size
-            documents += docs
+            documents += starts.size
             max_id = max(max_id, int(ids.max()) if ids.size else 0)
             progress.update(ids.size)  # tqdm shows the rate in tokens/s
             if limit is not None and written >= limit:

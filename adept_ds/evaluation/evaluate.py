@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from adept_ds.data.blocks import Batch, Packing
 from adept_ds.probe.layers import probe_dtype
 from adept_ds.probe.runtime import loss_sum
 from adept_ds.runtime.distributed import on_cpu
@@ -35,8 +36,10 @@ def _world() -> tuple[int, int, object]:
     return 0, 1, lambda tensor: tensor
 
 
-def corpus_loss(model, blocks: torch.Tensor, batch_size: int = 4, rank: int = 0, world_size: int = 1, reduce=lambda t: t) -> float:
-    """Mean next-token cross-entropy over all predicted tokens of `blocks` [N, T] (this rank: blocks[rank::world])."""
+def corpus_loss(model, blocks: Batch | torch.Tensor, batch_size: int = 4, rank: int = 0, world_size: int = 1, reduce=lambda t: t) -> float:
+    """Mean next-token cross-entropy over all predicted tokens of `blocks` [N, T] (this rank: blocks[rank::world]): a
+    `Batch` (with position ids under the document mask, labels dropped where it says), or a plain tensor of blocks."""
+    blocks = Batch.of(blocks)
     sums = torch.zeros(2, dtype=torch.float64)
     mine = blocks[rank::world_size]
     model.eval()
@@ -47,10 +50,11 @@ def corpus_loss(model, blocks: torch.Tensor, batch_size: int = 4, rank: int = 0,
         for start in tqdm(range(0, per_rank, batch_size), desc="perplexity", disable=rank != 0, leave=False):
             batch = mine[start : start + batch_size].to(model.device)
             if not len(batch):
-                model(input_ids=blocks[:1].to(model.device), use_cache=False)
+                model(**blocks[:1].to(model.device).model_inputs(labels=False), use_cache=False)
                 continue
-            sums[0] += loss_sum(model(input_ids=batch, use_cache=False).logits[:, :-1], batch[:, 1:]).item()
-            sums[1] += batch[:, 1:].numel()
+            logits = model(**batch.model_inputs(labels=False), use_cache=False).logits
+            sums[0] += loss_sum(logits[:, :-1], batch.targets).item()
+            sums[1] += batch.predicted
     sums = reduce(sums)
     return (sums[0] / sums[1]).item()
 
@@ -130,16 +134,18 @@ def evaluate_model(
     prompt: str = DEFAULT_PROMPT,
     cache_dir: str | Path | None = None,
     dtype: str = "auto",
+    packing: Packing = Packing(),
 ) -> dict:
     """{"model", "dtype", "perplexity": {name: {"loss", "perplexity", "tokens"}}, "qa": {...}} for one checkpoint.
 
     In `dtype`: `float32`, `bfloat16`, or `auto`: the checkpoint's own on GPU (TF32 matmuls allowed), fp32
     on CPU, where bf16 matmuls are slow and inexact (the probe's rule, `probe_dtype`). On several ranks
-    the model is loaded into ZeRO-3 partitions; alone, it is loaded whole onto this process's device.
+    the model is loaded into ZeRO-3 partitions; alone, it is loaded whole onto this process's device. `packing`: the
+    document mask and the loss at document starts, as training's data.document_mask and data.loss_on_document_start.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adept_ds.data.blocks import load_blocks
+    from adept_ds.data.blocks import load_blocks, store_batch
     from adept_ds.model.checkpoint import open_checkpoint
     from adept_ds.model.demo_model import cache_root
     from adept_ds.runtime.distributed import zero3_engine
@@ -157,11 +163,15 @@ def evaluate_model(
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
     cache = Path(cache_dir) if cache_dir else cache_root() / "blocks"
     results: dict = {"model": str(model_dir), "dtype": str(model.dtype).removeprefix("torch."), "world_size": world_size, "perplexity": {}}
+    results.update(document_mask=packing.document_mask, loss_on_document_start=packing.loss_on_document_start)
     for name, path in (corpora or {}).items():
-        store = load_blocks(path, tokenizer, block_size, cache, max_tokens=max_blocks * block_size, vocab_size=model.config.vocab_size)
-        blocks = store[: min(len(store), max_blocks)]
+        vocab_size, documents = model.config.vocab_size, packing.setting()
+        store = load_blocks(
+            path, tokenizer, block_size, cache, max_tokens=max_blocks * block_size, vocab_size=vocab_size, documents=documents
+        )
+        blocks = store_batch(store, range(min(len(store), max_blocks)), packing)
         loss = corpus_loss(model, blocks, rank=rank, world_size=world_size, reduce=reduce)
-        results["perplexity"][name] = {"loss": loss, "perplexity": math.exp(loss), "tokens": int(blocks.numel())}
+        results["perplexity"][name] = {"loss": loss, "perplexity": math.exp(loss), "tokens": int(blocks.input_ids.numel())}
     if qa:
         results["qa"] = qa_accuracy(
             model, tokenizer, read_qa(qa, max_questions), prompt, pattern, rank=rank, world_size=world_size, reduce=reduce

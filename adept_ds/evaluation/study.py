@@ -1,7 +1,8 @@
 """Multi-seed comparisons that decide things: per-variant mean and standard deviation, and the Pareto front.
 
 A result is one run: {"variant", "seed", "general_increase" (general perplexity after - before; lower
-is better), "domain_drop" (domain perplexity before - after; higher is better), "accuracy"}.
+is better), "domain_drop" (domain perplexity before - after; higher is better), "accuracy"}, and optionally
+"step_s" (the run's median seconds per training step, `step_seconds`), which the table shows when every run has it.
 `aggregate` gives each variant's mean and sample standard deviation; `pareto_front` the runs that no
 other run beats on both axes (forgetting less and learning at least as much, or the reverse);
 `plot_tradeoff` draws every run as a point, general increase against domain drop, front marked.
@@ -13,6 +14,7 @@ import statistics
 from pathlib import Path
 
 METRICS = ("general_increase", "domain_drop", "accuracy")
+STEP_TIME = "step_s"
 
 
 def run_result(variant: str, seed: int, before: dict, after: dict) -> dict:
@@ -28,7 +30,7 @@ def aggregate(results: list[dict]) -> dict[str, dict]:
     for variant in dict.fromkeys(result["variant"] for result in results):
         runs = [result for result in results if result["variant"] == variant]
         row: dict = {"runs": len(runs)}
-        for metric in METRICS:
+        for metric in [*METRICS, *([STEP_TIME] if all(STEP_TIME in run for run in runs) else [])]:
             values = [run[metric] for run in runs]
             row[metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
         table[variant] = row
@@ -47,11 +49,27 @@ def pareto_front(results: list[dict]) -> list[dict]:
 
 
 def markdown_table(table: dict[str, dict]) -> str:
-    lines = ["| variant | runs | general ppl increase | domain ppl drop | domain accuracy |", "|---|---|---|---|---|"]
+    timed = all(STEP_TIME in row for row in table.values())
+    lines = [
+        "| variant | runs | general ppl increase | domain ppl drop | domain accuracy |" + (" step s |" if timed else ""),
+        "|---|---|---|---|---|" + ("---|" if timed else ""),
+    ]
     for variant, row in table.items():
         (g, gs), (d, ds), (a, as_) = (row[m] for m in METRICS)
-        lines.append(f"| {variant} | {row['runs']} | {g:+.2f} ± {gs:.2f} | {d:.2f} ± {ds:.2f} | {a:.1%} ± {as_:.1%} |")
+        step = f" {row[STEP_TIME][0]:.2f} ± {row[STEP_TIME][1]:.2f} |" if timed else ""
+        lines.append(f"| {variant} | {row['runs']} | {g:+.2f} ± {gs:.2f} | {d:.2f} ± {ds:.2f} | {a:.1%} ± {as_:.1%} |{step}")
     return "\n".join(lines) + "\n"
+
+
+def step_seconds(run_dir: Path) -> float:
+    """A run's median seconds per training step (importance passes and validations excluded), from its metrics.jsonl:
+    each step's tokens over its tokens/s. The first step, which warms up, is left out when there are others."""
+    from adept_ds.runtime.run_log import last_per_step, read_records
+
+    records = last_per_step(read_records(run_dir, "train"))
+    totals = [sum(record["tokens"].values()) for record in records]
+    seconds = [(total - before) / record["tokens_per_s"] for record, total, before in zip(records, totals, [0, *totals])]
+    return statistics.median(seconds[1:] or seconds)
 
 
 def plot_tradeoff(results: list[dict], path: Path) -> None:

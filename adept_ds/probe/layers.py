@@ -10,7 +10,8 @@ Methods (higher score = the layer matters more for general competence; ADEPT exp
 - `fisher`: I(l) = sum over the layer's parameters of (dL/dtheta)^2.
 L is the mean token loss over the whole probe set (all ranks), so scores do not depend on how many
 processes computed them. The model runs on the device the launcher gives, in `dtype` (`auto`: the
-checkpoint's dtype on GPU, fp32 on CPU); losses and sums are accumulated in float64 on the CPU.
+checkpoint's dtype on GPU, fp32 on CPU); losses and sums are accumulated in float64 on the CPU. With the
+document mask (`packing`, as data.document_mask in training) the blocks carry their position ids.
 
 A probe result is JSON: `{"format": "adept_ds.probe/1", "method": ..., "num_layers": L,
 "scores": [one float per original decoder layer], "base_loss": ..., "model_fingerprint": ..., ...}`;
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from adept_ds.data.blocks import Batch, Packing
 from adept_ds.model.families import Family
 from adept_ds.probe.mask import mask_loss_sums
 from adept_ds.probe.runtime import ProbeRuntime, loss_sum, plain_runtime
@@ -109,7 +111,7 @@ def gradient_sums(family: Family, runtime: ProbeRuntime) -> torch.Tensor:
 def probe_scores(
     family: Family,
     runtime: ProbeRuntime,
-    batches: list[tuple[torch.Tensor, float]],
+    batches: list[tuple[Batch | torch.Tensor, float]],
     method: str,
     total_tokens: int,
     show_progress: bool = True,
@@ -119,7 +121,8 @@ def probe_scores(
     """Per-layer scores and the base loss over the whole probe set (every rank gets the same numbers), and
     for `mask` this rank's peak bytes of recorded layer inputs (None for the gradient methods).
 
-    `batches` are this rank's (blocks, weight) pairs; `total_tokens` counts predicted tokens on all ranks.
+    `batches` are this rank's (blocks, weight) pairs (a `Batch`, or a tensor of blocks); `total_tokens` counts
+    predicted tokens on all ranks.
     All ranks must pass the same number of batches (pad with zero-weight repeats) and the same
     `mask_chunk_layers` (default: all layers), because ZeRO-3 gathers weights collectively in every forward.
     """
@@ -130,7 +133,8 @@ def probe_scores(
     if method == "mask":
         sums, peak = torch.zeros(len(layers) + 1, dtype=torch.float64), 0
         for batch, weight in progress:
-            batch_sums, batch_peak = mask_loss_sums(family, runtime.model, batch.to(runtime.device), mask_chunk_layers, offload_activations)
+            batch = Batch.of(batch).to(runtime.device)
+            batch_sums, batch_peak = mask_loss_sums(family, runtime.model, batch, mask_chunk_layers, offload_activations)
             sums += weight * batch_sums.cpu()
             peak = max(peak, batch_peak)
         sums = runtime.all_reduce_sum(sums)
@@ -139,8 +143,8 @@ def probe_scores(
 
     base_sum = torch.zeros(1, dtype=torch.float64)
     for batch, weight in progress:
-        batch = batch.to(runtime.device)
-        batch_loss = loss_sum(runtime(input_ids=batch, use_cache=False).logits[:, :-1], batch[:, 1:])
+        batch = Batch.of(batch).to(runtime.device)
+        batch_loss = loss_sum(runtime(**batch.model_inputs(labels=False), use_cache=False).logits[:, :-1], batch.targets)
         base_sum += weight * batch_loss.detach().cpu()
         # d(mean loss over all ranks' tokens)/d(theta): each rank contributes its share of the sum.
         runtime.backward(weight * batch_loss / total_tokens)
@@ -150,7 +154,7 @@ def probe_scores(
     return scores.tolist(), sums[-1].item() / total_tokens, None
 
 
-def shard_batches(blocks: torch.Tensor, rank: int, world_size: int, batch_size: int) -> list[tuple[torch.Tensor, float]]:
+def shard_batches(blocks: Batch | torch.Tensor, rank: int, world_size: int, batch_size: int) -> list[tuple[Batch | torch.Tensor, float]]:
     """This rank's blocks (round robin), in batches, padded with zero-weight repeats to the same count on every rank."""
     per_rank = math.ceil(len(blocks) / world_size)
     num_batches = math.ceil(per_rank / batch_size)
@@ -231,6 +235,7 @@ def probe_model(
     dtype: str = "auto",
     mask_chunk_layers: int | None = None,
     offload_activations: bool = False,
+    packing: Packing = Packing(),
 ) -> dict:
     """`adept-ds probe`: score every decoder layer of `model_dir` on the general corpus `data`.
 
@@ -245,7 +250,7 @@ def probe_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adept_ds.data.blocks import load_blocks, usable_blocks
+    from adept_ds.data.blocks import load_blocks, store_batch, usable_blocks
     from adept_ds.data.sampler import sample_order
     from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
     from adept_ds.model.demo_model import cache_root
@@ -278,13 +283,14 @@ def probe_model(
     # The blocks before the process group (see data/blocks.py); a raw corpus is tokenised only as far as the budget.
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prefix = max_tokens if seed is None else None
-    store = load_blocks(data, tokenizer, block_size, cache_root() / "blocks", text_field, prefix, checkpoint.config.get("vocab_size"))
+    vocab_size = checkpoint.config.get("vocab_size")
+    store = load_blocks(data, tokenizer, block_size, cache_root() / "blocks", text_field, prefix, vocab_size, documents=packing.setting())
     num_blocks = usable_blocks(store, max_tokens)
-    blocks = store[:num_blocks] if seed is None else store[sample_order(len(store), seed, 0, num_blocks)]
+    blocks = store_batch(store, range(num_blocks) if seed is None else sample_order(len(store), seed, 0, num_blocks), packing)
     distributed = launched_distributed()
     rank, world_size = init_distributed() if distributed else (0, 1)
     batches = shard_batches(blocks, rank, world_size, batch_size)
-    total_tokens = num_blocks * (block_size - 1)  # predicted tokens: every position but the first of a block
+    total_tokens = blocks.predicted  # every position but the first of a block (and the document starts dropped)
 
     with_grad = method != "mask"
     if distributed:
@@ -316,6 +322,8 @@ def probe_model(
         "seed": seed,
         "world_size": world_size,
         "dtype": str(torch_dtype).removeprefix("torch."),
+        "document_mask": packing.document_mask,
+        "loss_on_document_start": packing.loss_on_document_start,
     }
     if method == "mask":
         result.update(

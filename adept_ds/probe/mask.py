@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from adept_ds.data.blocks import Batch
 from adept_ds.model.families import Family
 from adept_ds.probe.runtime import loss_sum, next_token_loss_sum
 
@@ -45,13 +46,21 @@ def _offload(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to("cpu")
 
 
-def record_layer_inputs(family: Family, model: nn.Module, input_ids: torch.Tensor, record: range | None = None, store: Callable = _keep):
+def record_layer_inputs(
+    family: Family,
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    record: range | None = None,
+    store: Callable = _keep,
+    position_ids: torch.Tensor | None = None,
+):
     """One base forward through the decoder, recording the inputs of the layers in `record` (default all),
     each passed through `store`, and every layer's call arguments.
 
     Returns ([input of each recorded layer], [kwargs per layer], last layer's output). Masks, rotary
     embeddings and per-layer attention types come from the model's own forward, so every family is
-    handled alike; the kwargs are references to tensors the model builds once, not copies per layer.
+    handled alike; the kwargs are references to tensors the model builds once, not copies per layer. With
+    `position_ids` (the document mask) they hold the block-diagonal mask, which the bypass passes reuse.
     """
     layers = family.decoder_layers(model)
     record = range(len(layers)) if record is None else record
@@ -68,7 +77,7 @@ def record_layer_inputs(family: Family, model: nn.Module, input_ids: torch.Tenso
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(lambda module, args, output: last_output.append(_hidden(output))))
     try:
-        model.get_submodule(family.decoder_path)(input_ids=input_ids, use_cache=False)
+        model.get_submodule(family.decoder_path)(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -76,23 +85,24 @@ def record_layer_inputs(family: Family, model: nn.Module, input_ids: torch.Tenso
 
 
 def mask_loss_sums(
-    family: Family, model: nn.Module, input_ids: torch.Tensor, chunk_layers: int | None = None, offload: bool = False
+    family: Family, model: nn.Module, batch: Batch | torch.Tensor, chunk_layers: int | None = None, offload: bool = False
 ) -> tuple[torch.Tensor, int]:
-    """[base loss sum, loss sum with layer 0 bypassed, ..., with layer L-1 bypassed] for one batch, and the
-    peak bytes of recorded layer inputs.
+    """[base loss sum, loss sum with layer 0 bypassed, ..., with layer L-1 bypassed] for one batch (a `Batch`, or
+    a tensor of blocks), and the peak bytes of recorded layer inputs.
 
     The bypass candidates are taken `chunk_layers` at a time (default: all at once); `offload` holds the
     recorded inputs in CPU memory. Every rank must use the same chunk size: under ZeRO-3 each layer call
     gathers that layer's weights from all ranks, so all ranks call the layers in the same order.
     """
+    batch = Batch.of(batch)
     layers = family.decoder_layers(model)
     num_layers = len(layers)
     chunk = min(chunk_layers or num_layers, num_layers)
     store = _offload if offload else _keep
-    device = input_ids.device
+    device = batch.input_ids.device
     with torch.no_grad():
-        inputs, kwargs, final = record_layer_inputs(family, model, input_ids, range(chunk), store)
-        sums = [next_token_loss_sum(family, model, final, input_ids)]
+        inputs, kwargs, final = record_layer_inputs(family, model, batch.input_ids, range(chunk), store, batch.position_ids)
+        sums = [next_token_loss_sum(family, model, final, batch.labels)]
         del final
         peak = 0
         for start in range(0, num_layers, chunk):
@@ -106,7 +116,7 @@ def mask_loss_sums(
                 hidden = inputs[bypassed - start].to(device)
                 for above in range(bypassed + 1, num_layers):
                     hidden = _hidden(layers[above](hidden, **kwargs[above]))
-                sums.append(next_token_loss_sum(family, model, hidden, input_ids))
+                sums.append(next_token_loss_sum(family, model, hidden, batch.labels))
     return torch.stack(sums), peak
 
 
@@ -125,11 +135,12 @@ def bypass_layer(family: Family, model: nn.Module, index: int) -> Iterator[None]
         handle.remove()
 
 
-def naive_mask_loss_sums(family: Family, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+def naive_mask_loss_sums(family: Family, model: nn.Module, batch: Batch | torch.Tensor) -> torch.Tensor:
     """The same numbers as `mask_loss_sums` the naive way: one full forward per bypassed layer."""
+    batch = Batch.of(batch)
 
     def full_forward_loss():
-        return loss_sum(model(input_ids=input_ids, use_cache=False).logits[:, :-1], input_ids[:, 1:])
+        return loss_sum(model(**batch.model_inputs(labels=False), use_cache=False).logits[:, :-1], batch.targets)
 
     with torch.no_grad():
         sums = [full_forward_loss()]

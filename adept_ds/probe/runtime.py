@@ -49,16 +49,16 @@ class ProbeRuntime:
 
 
 def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of cross-entropies of `logits` [B, T, V] against aligned `targets` [B, T], accumulated in float64
-    so that sums over batches and ranks do not depend on how the blocks were split."""
+    """Sum of cross-entropies of `logits` [B, T, V] against aligned `targets` [B, T] (-100: skipped), accumulated in
+    float64 so that sums over batches and ranks do not depend on how the blocks were split."""
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
     return losses.double().sum()
 
 
-def next_token_loss_sum(family: Family, model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Loss sum from the residual stream after the last layer; the head skips the last position,
-    which predicts nothing inside the block."""
-    return loss_sum(family.logits(model, hidden[:, :-1]), input_ids[:, 1:])
+def next_token_loss_sum(family: Family, model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Loss sum from the residual stream after the last layer against `labels` (the blocks' ids, -100 where a label
+    is dropped); the head skips the last position, which predicts nothing inside the block."""
+    return loss_sum(family.logits(model, hidden[:, :-1]), labels[:, 1:])
 
 
 def plain_runtime(model: nn.Module, family: Family, with_grad: bool) -> ProbeRuntime:

@@ -49,6 +49,7 @@ NONFINITE_POLICIES = ("skip", "stop")
 FROZEN_WEIGHTS = ("auto", "sharded", "replicated")
 ZEROPP = ("off", "hpz", "qwz", "hpz+qwz")
 GUARD_ACTIONS = ("stop", "rollback", "cool")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 REPORT_SINKS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -94,8 +95,18 @@ class DataConfig:
     """Name of the text field in JSONL/Parquet records."""
     block_size: int = 256
     """Tokens per training sample (documents are packed and cut into blocks)."""
+    document_mask: bool = False
+    """A token attends only to earlier tokens of its own document, not to the documents packed before it in its
+    block: each block's position ids restart at 0 at every document start (a block that begins inside a document
+    starts that part at 0 too), and transformers masks attention across them. Training, validation and unit
+    importance all pass them (give `adept-ds probe` and `eval` --document-mask to match); the token stores must record
+    document boundaries (format 2, `adept-ds prepare-data`)."""
+    loss_on_document_start: bool = True
+    """Score each document's first token, which the previous document's last token (its EOS) predicts: with
+    document_mask it is predicted from the previous document alone. false drops that label (Megatron's
+    eod_mask_loss); with document_mask a packed block's loss then equals its documents' losses scored separately."""
     cache_dir: str = ""
-    """Arrow cache of tokenised blocks; default `$ADEPT_DS_CACHE/blocks`."""
+    """Cache of token stores prepared from raw corpora; default `$ADEPT_DS_CACHE/blocks`."""
 
     def __post_init__(self):
         _check(isinstance(self.block_size, int) and self.block_size >= 2, f"data.block_size={self.block_size!r}: need an int >= 2")
@@ -126,6 +137,23 @@ class DataConfig:
         names = [source.name for source in sources]
         _check(len(set(names)) == len(names), f"data.domain: source names {names} repeat; give each source a distinct name")
         return sources
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = ""
+    """Expanded model from `adept-ds expand` (adept, llama_pro, adept_no_stage2), or the original (pt_full,
+    adept_no_stage1). `model: DIR` (and the override `model=DIR`) is short for `model.path: DIR`."""
+    attn_implementation: str = "auto"
+    """The attention kernel the model is loaded with: sdpa, eager, flash_attention_2 (a GPU, the flash-attn package,
+    bf16 or fp16) or flex_attention (no backward on CPU). auto: flash_attention_2 on a GPU in bf16/fp16 when
+    flash-attn is installed, else sdpa. Every one of them honours data.document_mask; the run prints its choice."""
+
+    def __post_init__(self):
+        _check(
+            self.attn_implementation in ATTN_IMPLEMENTATIONS,
+            f"model.attn_implementation={self.attn_implementation!r}: choose one of {', '.join(ATTN_IMPLEMENTATIONS)}",
+        )
 
 
 @dataclass(kw_only=True)
@@ -401,8 +429,8 @@ class ReportConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    model: str = ""
-    """Expanded model from `adept-ds expand` (adept, llama_pro, adept_no_stage2), or the original (pt_full, adept_no_stage1)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to train (`model.path`) and its attention kernel; `model: DIR` is short for `model.path: DIR`."""
     method: str = "adept"
     """adept: the manifest's copies, unit-wise adaptive LR (selective expansion); pt_full: every parameter of
     the original model, uniform LR; llama_pro: the copies of a uniformly expanded model, uniform LR;
@@ -428,6 +456,8 @@ class RunConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self):
+        if isinstance(self.model, str):  # RunConfig(model=DIR), as a config file's `model: DIR`
+            self.model = ModelConfig(path=self.model)
         self.deepspeed = resolve_path("deepspeed", self.deepspeed, Path.cwd())  # a shipped name, when built directly
         _check(self.method in METHODS, f"method={self.method!r}: choose one of {', '.join(METHODS)}")
         _check(isinstance(self.k, int) and self.k >= 1, f"k={self.k!r}: need an int >= 1")
@@ -452,8 +482,8 @@ class RunConfig:
 
     def validate_paths(self) -> None:
         """Paths must exist before any process group starts."""
-        _check(bool(self.model), "model is not set: give the expanded model directory (model=DIR)")
-        _check(Path(self.model).is_dir(), f"model={self.model!r} does not exist")
+        _check(bool(self.model.path), "model is not set: give the expanded model directory (model=DIR)")
+        _check(Path(self.model.path).is_dir(), f"model={self.model.path!r} does not exist")
         _check(
             Path(self.deepspeed).is_file(),
             f"deepspeed={self.deepspeed!r}: no such DeepSpeed config file; give a path or a shipped config's name "
@@ -542,7 +572,7 @@ def _build(cls, values: dict, prefix: str = ""):
 
 
 PATH_KEYS = (
-    "model",
+    "model.path",
     "probe",
     "deepspeed",
     "output_dir",
@@ -604,15 +634,28 @@ def _get(values: dict, key: str):
     return node
 
 
+def canonical_key(key: str, value=None) -> str:
+    """The dotted key an override sets: `model=DIR` sets model.path (a mapping sets the whole section)."""
+    return "model.path" if key == "model" and not isinstance(value, dict) else key
+
+
+def with_model_section(values: dict) -> dict:
+    """`values` with a `model: DIR` written as the section it is short for, `model: {path: DIR}`."""
+    if isinstance(values.get("model"), str):
+        values["model"] = {"path": values["model"]}
+    return values
+
+
 def apply_overrides(values: dict, overrides: list[str], base: Path | None = None) -> dict:
     """`train.max_steps=10` style overrides, values parsed as YAML scalars; with `base`, their paths are resolved
     against it (the current directory, where a shell would complete them)."""
-    values = json.loads(json.dumps(values))
+    values = with_model_section(json.loads(json.dumps(values)))
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ValueError(f"override {override!r} is not key=value (e.g. train.max_steps=10)")
         value = yaml.safe_load(raw)
+        key = canonical_key(key, value)
         if base is not None and key in PATH_KEYS:
             value = resolve_path(key, value, base)
         try:
@@ -635,6 +678,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
             raise ValueError(f"run config {path} is not valid YAML: {err}") from err
         if not isinstance(values, dict):
             raise ValueError(f"run config {path} must be a mapping of keys (model:, data:, ...), got {type(values).__name__}")
+        with_model_section(values)
         base = Path(path).absolute().parent
         for key in PATH_KEYS:
             value = _get(values, key)
@@ -657,6 +701,7 @@ def _default(key: str):
 
 
 SECTIONS = {
+    "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "optimizer": OptimizerConfig,
@@ -688,13 +733,16 @@ def starter_config(overrides: list[str], directory: Path) -> str:
     import textwrap
 
     config = load_run_config(None, overrides)  # refuses a bad key or value now, not when the run starts
-    given = {override.partition("=")[0] for override in overrides}
+    given = {}  # each key as the override sets it, and its raw value
+    for override in overrides:
+        key, _, raw = override.partition("=")
+        given[canonical_key(key, yaml.safe_load(raw))] = raw
     values = config.to_dict()
     for key in PATH_KEYS:
         if key not in given:  # unset paths stay as the defaults read (output_dir and deepspeed name no file of yours)
             _set(values, key, _default(key) if "." not in key else _get(values, key))
             continue
-        raw = yaml.safe_load(next(o for o in overrides if o.partition("=")[0] == key).partition("=")[2])
+        raw = yaml.safe_load(given[key])
 
         def relative(value, resolved):
             return resolved if not isinstance(value, str) or Path(value).is_absolute() else os.path.relpath(resolved, directory)

@@ -195,10 +195,10 @@ def model_shape(config: RunConfig, k: int | None = None) -> ModelShape:
     """
     from adept_ds.probe.layers import least_important_layers, read_probe_result
 
-    model_dir = Path(config.model)
+    model_dir = Path(config.model.path)
     config_file = model_dir if model_dir.is_file() else model_dir / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"model={config.model!r}: no config.json there (give a model directory or its config.json)")
+        raise ValueError(f"model={config.model.path!r}: no config.json there (give a model directory or its config.json)")
     hf = json.loads(config_file.read_text())
     manifest_file = config_file.parent / "adept_expansion.json"
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None

@@ -62,7 +62,7 @@ def render(config: RunConfig, shape: ModelShape, plan: Plan, nodes: int, gpus_pe
     total = shape.numel
     device = f"{plan.device_bytes / GIB:.0f} GiB per GPU" if plan.device_bytes else "no memory limit given"
     lines = [
-        f"plan: {config.method} on {config.model}: {total / 1e9:.2f}B parameters, {trainable / 1e9:.3f}B trainable "
+        f"plan: {config.method} on {config.model.path}: {total / 1e9:.2f}B parameters, {trainable / 1e9:.3f}B trainable "
         f"({shape.num_layers} layers; {shape.placement})",
         f"world: {nodes} node(s) x {gpus_per_node} = {plan.world_size} ranks, {device}; micro batch "
         f"{config.train.micro_batch_size} x {config.data.block_size} tokens, activation checkpointing "

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from adept_ds.data.blocks import gather_blocks
+from adept_ds.data.blocks import Batch, gather_batch, store_batch
 from adept_ds.data.sampler import Mixture, sample_order
 from adept_ds.model.lm_loss import use_chunked_loss
 from adept_ds.model.units import Unit, adept_units, build_param_groups, full_model_units, set_trainable
@@ -139,6 +139,8 @@ class Trainer:
                 print(f"deepspeed config: {note}", flush=True)
             print(f"memory: {self.layout.note}", flush=True)
             print(f"zero++: {describe_zeropp(self.ds_config, config, self.world_size, self.layout.frozen_weights)}", flush=True)
+            print(f"attention: {run.attention_note}", flush=True)
+        self.packing = run.packing
         half = half_precision(self.ds_config)
         self.peak = device_peak(config.train.peak_tflops, self.gpu, half, self._measured_peak)
         if self.rank == 0:
@@ -154,15 +156,15 @@ class Trainer:
             use_cpu_quantizer()  # ZeRO++ qwZ: DeepSpeed's quantizer is CUDA-only (zeropp.py)
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if self.stage == 3 else None
         dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
-        model.config.use_cache = False
+        model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=dtype, attn_implementation=run.attention)
+        model.config.use_cache = False  # also what lets transformers build the document mask from position ids
         model.train()  # from_pretrained gives eval mode; HF checkpoints layers only in train mode (dropout is 0 by default)
         if config.train.chunked_loss and not self.ds_config.get("fp16", {}).get("enabled"):
             use_chunked_loss(model, self.family)  # fp32 and bf16; fp16 keeps HF's loss (adept_ds/model/lm_loss.py)
         self.units: list[Unit] = self._units(model)
         # What a checkpoint belongs to: it holds no frozen weight, so it only resumes on this backbone and units.
         self.run_identity = {
-            "backbone_model": str(Path(config.model).absolute()),
+            "backbone_model": str(Path(config.model.path).absolute()),
             **run.resume.backbone,
             "units": [unit.name for unit in self.units],
             "global_batch": self.global_batch,
@@ -199,7 +201,9 @@ class Trainer:
             (self.output_dir / "run_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
             self.log = RunLog(self.output_dir, config.report, config.to_dict())
-        self.validator = Validator(config, list(data.held_out), self.rank, self.world_size, self.device, all_reduce_sum, self.log)
+        self.validator = Validator(
+            config, list(data.held_out), self.rank, self.world_size, self.device, all_reduce_sum, self.log, self.packing
+        )
         self.guard = ForgettingGuard(config.guard, self.output_dir / CHECKPOINT_DIR, self.rank, self.log)
         self.saved: Path | None = None  # the checkpoint holding the current state (last saved or resumed from)
         if tag is not None:
@@ -223,6 +227,10 @@ class Trainer:
         start = (micro * self.world_size + self.rank) * size
         return indices[start : start + size]
 
+    def forward_loss(self, batch: Batch) -> torch.Tensor:
+        """The engine's mean next-token loss of `batch` (with its position ids when the document mask is on)."""
+        return self.engine(**batch.model_inputs()).loss
+
     # -- importance ---------------------------------------------------------------------------
 
     def recompute_importance(self) -> list[float]:
@@ -237,11 +245,11 @@ class Trainer:
             return local_share(self.params[name], self.stage, grad)
 
         for batch_index in range(cfg.batches):
-            batch = self.general[self._rank_slice(order, batch_index, cfg.batch_size)].to(self.device)
+            batch = store_batch(self.general, self._rank_slice(order, batch_index, cfg.batch_size), self.packing).to(self.device)
             # Each probe batch is its own accumulation boundary: ZeRO reduces (averages over ranks)
             # the gradient of this global probe batch, which we read and then discard.
             self.engine.set_gradient_accumulation_boundary(True)
-            loss = self.engine(input_ids=batch, labels=batch).loss
+            loss = self.forward_loss(batch)
             self.engine.backward(loss, scale_wrt_gas=False)
             accumulator.add({name: share(name, grad=True) for name in trainable})
             self.engine.optimizer.zero_grad()
@@ -290,8 +298,8 @@ class Trainer:
         losses, slices = [], []
         for micro in range(train.gradient_accumulation_steps):
             mine = self._rank_slice(pairs, micro, train.micro_batch_size)
-            batch = gather_blocks(self.domain, mine).to(self.device)
-            loss = self.engine(input_ids=batch, labels=batch).loss
+            batch = gather_batch(self.domain, mine, self.packing).to(self.device)
+            loss = self.forward_loss(batch)
             fault_point("backward", self.state.step + 1, self.rank)
             # A NaN loss's backward only writes gradients, which a dropped batch discards before any update.
             self.engine.set_gradient_accumulation_boundary(micro == last)
@@ -400,7 +408,7 @@ class Trainer:
     def validate_if_due(self) -> None:
         """Validation (validation.py), then the forgetting guard (guard.py), which may stop the run."""
         if self.validator.due(self.state):
-            self.validator.run(self.engine, self.state)
+            self.validator.run(self.engine, self.forward_loss, self.state)
             self.guard.check(self.state, self.save_checkpoint, self.scheduler.set_scales)
 
     def _log(self, loss: float, tokens_per_s: float, figures: dict[str, float]) -> None:
@@ -512,7 +520,9 @@ def run_training(config: RunConfig, resume: bool | str = False, show_progress: b
         if config.train.export and stop.rolled_back_to is not None:  # the run's result: the best checkpoint
             # One rank exports, the others wait on the filesystem, not in a collective a big export would outlast:
             # launchers kill every rank once one exits non-zero, so none may exit before the export is done.
-            export_once(Path(config.output_dir) / CHECKPOINT_DIR, stop.rolled_back_to.name, config.model, Path(config.output_dir) / "final")
+            export_once(
+                Path(config.output_dir) / CHECKPOINT_DIR, stop.rolled_back_to.name, config.model.path, Path(config.output_dir) / "final"
+            )
         raise
     except (Stopped, NonFiniteLoss):
         trainer.close()  # every rank stopped at the same step, after saving together: a normal teardown
@@ -530,6 +540,6 @@ def run_training(config: RunConfig, resume: bool | str = False, show_progress: b
     summary = {"losses": losses, "checkpoint": str(Path(config.output_dir) / CHECKPOINT_DIR / tag)}
     if config.train.export and rank == 0:
         summary["export"] = str(
-            export_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, tag, config.model, Path(config.output_dir) / "final")
+            export_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, tag, config.model.path, Path(config.output_dir) / "final")
         )
     return summary

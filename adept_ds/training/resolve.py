@@ -17,14 +17,15 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from adept_ds.data.blocks import load_blocks, usable_blocks
+from adept_ds.data.blocks import Packing, load_blocks, usable_blocks
 from adept_ds.data.token_store import TokenStore
+from adept_ds.model.attention import FLASH_ATTENTION, describe_attention, resolve_attention
 from adept_ds.model.checkpoint import Checkpoint, fingerprint_checkpoint, open_checkpoint
 from adept_ds.model.expand import read_manifest
 from adept_ds.model.families import Family, get_family
 from adept_ds.probe.layers import layers_from_probe
 from adept_ds.run.config import DataSource, RunConfig, with_run_length
-from adept_ds.run.ds_config import resolve_ds_config
+from adept_ds.run.ds_config import half_precision, resolve_ds_config
 from adept_ds.run.flops import StepFlops, step_flops
 from adept_ds.run.memory_layout import MemoryLayout, device_bytes, layout_and_plan
 from adept_ds.run.plan import ModelShape, Plan, model_shape
@@ -102,6 +103,13 @@ class ResolvedRun:
     data: ResolvedData | None
     """None when resolved without data (`check --skip-data`, `plan`)."""
     resume: ResumeInputs
+    attention: str = ""
+    """The attention kernel the model is loaded with (model.attn_implementation resolved: model/attention.py); "" for
+    `adept-ds plan`, which loads no model (and may plan a GPU job where flash-attn is not installed)."""
+    attention_note: str = ""
+    """The run's `attention:` line: the kernel, why, and the document mask."""
+    packing: Packing = Packing()
+    """How batches meet the model: the document mask, the loss at document starts, one row for flash-attention 2."""
 
     @property
     def unit_names(self) -> list[str]:
@@ -140,13 +148,13 @@ def resolve_run(
         notes += [f"resume on {world_size} ranks: {note}" for note in kept]
     config.validate_paths()
     check_sinks(config.report.to)
-    checkpoint = open_checkpoint(config.model)
+    checkpoint = open_checkpoint(config.model.path)
     family = get_family(checkpoint.config.get("model_type"))
     num_layers = checkpoint.config["num_hidden_layers"]
-    manifest = read_manifest(config.model) if config.spec.expanded else None
+    manifest = read_manifest(config.model.path) if config.spec.expanded else None
     if manifest and manifest["num_layers"] != num_layers:
         raise ValueError(
-            f"{config.model}: its expansion manifest describes {manifest['num_layers']} layers but the model has {num_layers}; "
+            f"{config.model.path}: its expansion manifest describes {manifest['num_layers']} layers but the model has {num_layers}; "
             "the manifest belongs to another model: re-run `adept-ds expand`"
         )
     fingerprint = fingerprint_checkpoint(checkpoint)
@@ -160,9 +168,10 @@ def resolve_run(
     memory = device_bytes(config, gpu) if memory == DEVICE_MEMORY else memory
     shape = model_shape(config)
     layout, ds_config, plan = memory_layout(config, shape, world_size, gpu, checkpoint.config, memory, ds_notes)
+    attention, attention_note, packing = attention_and_packing(config, gpu, ds_config)
     resolved_data = None
     if data:
-        resolved_data, config, length_notes = resolve_data(config, world_size, checkpoint.config.get("vocab_size"), show_progress)
+        resolved_data, config, length_notes = resolve_data(config, world_size, checkpoint.config.get("vocab_size"), show_progress, packing)
         notes += length_notes
     held_out = sum(held.count for held in resolved_data.held_out) if data else held_out_samples(config, world_size)
     return ResolvedRun(
@@ -184,7 +193,20 @@ def resolve_run(
         resume=ResumeInputs(
             Path(config.output_dir) / CHECKPOINT_DIR, resume, {"backbone_fingerprint": fingerprint, "method": config.method}
         ),
+        attention=attention,
+        attention_note=attention_note,
+        packing=packing,
     )
+
+
+def attention_and_packing(config: RunConfig, gpu: bool, ds_config: dict) -> tuple[str, str, Packing]:
+    """(the attention kernel, the run's `attention:` line, how batches meet the model); a kernel that cannot run here
+    is refused (model/attention.py)."""
+    kernel, why = resolve_attention(config.model.attn_implementation, gpu, half_precision(ds_config))
+    settings = config.data
+    one_row = settings.document_mask and kernel == FLASH_ATTENTION  # its varlen path: only for a batch of one row
+    packing = Packing(settings.document_mask, settings.loss_on_document_start, one_row)
+    return kernel, describe_attention(kernel, why, settings.document_mask), packing
 
 
 def resolve_plan(config: RunConfig, world_size: int, gpu: bool, memory: int | None, k: int | None = None) -> ResolvedRun:
@@ -213,18 +235,29 @@ def resolve_plan(config: RunConfig, world_size: int, gpu: bool, memory: int | No
     )
 
 
-def resolve_data(config: RunConfig, world_size: int, vocab_size: int | None, show_progress: bool):
+def resolve_data(config: RunConfig, world_size: int, vocab_size: int | None, show_progress: bool, packing: Packing):
     """(ResolvedData, the config with its length resolved, a line per length setting resolved).
 
     A raw corpus is prepared once (one process prepares, the others wait on the filesystem), so no collective
-    waits through tokenisation; stores are memory-mapped: a batch reads only its own blocks."""
+    waits through tokenisation; stores are memory-mapped: a batch reads only its own blocks. Where `packing` needs
+    document boundaries, a store without them (format 1) is refused."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    cache, settings = config.block_cache(), config.data
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    cache, settings, documents = config.block_cache(), config.data, packing.setting()
 
     def store(path, max_tokens=None, text_field=settings.text_field):
-        return load_blocks(path, tokenizer, settings.block_size, cache, text_field, max_tokens, vocab_size, show_progress=show_progress)
+        return load_blocks(
+            path,
+            tokenizer,
+            settings.block_size,
+            cache,
+            text_field,
+            max_tokens,
+            vocab_size,
+            show_progress=show_progress,
+            documents=documents,
+        )
 
     sources = settings.domain_sources()
     domain = [store(source.path, text_field=source.text_field) for source in sources]
@@ -246,7 +279,7 @@ def check_positions(config: RunConfig, model_config: dict) -> None:
     positions = model_config.get("max_position_embeddings")
     if positions and config.data.block_size > positions and not model_config.get("rope_scaling"):
         raise ValueError(
-            f"data.block_size={config.data.block_size} is longer than {config.model}'s max_position_embeddings={positions} "
+            f"data.block_size={config.data.block_size} is longer than {config.model.path}'s max_position_embeddings={positions} "
             f"(and its config has no rope_scaling): give data.block_size <= {positions}"
         )
 

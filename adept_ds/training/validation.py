@@ -11,7 +11,8 @@ backward stops at the lowest copy; less for pt_full): measured 2.0-2.3 % of trai
 interval (benchmarks/validation_cost.py).
 
 The score is the token-weighted mean next-token loss: each rank sums `loss x predicted tokens` over its share
-of the blocks (`blocks[rank::world]`), under `no_grad`, and one all-reduce adds the sums. Every rank makes the
+of the blocks (`blocks[rank::world]`), under `no_grad`, and one all-reduce adds the sums. With the document mask
+the blocks carry their position ids, as in training, and labels dropped at document starts are not counted. Every rank makes the
 same number of forwards (under ZeRO-3 each forward gathers weights collectively): a rank out of blocks runs
 an uncounted one. The forward is the training one (labels given), so the chunked loss keeps the vocab-wide
 logits out of memory here too. At the end of a run the curves are drawn to `validation.png` (`plot_validation`).
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from adept_ds.data.blocks import gather_blocks
+from adept_ds.data.blocks import Packing, gather_batch
 from adept_ds.data.token_store import TokenStore
 from adept_ds.runtime.run_log import last_per_step, read_records
 
@@ -77,20 +78,20 @@ def head_of(name: str, store: TokenStore, count: int) -> HeldOut:
     return HeldOut(name, store, 0, min(count, len(store)))
 
 
-def validation_loss(forward_loss, held_out: HeldOut, batch_size: int, rank: int, world_size: int, device, reduce) -> dict:
+def validation_loss(forward_loss, held_out: HeldOut, batch_size: int, rank: int, world_size: int, device, reduce, packing: Packing) -> dict:
     """{"loss", "perplexity", "tokens" (predicted)}: the token-weighted mean loss of the held-out blocks over all ranks.
 
-    `forward_loss(batch)` returns the mean next-token loss of a batch [B, T] (the model's own, labels = inputs)."""
+    `forward_loss(batch)` returns the mean next-token loss of a `Batch` (data/blocks.py) laid out as `packing` says."""
     mine = held_out.rank_blocks(rank, world_size)
     forwards = math.ceil(math.ceil(held_out.count / world_size) / batch_size)
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         for index in range(forwards):
             pairs = mine[index * batch_size : (index + 1) * batch_size]
-            batch = gather_blocks([held_out.store], pairs or [(0, held_out.start)]).to(device)
+            batch = gather_batch([held_out.store], pairs or [(0, held_out.start)], packing).to(device)
             loss = forward_loss(batch)
             if pairs:  # else an uncounted forward, so every rank gathers as often as the others
-                predicted = batch[:, 1:].numel()
+                predicted = batch.predicted
                 sums += torch.stack([loss.double() * predicted, torch.tensor(predicted, dtype=torch.float64, device=device)])
     total_loss, tokens = reduce(sums).tolist()
     loss = total_loss / tokens
@@ -127,8 +128,8 @@ def held_out_sets(
 class Validator:
     """Runs the validations of one training run and keeps their losses in the trainer state."""
 
-    def __init__(self, config, held_out: list[HeldOut], rank: int, world_size: int, device, reduce, log):
-        self.config, self.held_out = config, held_out
+    def __init__(self, config, held_out: list[HeldOut], rank: int, world_size: int, device, reduce, log, packing: Packing):
+        self.config, self.held_out, self.packing = config, held_out, packing
         self.rank, self.world_size, self.device, self.reduce, self.log = rank, world_size, device, reduce, log
 
     def due(self, state) -> bool:
@@ -141,17 +142,14 @@ class Validator:
         saving = config.guard.action == "rollback" and config.train.save_interval and step % config.train.save_interval == 0
         return step % config.eval.interval == 0 or step == config.train.max_steps or bool(saving)
 
-    def run(self, engine, state) -> None:
-        """Loss on every held-out set, over all ranks: appended to `state.validation` and logged (rank 0)."""
+    def run(self, engine, forward_loss, state) -> None:
+        """Loss on every held-out set, over all ranks (`forward_loss(batch)`: the engine's, as training's): appended to
+        `state.validation` and logged (rank 0)."""
         started = time.perf_counter()
         engine.eval()
-
-        def forward_loss(batch):
-            return engine(input_ids=batch, labels=batch).loss
-
         batch_size = self.config.train.micro_batch_size
         results = {
-            held.name: validation_loss(forward_loss, held, batch_size, self.rank, self.world_size, self.device, self.reduce)
+            held.name: validation_loss(forward_loss, held, batch_size, self.rank, self.world_size, self.device, self.reduce, self.packing)
             for held in self.held_out
         }
         engine.train()

@@ -18,8 +18,8 @@ out_dir, *rest = sys.argv[1:]
 resume = "--resume" in rest
 config = load_run_config(None, [item for item in rest if item != "--resume"])
 trained_on = []
-gather = engine.gather_blocks
-engine.gather_blocks = lambda stores, pairs: trained_on.append([list(p) for p in pairs]) or gather(stores, pairs)
+gather = engine.gather_batch
+engine.gather_batch = lambda stores, pairs, packing: trained_on.append([list(p) for p in pairs]) or gather(stores, pairs, packing)
 trainer = engine.Trainer(resolve_run(config, resume=resume, show_progress=False), show_progress=False)
 trainer.train()
 world = torch.distributed.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))

@@ -61,5 +61,7 @@ report = {
 rank = trainer.rank
 trainer.close()
 if rank == 0:
-    export_checkpoint(Path(config.output_dir) / CHECKPOINT_DIR, checkpoint.name, config.model, Path(out_dir) / "final", show_progress=False)
+    export_checkpoint(
+        Path(config.output_dir) / CHECKPOINT_DIR, checkpoint.name, config.model.path, Path(out_dir) / "final", show_progress=False
+    )
 Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))

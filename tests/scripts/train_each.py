@@ -19,4 +19,4 @@ for index, overrides in enumerate(runs):
     rank, tag = trainer.rank, trainer.latest_tag()
     trainer.close(shutdown=index == len(runs) - 1)
     if rank == 0:
-        export_checkpoint(config.output_dir + "/checkpoints", tag, config.model, config.output_dir + "/final", show_progress=False)
+        export_checkpoint(config.output_dir + "/checkpoints", tag, config.model.path, config.output_dir + "/final", show_progress=False)

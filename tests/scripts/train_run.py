@@ -37,4 +37,4 @@ if trainer.rank == 0:
 rank, tag = trainer.rank, trainer.latest_tag()
 trainer.close()
 if rank == 0:
-    export_checkpoint(config.output_dir + "/checkpoints", tag, config.model, config.output_dir + "/final")
+    export_checkpoint(config.output_dir + "/checkpoints", tag, config.model.path, config.output_dir + "/final")
