@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from adept_ds.model.checkpoint import open_checkpoint
 from adept_ds.model.expand import expand_checkpoint, read_manifest
 
-IMPORTS = "import re, torch, safetensors.torch, deepspeed.utils.zero_to_fp32, adept_ds.training.export"
+IMPORTS = "import re, torch, safetensors.torch, deepspeed.utils.zero_to_fp32, adept_ds.training.export, adept_ds.model.merge"
 MEASURE = """
 def status(key):
     return 1024 * int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
@@ -31,10 +31,10 @@ print("RSS", start, status("VmHWM"))
 """
 
 
-def _rss_during(work: str) -> tuple[int, int]:
-    """(RSS after the imports, peak RSS while `work` ran) of a fresh process."""
+def _rss_during(work: str, **env: str) -> tuple[int, int]:
+    """(RSS after the imports, peak RSS while `work` ran) of a fresh process, with `env` added to its environment."""
     code = IMPORTS + MEASURE.format(work=work)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cpu_env(), check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cpu_env(**env), check=True)
     start, peak = result.stdout.split("RSS")[-1].split()
     return int(start), int(peak)
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
+from tqdm import tqdm
 
 CONFIG_NAME = "config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
@@ -108,3 +111,24 @@ def fingerprint_checkpoint(checkpoint: Checkpoint, sample_bytes: int = 1 << 20) 
             handle.seek(max(0, size - sample_bytes))
             digest.update(handle.read(sample_bytes))
     return digest.hexdigest()[:16]
+
+
+def write_shards(
+    source: Checkpoint, target: Path, rewrite: Callable[[str, Path], bool], desc: str, show_progress: bool = True
+) -> list[str]:
+    """Write `source`'s checkpoint into the directory `target`, shard by shard: `rewrite(shard, target / shard)` writes
+    a shard itself and returns True, or returns False to have it copied byte for byte. Then every other file (config,
+    index, tokenizer, generation config, manifests). Returns the rewritten shards."""
+    shard_bytes = {shard: (source.path / shard).stat().st_size for shard in source.shard_tensors}
+    rewritten = []
+    with tqdm(total=sum(shard_bytes.values()), unit="B", unit_scale=True, desc=desc, disable=not show_progress) as progress:
+        for shard in source.shard_tensors:
+            if rewrite(shard, target / shard):
+                rewritten.append(shard)
+            else:
+                shutil.copyfile(source.path / shard, target / shard)
+            progress.update(shard_bytes[shard])
+    for item in source.path.iterdir():
+        if item.is_file() and item.suffix != ".safetensors":
+            shutil.copy2(item, target / item.name)
+    return rewritten

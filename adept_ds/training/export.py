@@ -14,14 +14,12 @@ into place.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
-from adept_ds.model.checkpoint import open_checkpoint
+from adept_ds.model.checkpoint import open_checkpoint, write_shards
 from adept_ds.runtime.file_lock import exclusive
 from adept_ds.runtime.outputs import atomic_output_dir, check_output_dir
 from adept_ds.training.checkpoints import checkpoint_tag, incomplete_reason, newest_complete
@@ -91,21 +89,15 @@ def export_checkpoint(
     tag = _checked_tag(checkpoint_dir, tag)
     base = open_checkpoint(base_model)
     trained = trained_tensors(checkpoint_dir, tag, set(base.tensor_names))
-    shard_bytes = {shard: (base.path / shard).stat().st_size for shard in base.shard_tensors}
-    rewritten = []
+
+    def rewrite(shard: str, target: Path) -> bool:
+        if not any(name in trained for name in base.shard_tensors[shard]):
+            return False
+        _rewrite_shard(base.path / shard, target, trained)
+        return True
+
     with atomic_output_dir(output, overwrite=overwrite) as staging:
-        progress = tqdm(total=sum(shard_bytes.values()), unit="B", unit_scale=True, desc="export", disable=not show_progress)
-        for shard, names in base.shard_tensors.items():
-            if any(name in trained for name in names):
-                _rewrite_shard(base.path / shard, staging / shard, trained)
-                rewritten.append(shard)
-            else:
-                shutil.copyfile(base.path / shard, staging / shard)
-            progress.update(shard_bytes[shard])
-        progress.close()
-        for item in base.path.iterdir():  # config, index, tokenizer, generation config, expansion manifest
-            if item.is_file() and item.suffix != ".safetensors":
-                shutil.copy2(item, staging / item.name)
+        rewritten = write_shards(base, staging, rewrite, "export", show_progress)
         record = {
             "checkpoint": str(checkpoint_dir / tag),
             "base_model": str(base.path),
