@@ -219,6 +219,13 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {checkpoints}/{args.tag or '(newest complete checkpoint)'} -> {output}")
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    from adept_ds.model.merge import merge_checkpoints
+
+    output = merge_checkpoints(args.base, args.trained, args.alpha, args.output, overwrite=args.overwrite)
+    print(f"merged {args.trained} toward {args.base} at alpha={args.alpha:g} -> {output}")
+
+
 def planned_world(args: argparse.Namespace) -> tuple[int, int, str]:
     """(world size, ranks per node, why) of the job `check` describes: a hostfile's slots (capped by --num-gpus),
     else --num-nodes x --num-gpus, else one rank per node."""
@@ -420,7 +427,7 @@ def planned_time(args: argparse.Namespace, run) -> dict:
     mfu = args.mfu or H100_MFU
     network = args.network_gbps or DEFAULT_NETWORK_GBPS
     world = args.nodes * args.gpus_per_node
-    timing = run_step_time(run.config, run.shape, run.flops, ds, run.layout, world, args.nodes, gpu, peak, mfu, network)
+    timing = run_step_time(run.config, run.shape, run.flops, ds, run.layout, world, args.nodes, gpu, peak, mfu, network, run.held_out)
     network_source = "--network-gbps" if args.network_gbps else "one 400 Gb/s NDR NIC per GPU (run/step_time.py)"
     between, _ = link_rates(network, gpu, args.nodes)
     if between != network:  # one GPU node: its collectives run on NVLink
@@ -670,6 +677,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="directory for the HF checkpoint")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     export.set_defaults(func=cmd_export)
+
+    merge = commands.add_parser(
+        "merge", help="interpolate a trained HF checkpoint toward its base (alpha 0: the base, 1: the trained model), streamed"
+    )
+    merge.add_argument("--base", required=True, help="the model training started from (for an expanded model: the one expand read)")
+    merge.add_argument("--trained", required=True, help="the trained HF checkpoint (adept-ds export's output)")
+    merge.add_argument("--alpha", type=float, required=True, help="0: the base model's function, 1: the trained model's")
+    merge.add_argument("--output", required=True, help="directory for the merged HF checkpoint")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    merge.set_defaults(func=cmd_merge)
 
     train = commands.add_parser(
         "train", help="Stage 2: train a run config under DeepSpeed's launcher (deepspeed --module adept_ds.train ...)"

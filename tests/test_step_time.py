@@ -38,11 +38,18 @@ def test_traffic_counts_each_gather_and_the_gradients_as_zero3_makes_them():
     assert step_traffic(toy_shape(), 4, 2, 2, frozen_weights="replicated").network == math.ceil(0.75 * 2 * (100 + 100 + 100) * 2)
     # qwZ gathers every weight as int8, forward and backward; hpZ moves frozen gathers and backward's to the node.
     assert step_traffic(toy_shape(), 4, 2, 2, qwz=True).network == math.ceil(0.75 * 2 * ((2410 + 1210) * 1 + 100 * 2))
-    hpz = step_traffic(toy_shape(), 4, 2, 2, hpz=True)
+    hpz = step_traffic(toy_shape(), 4, 2, 2, hpz=4)
     assert hpz == StepTraffic(math.ceil(0.75 * 2 * (100 + 100) * 2), math.ceil(0.75 * 2 * (2310 + 1210) * 2))
+    # In groups of 2 (of 4 ranks) a node-local gather moves half of what it gathers, not 3/4.
+    assert step_traffic(toy_shape(), 4, 2, 2, hpz=2).node_local == math.ceil(0.5 * 2 * (2310 + 1210) * 2)
     # A tied head is the embedding: backward gathers it; one importance probe batch per 2 steps adds half a pass.
     assert step_traffic(toy_shape(tied=True), 4, 1, 2).network == math.ceil(0.75 * (1410 + 1210 + 100) * 2)
     assert step_traffic(toy_shape(), 4, 2, 2, importance_passes=0.5).network == math.ceil(0.75 * 2.5 * (2410 + 1210 + 100) * 2)
+    # Validation forwards (one per 2 steps) gather forward's weights alone: no backward, no gradients.
+    assert step_traffic(toy_shape(), 4, 2, 2, validation_passes=0.5).network == math.ceil(
+        0.75 * (2 * (2410 + 1210 + 100) + 0.5 * 2410) * 2
+    )
+    assert step_traffic(toy_shape(), 4, 2, 2, hpz=4, validation_passes=1).node_local == math.ceil(0.75 * (2 * (2310 + 1210) + 2310) * 2)
     assert step_traffic(toy_shape(), 1, 2, 2) == StepTraffic(0, 0)
 
 

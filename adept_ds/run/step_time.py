@@ -12,10 +12,10 @@ gathers as int8). W is the world, and (W-1)/W is a ring's share:
   DeepSpeed's `stage3_max_live_parameters`, 1e9 elements; the ~3-layer window: none);
 - the trainable gradients are reduce-scattered, each micro-batch;
 - the importance pass makes its forwards and backwards too, amortised over `importance.interval`;
+- validation makes forwards only (their gathers, no gradients), amortised over `eval.interval`;
 - with hpZ the frozen weights, and the backward's trainable ones, come from the node's secondary shards:
-  node-local traffic;
+  node-local traffic, in a ring of hpZ's group (`zero_hpz_partition_size`, g ranks: (g-1)/g);
 - qwZ gathers every weight as int8, forward and backward.
-Validation's forward gathers are not counted (a few % of a step at the default interval).
 
 Node-local traffic runs at NVLink's rate on GPUs (450 GB/s a direction per H100 SXM, its datasheet: 900 GB/s
 total). Traffic between nodes runs at `network_gbps` per GPU. A one-node GPU job is all node-local. On CPU every
@@ -73,11 +73,18 @@ class Gathers:
 
 
 def micro_batch_gathers(
-    shape: ModelShape, dtype_bytes: int, frozen_weights: str = "sharded", live: int = 0, hpz: bool = False, qwz: bool = False
+    shape: ModelShape,
+    dtype_bytes: int,
+    frozen_weights: str = "sharded",
+    live: int = 0,
+    hpz: bool = False,
+    qwz: bool = False,
+    backward: bool = True,
 ) -> Gathers:
-    """What one micro-batch gathers. Forward: every weight ZeRO-3 partitions. Backward: those of the layers it runs
-    through, the final norm and the head, less the `live` elements still held from forward (ZeRO-3 releases the
-    least recently used first, so the head and the top layers stay: backward needs them first)."""
+    """What one micro-batch gathers. Forward: every weight ZeRO-3 partitions. Backward (unless `backward` is False:
+    a validation forward): those of the layers it runs through, the final norm and the head, less the `live`
+    elements still held from forward (ZeRO-3 releases the least recently used first, so the head and the top layers
+    stay: backward needs them first)."""
     trains = {tensor.name for tensor in shape.trainable()}
     tied = not any(tensor.name.startswith("lm_head") for tensor in shape.tensors)
     weight_bytes = 1 if qwz else dtype_bytes  # qwZ quantizes every gather, forward and backward
@@ -86,15 +93,18 @@ def micro_batch_gathers(
     for tensor in gathered:
         where["node_local" if hpz and tensor.name not in trains else "network"] += tensor.numel * weight_bytes
     lowest = shape.lowest_trainable_layer
-    backward = [
+    regathered = [
         tensor
         for tensor in gathered
-        if (tensor.layer is None and (tied or "embed" not in tensor.name or tensor.name in trains))
-        or (tensor.layer is not None and tensor.layer >= lowest)
+        if backward
+        and (
+            (tensor.layer is None and (tied or "embed" not in tensor.name or tensor.name in trains))
+            or (tensor.layer is not None and tensor.layer >= lowest)
+        )
     ]
     # Backward's order: the head and final norm, then the layers from the top down.
-    backward.sort(key=lambda tensor: -1 if tensor.layer is None else shape.num_layers - tensor.layer)
-    for tensor in backward:
+    regathered.sort(key=lambda tensor: -1 if tensor.layer is None else shape.num_layers - tensor.layer)
+    for tensor in regathered:
         kept = min(live, tensor.numel)
         live -= kept
         where["node_local" if hpz else "network"] += (tensor.numel - kept) * weight_bytes
@@ -108,20 +118,26 @@ def step_traffic(
     dtype_bytes: int,
     frozen_weights: str = "sharded",
     live: int = 0,
-    hpz: bool = False,
+    hpz: int = 1,
     qwz: bool = False,
     importance_passes: float = 0.0,
+    validation_passes: float = 0.0,
 ) -> StepTraffic:
     """The bytes one rank receives in a step's ZeRO-3 collectives: each micro-batch's gathers (`live`: elements the
     window keeps from forward to backward) and its gradients' reduce-scatter; `importance_passes`: probe batches
-    (a forward and a backward each) per step, amortised."""
+    (a forward and a backward each) per step, amortised; `validation_passes`: validation forwards per step and
+    rank, amortised (their gathers alone); `hpz`: hpZ's group size (1: off), whose node-local gathers run in a
+    ring of that many ranks."""
     if world_size == 1:
         return StepTraffic(0, 0)
-    ring = (world_size - 1) / world_size
-    gathers = micro_batch_gathers(shape, dtype_bytes, frozen_weights, live, hpz, qwz)
+    ring, group_ring = (world_size - 1) / world_size, (hpz - 1) / hpz
+    gathers = micro_batch_gathers(shape, dtype_bytes, frozen_weights, live, hpz > 1, qwz)
+    forwards = micro_batch_gathers(shape, dtype_bytes, frozen_weights, hpz=hpz > 1, qwz=qwz, backward=False)
     gradients = sum(tensor.numel for tensor in shape.trainable()) * dtype_bytes
     passes = micro_batches + importance_passes
-    return StepTraffic(math.ceil(ring * passes * (gathers.network + gradients)), math.ceil(ring * passes * gathers.node_local))
+    network = passes * (gathers.network + gradients) + validation_passes * forwards.network
+    node_local = passes * gathers.node_local + validation_passes * forwards.node_local
+    return StepTraffic(math.ceil(ring * network), math.ceil(group_ring * node_local))
 
 
 def link_rates(network_gbps: float, gpu: bool, nodes: int) -> tuple[float, float]:
@@ -153,11 +169,13 @@ def run_step_time(
     peak_tflops: float,
     mfu: float,
     network_gbps: float,
+    held_out: int = 0,
 ) -> StepTime:
-    """The step time of a resolved run (its DeepSpeed config, layout and FLOPs)."""
+    """The step time of a resolved run (its DeepSpeed config, layout and FLOPs; `held_out`: the blocks each
+    validation scores, all ranks)."""
     zero = ds_config.get("zero_optimization", {})
     half = half_precision(ds_config)
-    importance = config.importance
+    importance, micro = config.importance, config.train.micro_batch_size
     traffic = step_traffic(
         shape,
         world_size,
@@ -166,8 +184,9 @@ def run_step_time(
         layout.frozen_weights,
         # The wide window is DeepSpeed's defaults: up to stage3_max_live_parameters stay gathered into backward.
         live=int(zero.get("stage3_max_live_parameters", 10**9)) if layout.wide_window else 0,
-        hpz=zero.get("zero_hpz_partition_size", 1) > 1,
+        hpz=zero.get("zero_hpz_partition_size", 1),
         qwz=bool(zero.get("zero_quantized_weights")),
         importance_passes=importance.batches / importance.interval if config.adaptive_lr else 0.0,
+        validation_passes=math.ceil(held_out / (world_size * micro)) / config.eval.interval if config.eval.interval else 0.0,
     )
     return step_time(flops, traffic, world_size, peak_tflops, mfu, network_gbps, gpu, nodes)

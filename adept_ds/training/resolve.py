@@ -96,6 +96,8 @@ class ResolvedRun:
     """The trained model's tensors, as the plan and the FLOP count see them."""
     flops: StepFlops
     """A step's floating-point operations as this run makes them (run/flops.py): for MFU and time-to-train."""
+    held_out: int
+    """Blocks each validation scores, all sets and ranks together (estimated from the config without data)."""
     ds_notes: tuple[str, ...]
     """How the DeepSpeed config's "auto" values were filled and what was dropped (ds_config.py), one line each."""
     notes: tuple[str, ...]
@@ -187,6 +189,7 @@ def resolve_run(
         plan=plan,
         shape=shape,
         flops=run_flops(config, shape, world_size, held_out),
+        held_out=held_out,
         ds_notes=tuple(ds_notes),
         notes=tuple(notes),
         data=resolved_data,
@@ -228,6 +231,7 @@ def resolve_plan(config: RunConfig, world_size: int, gpu: bool, memory: int | No
         plan=plan,
         shape=shape,
         flops=run_flops(config, shape, world_size, held_out_samples(config, world_size)),
+        held_out=held_out_samples(config, world_size),
         ds_notes=(),
         notes=(),
         data=None,
