@@ -43,7 +43,10 @@ def test_yaml_with_overrides(tmp_path):
         (["train"], r"override 'train' is not key=value"),
         (["data.document_mask=maybe"], r"config key 'data.document_mask' = 'maybe': expected bool"),
         (["data.loss_on_document_start=2"], r"config key 'data.loss_on_document_start' = 2: expected bool"),
-        (["model.attn_implementation=flash"], r"model.attn_implementation='flash': choose one of auto, sdpa, eager, flash_attention_2, flex"),
+        (
+            ["model.attn_implementation=flash"],
+            r"model.attn_implementation='flash': choose one of auto, sdpa, eager, flash_attention_2, flex",
+        ),
         (["model.attn_implementaton=sdpa"], r"unknown config key 'model.attn_implementaton'; did you mean 'model.attn_implementation'\?"),
         (["train=3"], r"train must be a mapping"),
     ],

@@ -46,9 +46,7 @@ def test_traffic_counts_each_gather_and_the_gradients_as_zero3_makes_them():
     assert step_traffic(toy_shape(tied=True), 4, 1, 2).network == math.ceil(0.75 * (1410 + 1210 + 100) * 2)
     assert step_traffic(toy_shape(), 4, 2, 2, importance_passes=0.5).network == math.ceil(0.75 * 2.5 * (2410 + 1210 + 100) * 2)
     # Validation forwards (one per 2 steps) gather forward's weights alone: no backward, no gradients.
-    assert step_traffic(toy_shape(), 4, 2, 2, validation_passes=0.5).network == math.ceil(
-        0.75 * (2 * (2410 + 1210 + 100) + 0.5 * 2410) * 2
-    )
+    assert step_traffic(toy_shape(), 4, 2, 2, validation_passes=0.5).network == math.ceil(0.75 * (2 * (2410 + 1210 + 100) + 0.5 * 2410) * 2)
     assert step_traffic(toy_shape(), 4, 2, 2, hpz=4, validation_passes=1).node_local == math.ceil(0.75 * (2 * (2310 + 1210) + 2310) * 2)
     assert step_traffic(toy_shape(), 1, 2, 2) == StepTraffic(0, 0)
 
