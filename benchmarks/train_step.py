@@ -61,10 +61,10 @@ def main() -> None:
     rss_mb["steps_start"] = _reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    step_seconds, gathered = [], AllGatherCounter()
+    step_seconds, step_page_faults, gathered = [], [], AllGatherCounter()
     for index in range(int(warmup) + int(timed)):
         synchronize()
-        started = time.perf_counter()
+        started, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         if index >= int(warmup):  # ZeRO-3 records its gather trace in the first step
             with gathered:
                 trainer.train_step()
@@ -73,6 +73,7 @@ def main() -> None:
         synchronize()
         if index >= int(warmup):
             step_seconds.append(time.perf_counter() - started)
+            step_page_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         rss_mb.setdefault("after_first_step", _rss_mb())
     rss_mb["peak_to_steps_end"], rss_mb["steps_peak"] = _peak_rss_mb(), _phase_peak_rss_mb()
     rss_mb["importance_start"] = _reset_peak_rss()
@@ -90,6 +91,9 @@ def main() -> None:
         "rank": trainer.rank,
         "world_size": trainer.world_size,
         "step_seconds": step_seconds,
+        # pages the step touched for the first time (fresh allocations): on CPU each costs a page fault
+        "step_page_faults": step_page_faults,
+        "page_fault_gbps": page_fault_gbps(),
         "gathered_bytes_per_step": gathered.bytes / max(1, int(timed)),
         "subgroup_bytes_per_step": gathered.bytes_in_subgroups / max(1, int(timed)),
         "layout": trainer.layout.note,
@@ -115,6 +119,25 @@ def main() -> None:
     }
     Path(result_dir, f"rank{trainer.rank}.json").write_text(json.dumps(record))
     trainer.close()
+
+
+def page_fault_gbps(numel: int = 64 * 2**20, repeats: int = 3) -> float:
+    """Gb/s at which this rank faults in fresh pages: writing a freshly allocated buffer less writing a reused one
+    (what a step's fresh allocations cost beyond their writes), every rank at once."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    reused = torch.empty(numel)
+    reused.fill_(0.0)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        reused.fill_(1.0)
+    written = time.perf_counter() - started
+    del reused
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.empty(numel).fill_(1.0)
+    faulted = time.perf_counter() - started - written
+    return repeats * numel * 4 * 8 / faulted / 1e9
 
 
 def all_gather_gbps(numel: int = 16 * 2**20, repeats: int = 5) -> float:
