@@ -155,18 +155,31 @@ def test_the_packing_defaults_are_the_run_configs():
     [
         ("auto", False, False, True, ("sdpa", "model.attn_implementation=auto: on CPU")),
         ("auto", True, True, True, ("flash_attention_2", "model.attn_implementation=auto: a GPU, bf16 or fp16, and flash-attn installed")),
-        ("auto", True, True, False, ("sdpa", "model.attn_implementation=auto: the flash-attn package is not installed")),
+        (
+            "auto",
+            True,
+            True,
+            False,
+            ("sdpa", "model.attn_implementation=auto: the flash-attn package is not installed (2.3.3 or later, with CUDA)"),
+        ),
         ("auto", True, False, True, ("sdpa", "model.attn_implementation=auto: flash_attention_2 needs bf16 or fp16, and this run is fp32")),
         ("eager", False, False, False, ("eager", "model.attn_implementation=eager")),
         ("flex_attention", True, True, False, ("flex_attention", "model.attn_implementation=flex_attention")),
         ("flash_attention_2", False, True, True, "model.attn_implementation=flash_attention_2 needs a GPU; on CPU take sdpa"),
         ("flash_attention_2", True, False, True, "model.attn_implementation=flash_attention_2 needs bf16 or fp16"),
-        ("flash_attention_2", True, True, False, "the flash-attn package is not installed: pip install flash-attn"),
+        (
+            "flash_attention_2",
+            True,
+            True,
+            False,
+            r"the flash-attn package is not installed \(2.3.3 or later, with CUDA\): pip install flash-attn",
+        ),
         ("flex_attention", False, False, False, "torch's FlexAttention has no backward on CPU"),
     ],
 )
 def test_the_attention_kernel_is_chosen_or_refused_with_the_reason(monkeypatch, requested, gpu, half, flash, expected):
-    monkeypatch.setattr("adept_ds.model.attention.flash_attn_installed", lambda: flash)
+    missing = None if flash else "the flash-attn package is not installed (2.3.3 or later, with CUDA)"
+    monkeypatch.setattr("adept_ds.model.attention.flash_attention_missing", lambda: missing)
     if isinstance(expected, str):
         with pytest.raises(ValueError, match=expected):
             resolve_attention(requested, gpu, half)

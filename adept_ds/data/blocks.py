@@ -145,7 +145,8 @@ class Batch:
 
     def model_inputs(self, labels: bool = True) -> dict[str, torch.Tensor]:
         """Keyword arguments for the model's forward: ids, (with `labels`) labels, and the position ids when the document
-        mask is on. Without it the call is exactly `model(input_ids=ids, labels=ids)`, as before the mask existed."""
+        mask is on. With the defaults (no mask, every label kept) the call is exactly `model(input_ids=ids, labels=ids)`,
+        as before the mask existed."""
         inputs = {"input_ids": self.input_ids}
         if labels:
             inputs["labels"] = self.labels

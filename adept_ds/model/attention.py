@@ -1,6 +1,6 @@
 """The attention kernel a run loads its model with (`model.attn_implementation`), chosen once before the run starts.
 
-`auto` takes flash-attention 2 where it runs (a GPU, bf16 or fp16, the flash-attn package installed), else sdpa
+`auto` takes flash-attention 2 where it runs (an Ampere or newer GPU, bf16 or fp16, flash-attn installed), else sdpa
 (torch's scaled_dot_product_attention: on CPU, and on a GPU without flash-attn). A named kernel that cannot run
 here is refused with the reason, before any process group starts.
 
@@ -14,13 +14,21 @@ flex attention builds its BlockMask from the same mask function (no test: compil
 
 from __future__ import annotations
 
-import importlib.util
-
 FLASH_ATTENTION = "flash_attention_2"
 
 
-def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+def flash_attention_missing() -> str | None:
+    """Why flash-attention 2 cannot run in this process (None: it can): transformers' own check (flash-attn 2.3.3 or
+    later, with CUDA), and an Ampere or newer GPU (compute capability 8.0), which its kernels need."""
+    import torch
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        return "the flash-attn package is not installed (2.3.3 or later, with CUDA)"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"the flash-attn package is not usable on this GPU (compute capability {major}.{minor}; it needs 8.0 or newer)"
+    return None
 
 
 def resolve_attention(requested: str, gpu: bool, half: bool) -> tuple[str, str]:
@@ -32,8 +40,9 @@ def resolve_attention(requested: str, gpu: bool, half: bool) -> tuple[str, str]:
             return "sdpa", f"{setting}: on CPU"
         if not half:
             return "sdpa", f"{setting}: {FLASH_ATTENTION} needs bf16 or fp16, and this run is fp32"
-        if not flash_attn_installed():
-            return "sdpa", f"{setting}: the flash-attn package is not installed (pip install flash-attn for {FLASH_ATTENTION})"
+        missing = flash_attention_missing()
+        if missing:
+            return "sdpa", f"{setting}: {missing} (pip install flash-attn for {FLASH_ATTENTION})"
         return FLASH_ATTENTION, f"{setting}: a GPU, bf16 or fp16, and flash-attn installed"
     if requested == FLASH_ATTENTION:
         if not gpu:
@@ -42,8 +51,9 @@ def resolve_attention(requested: str, gpu: bool, half: bool) -> tuple[str, str]:
             raise ValueError(
                 f"{setting} needs bf16 or fp16, and this run's DeepSpeed config is fp32: take a bf16 config (deepspeed: zero3_bf16) or sdpa"
             )
-        if not flash_attn_installed():
-            raise ValueError(f"{setting}: the flash-attn package is not installed: pip install flash-attn, or take sdpa (or auto)")
+        missing = flash_attention_missing()
+        if missing:
+            raise ValueError(f"{setting}: {missing}: pip install flash-attn on an Ampere or newer GPU, or take sdpa (or auto)")
     if requested == "flex_attention" and not gpu:
         raise ValueError(f"{setting}: torch's FlexAttention has no backward on CPU; take sdpa (or auto)")
     return requested, setting
