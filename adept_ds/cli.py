@@ -220,10 +220,28 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from adept_ds.model.merge import merge_checkpoints
+    if args.alpha is not None:
+        from adept_ds.model.merge import merge_checkpoints
 
-    output = merge_checkpoints(args.base, args.trained, args.alpha, args.output, overwrite=args.overwrite)
-    print(f"merged {args.trained} toward {args.base} at alpha={args.alpha:g} -> {output}")
+        output = merge_checkpoints(args.base, args.trained, args.alpha, args.output, overwrite=args.overwrite)
+        print(f"merged {args.trained} toward {args.base} at alpha={args.alpha:g} -> {output}")
+        return
+    from adept_ds.evaluation.merge_curve import merge_curve
+
+    try:
+        alphas = [float(alpha) for alpha in args.alphas.split(",") if alpha.strip()]
+    except ValueError:
+        raise ValueError(f"--alphas {args.alphas!r}: need comma-separated weights in [0, 1], e.g. 0.25,0.5,0.75") from None
+    corpora = {name: path for name, path in (("general", args.general), ("domain", args.domain)) if path}
+    points = merge_curve(args.base, args.trained, alphas, args.output, corpora, args.qa, args.max_blocks, args.max_questions)
+    print("alpha | general ppl (increase) | domain ppl (drop)" + (" | accuracy" if args.qa else ""))
+    for entry in points:
+        accuracy = f" | {entry['accuracy']:.1%}" if "accuracy" in entry else ""
+        print(
+            f"{entry['alpha']:g} | {entry['general_perplexity']:.2f} ({entry['general_increase']:+.2f}) | "
+            f"{entry['domain_perplexity']:.2f} ({entry['domain_drop']:+.2f}){accuracy}"
+        )
+    print(f"curve: {Path(args.output) / 'merge_curve.png'}, {Path(args.output) / 'merge_curve.json'}")
 
 
 def planned_world(args: argparse.Namespace) -> tuple[int, int, str]:
@@ -683,9 +701,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--base", required=True, help="the model training started from (for an expanded model: the one expand read)")
     merge.add_argument("--trained", required=True, help="the trained HF checkpoint (adept-ds export's output)")
-    merge.add_argument("--alpha", type=float, required=True, help="0: the base model's function, 1: the trained model's")
-    merge.add_argument("--output", required=True, help="directory for the merged HF checkpoint")
-    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    weights = merge.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--alpha", type=float, help="one merge: 0 gives the base model's function, 1 the trained model's")
+    weights.add_argument(
+        "--alphas", help="the curve: e.g. 0.25,0.5,0.75, each merged and evaluated with the ends (needs --general, --domain)"
+    )
+    merge.add_argument("--output", required=True, help="the merged HF checkpoint (--alpha), or the curve's directory (--alphas)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory (--alpha)")
+    merge.add_argument("--general", help="held-out general corpus (--alphas)")
+    merge.add_argument("--domain", help="held-out domain corpus (--alphas)")
+    merge.add_argument("--qa", help="domain QA JSONL for accuracy at each point (--alphas)")
+    merge.add_argument("--max-blocks", type=int, default=64, help="blocks per perplexity corpus (default 64)")
+    merge.add_argument("--max-questions", type=int, help="cap on QA records")
     merge.set_defaults(func=cmd_merge)
 
     train = commands.add_parser(

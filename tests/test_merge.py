@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpora import sentences, write_jsonl
 from distributed import cpu_env
 from model_checks import load_state
 from test_export_memory import _rss_during
 from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
+from adept_ds.evaluation.evaluate import evaluate_model
+from adept_ds.evaluation.merge_curve import merge_curve
 from adept_ds.model.expand import MANIFEST_NAME, expand_checkpoint, read_manifest
 from adept_ds.model.merge import merge_checkpoints
 
@@ -152,3 +155,39 @@ def test_merge_peak_memory_is_about_one_shard(tmp_path):
 def test_alpha_outside_zero_one_is_refused_before_any_work(tmp_path, alpha):
     with pytest.raises(ValueError, match=r"need a weight in \[0, 1\]"):
         merge_checkpoints(tmp_path / "missing", tmp_path / "missing", alpha, tmp_path / "out")
+
+
+def test_merge_alphas_evaluates_each_point_and_draws_the_curve(tmp_path):
+    """`adept-ds merge --alphas`: the ends are the base and the trained model, each point is its merged model's
+    evaluation against the base's, and a second call evaluates nothing again."""
+    base = bf16_model(tmp_path / "base")
+    trained = trained_from(base, tmp_path / "trained")
+    corpora = {
+        "general": write_jsonl(tmp_path / "general.jsonl", sentences(60)),
+        "domain": write_jsonl(tmp_path / "domain.jsonl", sentences(60, seed=1)),
+    }
+    curve = tmp_path / "curve"
+    args = ["--base", base, "--trained", trained, "--alphas", "0.5", "--output", curve, "--general", corpora["general"]]
+    done = merge_cli(*args, "--domain", corpora["domain"], "--max-blocks", 4)
+    assert done.returncode == 0, done.stderr
+    points = json.loads((curve / "merge_curve.json").read_text())["points"]
+    assert [entry["alpha"] for entry in points] == [0.0, 0.5, 1.0] and (curve / "merge_curve.png").stat().st_size > 0
+    assert points[0]["general_increase"] == 0.0 and points[0]["domain_drop"] == 0.0
+
+    def figures(model_dir):
+        evaluated = evaluate_model(model_dir, corpora, max_blocks=4, cache_dir=tmp_path / "cache")
+        return {name: evaluated["perplexity"][name]["perplexity"] for name in corpora}
+
+    reference = figures(base)
+    for entry, model_dir in ((points[1], curve / "alpha_0.5"), (points[2], trained)):
+        measured = figures(model_dir)
+        assert entry["general_increase"] == pytest.approx(measured["general"] - reference["general"], rel=1e-6)
+        assert entry["domain_drop"] == pytest.approx(reference["domain"] - measured["domain"], rel=1e-6)
+    assert "0.5 | " in done.stdout and "merge_curve.png" in done.stdout
+    merged_at = (curve / "alpha_0.5" / "adept_merge.json").stat().st_mtime_ns
+    again = merge_curve(base, trained, [0.5], curve, corpora, max_blocks=4)  # resumes: nothing merged or evaluated again
+    assert again == points and (curve / "alpha_0.5" / "adept_merge.json").stat().st_mtime_ns == merged_at
+    with pytest.raises(ValueError, match="the merge curve needs both held-out corpora: give --domain"):
+        merge_curve(base, trained, [0.5], tmp_path / "other", {"general": corpora["general"]})
+    with pytest.raises(ValueError, match="is the curve of other models"):
+        merge_curve(base, base, [0.5], curve, corpora)
