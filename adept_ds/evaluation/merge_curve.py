@@ -52,11 +52,11 @@ def merge_curve(
     missing = {"general", "domain"} - set(corpora)
     if missing:
         raise ValueError(f"the merge curve needs both held-out corpora: give --{' and --'.join(sorted(missing))}")
-    output = Path(output)
+    output, models = Path(output), {"base_model": str(Path(base_model).resolve()), "trained_model": str(Path(trained_model).resolve())}
     output.mkdir(parents=True, exist_ok=True)
     curve_file = output / CURVE_FILE
-    saved = json.loads(curve_file.read_text()) if curve_file.is_file() else {"points": []}
-    if saved.get("base_model", str(base_model)) != str(base_model) or saved.get("trained_model", str(trained_model)) != str(trained_model):
+    saved = json.loads(curve_file.read_text()) if curve_file.is_file() else {"points": [], **models}
+    if {key: saved[key] for key in models} != models:
         raise ValueError(
             f"{curve_file} is the curve of other models ({saved['base_model']}, {saved['trained_model']}): give another --output"
         )
@@ -79,7 +79,7 @@ def merge_curve(
             )
             evaluated = evaluate(merged)
         done[alpha] = point(alpha, base, evaluated)
-        record = {"base_model": str(base_model), "trained_model": str(trained_model), "base_evaluation": base}
+        record = {**models, "base_evaluation": base}
         record["points"] = [done[key] for key in sorted(done)]
         curve_file.write_text(json.dumps(record, indent=2) + "\n")  # after every point: a long curve keeps what it measured
     points = [done[key] for key in sorted(done)]
