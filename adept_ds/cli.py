@@ -213,10 +213,16 @@ def cmd_export(args: argparse.Namespace) -> None:
         config_file = Path(args.run) / "run_config.yaml"
         if not config_file.is_file():
             raise ValueError(f"{args.run} has no run_config.yaml; pass --model (the model training started from)")
-        model = yaml.safe_load(config_file.read_text())["model"]
-        model = model["path"] if isinstance(model, dict) else model  # `model: DIR` in runs written before model.path
+        from adept_ds.run.config import with_model_section
+
+        model = with_model_section(yaml.safe_load(config_file.read_text()))["model"]["path"]  # also `model: DIR`, older runs
     output = export_checkpoint(checkpoints, args.tag, model, args.output, overwrite=args.overwrite)
     print(f"exported {checkpoints}/{args.tag or '(newest complete checkpoint)'} -> {output}")
+
+
+def held_out_corpora(args: argparse.Namespace) -> dict[str, str]:
+    """--general and --domain, those given, by name."""
+    return {name: path for name, path in (("general", args.general), ("domain", args.domain)) if path}
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -232,7 +238,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
         alphas = [float(alpha) for alpha in args.alphas.split(",") if alpha.strip()]
     except ValueError:
         raise ValueError(f"--alphas {args.alphas!r}: need comma-separated weights in [0, 1], e.g. 0.25,0.5,0.75") from None
-    corpora = {name: path for name, path in (("general", args.general), ("domain", args.domain)) if path}
+    corpora = held_out_corpora(args)
     points = merge_curve(args.base, args.trained, alphas, args.output, corpora, args.qa, args.max_blocks, args.max_questions)
     print("alpha | general ppl (increase) | domain ppl (drop)" + (" | accuracy" if args.qa else ""))
     for entry in points:
@@ -495,7 +501,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from adept_ds.evaluation.evaluate import evaluate_model, run_lm_eval
     from adept_ds.runtime.distributed import shutdown_distributed
 
-    corpora = {name: path for name, path in (("general", args.general), ("domain", args.domain)) if path}
+    corpora = held_out_corpora(args)
     if not corpora and not args.qa and not args.lm_eval_tasks:
         raise ValueError("nothing to evaluate: give --general, --domain, --qa and/or --lm-eval-tasks")
     for path in [*corpora.values(), *([args.qa] if args.qa else [])]:

@@ -135,7 +135,9 @@ def calibrated_mfu(results: dict, less_faults: bool) -> float | None:
     row = results["rows"].get(CALIBRATION_ROW)
     if row is None or (less_faults and "page_faults_per_step" not in row):
         return None
-    return row["predicted_compute_s"] / (row["measured_step_s"] - row["predicted_communication_s"] - less_faults * page_fault_s(row))
+    return row["predicted_compute_s"] / (
+        row["measured_step_s"] - row["predicted_communication_s"] - (page_fault_s(row) if less_faults else 0.0)
+    )
 
 
 def verdict(name: str, ratio: float) -> str:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from adept_ds.evaluation.evaluate import evaluate_model
+from adept_ds.evaluation.study import perplexity_change
 from adept_ds.model.merge import check_alpha, merge_checkpoints
 
 CURVE_FILE = "merge_curve.json"
@@ -21,13 +22,7 @@ CURVE_FILE = "merge_curve.json"
 def point(alpha: float, base: dict, evaluated: dict) -> dict:
     """One alpha's figures against the base's evaluation."""
     general, domain = (evaluated["perplexity"][name]["perplexity"] for name in ("general", "domain"))
-    result = {
-        "alpha": alpha,
-        "general_perplexity": general,
-        "domain_perplexity": domain,
-        "general_increase": general - base["perplexity"]["general"]["perplexity"],
-        "domain_drop": base["perplexity"]["domain"]["perplexity"] - domain,
-    }
+    result = {"alpha": alpha, "general_perplexity": general, "domain_perplexity": domain, **perplexity_change(base, evaluated)}
     if "qa" in evaluated:
         result["accuracy"] = evaluated["qa"]["accuracy"]
     return result

@@ -17,11 +17,16 @@ METRICS = ("general_increase", "domain_drop", "accuracy")
 STEP_TIME = "step_s"
 
 
-def run_result(variant: str, seed: int, before: dict, after: dict) -> dict:
-    """One run's figures from `evaluate_model` results before and after training."""
+def perplexity_change(before: dict, after: dict) -> dict:
+    """General perplexity increase and domain perplexity drop from `before` to `after` (`evaluate_model` results)."""
     general = after["perplexity"]["general"]["perplexity"] - before["perplexity"]["general"]["perplexity"]
     domain = before["perplexity"]["domain"]["perplexity"] - after["perplexity"]["domain"]["perplexity"]
-    return {"variant": variant, "seed": seed, "general_increase": general, "domain_drop": domain, "accuracy": after["qa"]["accuracy"]}
+    return {"general_increase": general, "domain_drop": domain}
+
+
+def run_result(variant: str, seed: int, before: dict, after: dict) -> dict:
+    """One run's figures from `evaluate_model` results before and after training."""
+    return {"variant": variant, "seed": seed, **perplexity_change(before, after), "accuracy": after["qa"]["accuracy"]}
 
 
 def aggregate(results: list[dict]) -> dict[str, dict]:

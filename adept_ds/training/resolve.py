@@ -218,6 +218,7 @@ def resolve_plan(config: RunConfig, world_size: int, gpu: bool, memory: int | No
     shape = model_shape(config, k)
     layout, plan = layout_and_plan(config, shape, world_size, gpu, memory)
     ds_config = resolve_ds_config(config.deepspeed, config, world_size, gpu, shape.config, layout.wide_window)
+    held_out = held_out_samples(config, world_size)
     return ResolvedRun(
         config=config,
         world_size=world_size,
@@ -230,8 +231,8 @@ def resolve_plan(config: RunConfig, world_size: int, gpu: bool, memory: int | No
         layout=layout,
         plan=plan,
         shape=shape,
-        flops=run_flops(config, shape, world_size, held_out_samples(config, world_size)),
-        held_out=held_out_samples(config, world_size),
+        flops=run_flops(config, shape, world_size, held_out),
+        held_out=held_out,
         ds_notes=(),
         notes=(),
         data=None,
