@@ -207,3 +207,40 @@ def test_on_two_zero3_ranks_a_packed_block_scores_as_its_documents_alone(tmp_pat
         assert len(rank["blocks"]) == 2
         for block in rank["blocks"]:
             assert block["documents"] >= 2 and block["packed"] == pytest.approx(block["alone"], rel=1e-6, abs=0), block
+
+
+def test_probe_and_eval_commands_take_the_mask_flags(tmp_path):
+    """README: `adept-ds probe ... --document-mask --no-loss-on-document-start` and `adept-ds eval ...` with the same
+    flags, through the console script: each scores as its function does with the mask, and not as without it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distributed import cpu_env
+    from tiny_models import make_tiny_model
+
+    from adept_ds.evaluation.evaluate import evaluate_model
+    from adept_ds.probe.layers import probe_model
+
+    model = make_tiny_model(tmp_path / "model", num_layers=2)
+    texts = [text[: 5 + 7 * (index % 5)] for index, text in enumerate(sentences(40, seed=11))]
+    corpus = write_jsonl(tmp_path / "general.jsonl", texts)
+    script, flags = Path(sys.executable).parent / "adept-ds", ["--document-mask", "--no-loss-on-document-start", "--block-size", str(BLOCK)]
+
+    def run(*args):
+        done = subprocess.run([str(script), *map(str, args), *flags], capture_output=True, text=True, env=cpu_env(), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+
+    run("eval", "--model", model, "--general", corpus, "--max-blocks", 3, "--output", tmp_path / "eval.json")
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    masked, plain = (evaluate_model(model, {"general": corpus}, block_size=BLOCK, max_blocks=3, packing=p) for p in (MASK, Packing()))
+    assert evaluated["document_mask"] is True and evaluated["loss_on_document_start"] is False
+    assert evaluated["perplexity"]["general"]["loss"] == pytest.approx(masked["perplexity"]["general"]["loss"], rel=1e-6)
+    assert evaluated["perplexity"]["general"]["loss"] != pytest.approx(plain["perplexity"]["general"]["loss"], rel=1e-3)
+
+    run("probe", "--model", model, "--data", corpus, "--max-tokens", 3 * BLOCK, "--output", tmp_path / "probe.json")
+    probed = json.loads((tmp_path / "probe.json").read_text())
+    direct = probe_model(model, corpus, tmp_path / "direct.json", max_tokens=3 * BLOCK, block_size=BLOCK, show_progress=False, packing=MASK)
+    assert probed["document_mask"] is True and probed["loss_on_document_start"] is False
+    assert probed["scores"] == pytest.approx(direct["scores"], rel=1e-6)
