@@ -559,19 +559,75 @@ def cmd_train(args: argparse.Namespace) -> int:
     import shlex
     import subprocess
 
-    import torch
-
     config_file, config, overrides = _run_config(args, with_overrides=True)
     if config_file is None:
         raise ValueError("give the run config: adept-ds train RUN.yaml [--num-gpus N | --hostfile H] [key=value ...]")
     config.validate_paths()  # a bad key, value or path fails here, before any rank starts
     resume = ["--resume"] if args.resume else ["--auto-resume"] if args.auto_resume else []
     command = [*launcher_command(args), "--module", "adept_ds.train", "--config", str(Path(config_file).absolute()), *overrides, *resume]
-    env = dict(os.environ)
-    if not args.hostfile and not torch.cuda.is_available():  # CPU ranks here: DeepSpeed's CPU accelerator and gloo
-        env.setdefault("DS_ACCELERATOR", "cpu")
     print("+ " + shlex.join(command), flush=True)
-    return subprocess.call(command, env=env)
+    return subprocess.call(command, env=launcher_env(args))
+
+
+def launcher_env(args: argparse.Namespace) -> dict[str, str]:
+    """The launcher's environment: CPU ranks on one machine without a GPU get DeepSpeed's CPU accelerator (gloo)."""
+    import torch
+
+    env = dict(os.environ)
+    if not args.hostfile and not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Recipes x learning rates x seeds on the run config, each trained under DeepSpeed's launcher (evaluation/sweep.py)."""
+    from adept_ds.evaluation.sweep import DEFAULT_VARIANTS, Sweep, main_sweep, parse_lrs, parse_variant
+
+    config_file, config, overrides = _run_config(args, with_overrides=True)
+    if config_file is None:
+        raise ValueError("give the run config: adept-ds sweep RUN.yaml [--num-gpus N] --variants ... --lrs ... [key=value ...]")
+    variants = [parse_variant(text) for text in (args.variants or DEFAULT_VARIANTS).split(",") if text.strip()]
+    names = [variant.name for variant in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--variants {args.variants!r} names a recipe twice")
+    for flag, value in (("--seeds", args.seeds), ("--steps", args.steps), ("--calibration-steps", args.calibration_steps)):
+        if value is not None and value < (2 if flag == "--calibration-steps" else 1):
+            raise ValueError(f"{flag} {value}: need at least {2 if flag == '--calibration-steps' else 1}")
+    alphas = [float(a) for a in args.alphas.split(",") if a.strip()] if args.alphas else []
+    for alpha in alphas:
+        if not 0 < alpha < 1:
+            raise ValueError(f"--alphas {args.alphas!r}: each alpha strictly between 0 and 1 (the ends are the base and the trained model)")
+    corpora = {"general": args.general or config.data.general_eval, "domain": args.domain or config.data.domain_eval}
+    missing = [name for name, path in corpora.items() if not path]
+    if missing:
+        raise ValueError(
+            f"the sweep scores held-out {' and '.join(missing)} text: give --{' and --'.join(missing)} or data.{missing[0]}_eval in the run config"
+        )
+    for path in [*corpora.values(), *([args.qa] if args.qa else [])]:
+        if not Path(path).exists():
+            raise ValueError(f"evaluation data {path} does not exist")
+    sweep = Sweep(
+        config_file=Path(config_file).absolute(),
+        overrides=overrides,
+        variants=variants,
+        lrs=parse_lrs(args.lrs) if args.lrs else [config.optimizer.lr],
+        seeds=args.seeds,
+        steps=args.steps or config.train.max_steps,
+        output=Path(args.output).absolute(),
+        launcher=lambda: launcher_command(args),
+        world_size=planned_world(args)[0],
+        corpora={name: str(Path(path).absolute()) for name, path in corpora.items()},
+        qa=str(Path(args.qa).absolute()) if args.qa else None,
+        alphas=alphas,
+        max_blocks=args.max_blocks,
+        max_questions=args.max_questions,
+        budget_hours=args.budget_hours,
+        calibration_steps=args.calibration_steps,
+        keep_checkpoints=args.keep_checkpoints,
+        base=Path(args.base).absolute() if args.base else None,
+        env=launcher_env(args),
+    )
+    return main_sweep(sweep)
 
 
 def cmd_init(args: argparse.Namespace) -> None:
@@ -731,6 +787,41 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="[RUN.yaml] key=value", help="the run config, then key.sub=value overrides")
     train.set_defaults(func=cmd_train)
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="which recipe forgets least: variants x learning rates x seeds trained under DeepSpeed's launcher, evaluated, merged, reported",
+    )
+    add_launcher_options(sweep)
+    sweep.add_argument(
+        "--variants",
+        help="comma-separated METHOD[+replayPCT|+self_replayPCT][@LR], e.g. adept,adept+replay25,pt_full+replay25,llama_pro@3e-4 "
+        "(default adept,adept+replay25,pt_full,pt_full+replay25)",
+    )
+    sweep.add_argument(
+        "--lrs", help="learning rates every variant without @LR trains at, e.g. 1e-4,3e-4,1e-3 (default: the config's optimizer.lr)"
+    )
+    sweep.add_argument("--seeds", type=int, default=3, help="seeds per variant and LR: train.seed 0..N-1 (default 3)")
+    sweep.add_argument("--steps", type=int, help="training steps per run (default: the config's train.max_steps)")
+    sweep.add_argument("--output", default="sweep", help="the sweep's directory: runs, results.jsonl, report.md (default ./sweep)")
+    sweep.add_argument("--general", help="held-out general corpus (default: the config's data.general_eval)")
+    sweep.add_argument("--domain", help="held-out domain corpus (default: the config's data.domain_eval)")
+    sweep.add_argument("--qa", help="domain QA JSONL: exact-match accuracy of every model")
+    sweep.add_argument(
+        "--alphas",
+        default="0.25,0.5,0.75",
+        help="merge points toward the base, evaluated for every run (default 0.25,0.5,0.75; '' for none)",
+    )
+    sweep.add_argument("--max-blocks", type=int, default=64, help="blocks per perplexity corpus (default 64)")
+    sweep.add_argument("--max-questions", type=int, help="cap on QA records")
+    sweep.add_argument("--budget-hours", type=float, help="refuse to start when the measured estimate of what is left exceeds this")
+    sweep.add_argument("--calibration-steps", type=int, default=3, help="steps of each method timed before the sweep (default 3)")
+    sweep.add_argument("--keep-checkpoints", action="store_true", help="keep each run's DeepSpeed checkpoints (default: only final/)")
+    sweep.add_argument("--base", help="the base model, when it moved since `adept-ds expand` read it (checked by fingerprint)")
+    sweep.add_argument(
+        "overrides", nargs="*", metavar="[RUN.yaml] key=value", help="the run config, then key.sub=value overrides for every run"
+    )
+    sweep.set_defaults(func=cmd_sweep)
+
     init = commands.add_parser("init", help="write a starter run config: every key, its default and what it does")
     init.add_argument("output", help="the run config YAML to write, e.g. run.yaml")
     init.add_argument("overrides", nargs="*", help="key.sub=value to fill in, e.g. model=DIR data.domain=PATH method=pt_full")
@@ -796,7 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--compare",
         action="store_true",
-        help="also train pt_full, pt_full with general replay, llama_pro, adept_no_stage1, adept_no_stage2",
+        help="also train adept and pt_full with 25%% general replay, pt_full, llama_pro, adept_no_stage1, adept_no_stage2",
     )
     demo.add_argument("--steps", type=int, default=40, help="training steps per method (default 40)")
     demo.add_argument("--num-procs", type=int, default=2, help="training ranks (default 2)")

@@ -14,15 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+from adept_ds.evaluation.sweep import REPLAY
+
 ASSETS = Path(__file__).parent / "assets"
 GENERAL = ASSETS / "general_en.jsonl"
 GENERAL_HELDOUT = ASSETS / "general_en_heldout.jsonl"
 DOMAIN_TRAIN = ASSETS / "math_train.jsonl"
 DOMAIN_TEST = ASSETS / "math_test.jsonl"
-COMPARISON = ("pt_full", "pt_full_replay", "llama_pro", "adept_no_stage1", "adept_no_stage2")
-REPLAY = {"pt_full_replay": ("pt_full", 0.25)}
-"""Comparison variants that replay general text: (method, share of general samples in the training stream).
-PT-Full with replay is the baseline most continual-pretraining users would otherwise pick."""
+COMPARISON = ("adept_replay", "pt_full", "pt_full_replay", "llama_pro", "adept_no_stage1", "adept_no_stage2")
 
 
 def _step(message: str) -> None:
@@ -128,7 +127,8 @@ def run_demo(
         models["llama_pro"] = output / "models" / "llama_pro_expanded"
         if not (models["llama_pro"] / "adept_expansion.json").is_file():
             expand_checkpoint(original, models["llama_pro"], uniform_layers(num_layers, k), overwrite=True, show_progress=False)
-        models.update(pt_full=original, pt_full_replay=original, adept_no_stage1=original, adept_no_stage2=models["adept"])
+        models.update(pt_full=original, pt_full_replay=original, adept_no_stage1=original)
+        models.update(adept_replay=models["adept"], adept_no_stage2=models["adept"])
 
     runs = {}
     for name in methods:

@@ -10,8 +10,10 @@ the trained model. A point already in merge_curve.json is not merged or evaluate
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+from adept_ds.data.blocks import Packing
 from adept_ds.evaluation.evaluate import evaluate_model
 from adept_ds.evaluation.study import perplexity_change
 from adept_ds.model.merge import check_alpha, merge_checkpoints
@@ -39,9 +41,16 @@ def merge_curve(
     max_questions: int | None = None,
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
+    block_size: int = 128,
+    packing: Packing = Packing(),
+    evaluations: dict[float, dict] | None = None,
+    keep_models: bool = True,
 ) -> list[dict]:
     """Merge `trained_model` toward `base_model` at each of `alphas` and evaluate every point (see the module's
-    docstring); `corpora` must name "general" and "domain". Returns the points, alpha ascending."""
+    docstring); `corpora` must name "general" and "domain". Returns the points, alpha ascending.
+
+    `evaluations` holds `evaluate_model` results already made ({0.0: the base's, 1.0: the trained model's}), not
+    made again; without `keep_models` each merged checkpoint is deleted once evaluated (a sweep keeps the figures)."""
     for alpha in alphas:
         check_alpha(alpha)
     missing = {"general", "domain"} - set(corpora)
@@ -57,22 +66,26 @@ def merge_curve(
         )
     done = {entry["alpha"]: entry for entry in saved["points"]}
 
-    def evaluate(model_dir) -> dict:
-        return evaluate_model(model_dir, corpora, qa, max_blocks=max_blocks, max_questions=max_questions, cache_dir=cache_dir)
+    known = dict(evaluations or {})
 
-    base = saved.get("base_evaluation") or evaluate(base_model)
+    def evaluate(model_dir) -> dict:
+        return evaluate_model(model_dir, corpora, qa, block_size, max_blocks, max_questions, cache_dir=cache_dir, packing=packing)
+
+    base = saved.get("base_evaluation") or known.get(0.0) or evaluate(base_model)
     for alpha in sorted({0.0, *alphas, 1.0}):
         if alpha in done:
             continue
         if alpha == 0.0:
             evaluated = base
         elif alpha == 1.0:
-            evaluated = evaluate(trained_model)
+            evaluated = known.get(1.0) or evaluate(trained_model)
         else:
             merged = merge_checkpoints(
                 base_model, trained_model, alpha, output / f"alpha_{alpha:g}", overwrite=True, show_progress=show_progress
             )
             evaluated = evaluate(merged)
+            if not keep_models:
+                shutil.rmtree(merged)
         done[alpha] = point(alpha, base, evaluated)
         record = {**models, "base_evaluation": base}
         record["points"] = [done[key] for key in sorted(done)]

@@ -1,8 +1,9 @@
 """Multi-seed comparisons that decide things: per-variant mean and standard deviation, and the Pareto front.
 
 A result is one run: {"variant", "seed", "general_increase" (general perplexity after - before; lower
-is better), "domain_drop" (domain perplexity before - after; higher is better), "accuracy"}, and optionally
-"step_s" (the run's median seconds per training step, `step_seconds`), which the table shows when every run has it.
+is better), "domain_drop" (domain perplexity before - after; higher is better)}, and optionally "accuracy" (with a QA
+file) and "step_s" (the run's median seconds per training step, `step_seconds`); a variant's row leaves out a metric
+one of its runs lacks.
 `aggregate` gives each variant's mean and sample standard deviation; `pareto_front` the runs that no
 other run beats on both axes (forgetting less and learning at least as much, or the reverse);
 `plot_tradeoff` draws every run as a point, general increase against domain drop, front marked.
@@ -25,8 +26,9 @@ def perplexity_change(before: dict, after: dict) -> dict:
 
 
 def run_result(variant: str, seed: int, before: dict, after: dict) -> dict:
-    """One run's figures from `evaluate_model` results before and after training."""
-    return {"variant": variant, "seed": seed, **perplexity_change(before, after), "accuracy": after["qa"]["accuracy"]}
+    """One run's figures from `evaluate_model` results before and after training (accuracy when a QA file was scored)."""
+    accuracy = {"accuracy": after["qa"]["accuracy"]} if "qa" in after else {}
+    return {"variant": variant, "seed": seed, **perplexity_change(before, after), **accuracy}
 
 
 def aggregate(results: list[dict]) -> dict[str, dict]:
@@ -35,7 +37,7 @@ def aggregate(results: list[dict]) -> dict[str, dict]:
     for variant in dict.fromkeys(result["variant"] for result in results):
         runs = [result for result in results if result["variant"] == variant]
         row: dict = {"runs": len(runs)}
-        for metric in [*METRICS, *([STEP_TIME] if all(STEP_TIME in run for run in runs) else [])]:
+        for metric in [m for m in (*METRICS, STEP_TIME) if all(m in run for run in runs)]:
             values = [run[metric] for run in runs]
             row[metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
         table[variant] = row
@@ -60,9 +62,10 @@ def markdown_table(table: dict[str, dict]) -> str:
         "|---|---|---|---|---|" + ("---|" if timed else ""),
     ]
     for variant, row in table.items():
-        (g, gs), (d, ds), (a, as_) = (row[m] for m in METRICS)
+        (g, gs), (d, ds) = row["general_increase"], row["domain_drop"]
+        accuracy = f"{row['accuracy'][0]:.1%} ± {row['accuracy'][1]:.1%}" if "accuracy" in row else "-"  # no QA file scored
         step = f" {row[STEP_TIME][0]:.2f} ± {row[STEP_TIME][1]:.2f} |" if timed else ""
-        lines.append(f"| {variant} | {row['runs']} | {g:+.2f} ± {gs:.2f} | {d:.2f} ± {ds:.2f} | {a:.1%} ± {as_:.1%} |{step}")
+        lines.append(f"| {variant} | {row['runs']} | {g:+.2f} ± {gs:.2f} | {d:.2f} ± {ds:.2f} | {accuracy} |{step}")
     return "\n".join(lines) + "\n"
 
 
@@ -88,6 +91,13 @@ def plot_tradeoff(results: list[dict], path: Path) -> None:
     for variant in dict.fromkeys(result["variant"] for result in results):
         runs = [result for result in results if result["variant"] == variant]
         axes.scatter([r["general_increase"] for r in runs], [r["domain_drop"] for r in runs], label=variant, s=30)
+    finish_tradeoff(figure, axes, front, path)
+
+
+def finish_tradeoff(figure, axes, front: list[dict], path: Path) -> None:
+    """The Pareto front (dashed, circled), the axes' names and the legend; saved to `path` and closed."""
+    import matplotlib.pyplot as plt
+
     front = sorted(front, key=lambda r: r["general_increase"])
     axes.plot([r["general_increase"] for r in front], [r["domain_drop"] for r in front], "k--", lw=1, label="Pareto front")
     axes.scatter([r["general_increase"] for r in front], [r["domain_drop"] for r in front], s=110, facecolors="none", edgecolors="k")
