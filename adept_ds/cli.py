@@ -338,6 +338,8 @@ def cmd_check(args: argparse.Namespace) -> None:
     print(f"memory: {run.layout.note}" + ("; `adept-ds plan` shows each term" if "does not fit" in run.layout.note else ""))
     print(f"zero++: {describe_zeropp(ds, config, world_size, run.layout.frozen_weights)}")
     print(f"attention: {run.attention_note}")
+    for line in run.self_replay:  # verified with --skip-data too: it reads manifests, not tokens
+        print(f"self-replay: {line}")
     if run.data is not None:
         for name, store in run.data.stores(config).items():
             print(
@@ -559,10 +561,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     import shlex
     import subprocess
 
+    from adept_ds.training.resolve import check_self_replay
+
     config_file, config, overrides = _run_config(args, with_overrides=True)
     if config_file is None:
         raise ValueError("give the run config: adept-ds train RUN.yaml [--num-gpus N | --hostfile H] [key=value ...]")
     config.validate_paths()  # a bad key, value or path fails here, before any rank starts
+    check_self_replay(config)  # and self-replay text from another model than the run's base (a JSON read each)
     resume = ["--resume"] if args.resume else ["--auto-resume"] if args.auto_resume else []
     command = [*launcher_command(args), "--module", "adept_ds.train", "--config", str(Path(config_file).absolute()), *overrides, *resume]
     print("+ " + shlex.join(command), flush=True)
@@ -729,7 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     corpus.add_argument("--model", help=MODEL_HELP)
     corpus.add_argument("--tokens", type=int, required=True, help="stop once the documents hold this many generated tokens")
-    corpus.add_argument("--output", required=True, help="JSONL file to write ({'text': ...} per line), for probe --data")
+    corpus.add_argument(
+        "--output", required=True, help="JSONL file ({'text': ...} per line) + FILE.manifest.json, for probe --data or self-replay"
+    )
     corpus.add_argument("--seed", type=int, default=0, help="sampling seed (default 0); batch b is seeded from (seed, b)")
     corpus.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     corpus.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; no top-k)")

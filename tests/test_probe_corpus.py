@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 
 from adept_ds.cli import main as cli_main
 from adept_ds.data.blocks import load_blocks
+from adept_ds.data.self_replay import manifest_path
 from adept_ds.probe.corpus import batch_seed, make_probe_corpus
 from adept_ds.probe.layers import read_probe_result
 
@@ -102,4 +103,5 @@ def test_two_ranks_write_what_one_rank_writes(corpus, model_dir, tmp_path, launc
     args = ["make-probe-corpus", "--model", model_dir, "--output", output, "--seed", 3, "--tokens", 150]
     result = run_launched(launcher, ["-m", "adept_ds.cli", *args, "--batch-size", 4, "--max-new-tokens", 24], timeout=300)
     assert output.read_bytes() == path.read_bytes()
+    assert json.loads(manifest_path(output).read_text()) == json.loads(manifest_path(path).read_text())  # rank 0's, once
     assert "on 2 rank(s)" in result.stdout and f"{stats['tokens']:,} tokens in {stats['documents']:,} documents" in result.stdout

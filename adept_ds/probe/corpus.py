@@ -17,6 +17,10 @@ at. The result is JSONL (`{"text": ...}` per line, UTF-8) for `data.general` or 
   whole model (no ZeRO-3: a model that does not fit one device is out of scope here) and samples batches
   rank, rank + W, ...; each round the documents are all-gathered, so every rank knows when N is reached,
   and rank 0 writes the file in batch order.
+- Provenance: once the file is complete, rank 0 writes `FILE.manifest.json` beside it (data/self_replay.py: the model,
+  its fingerprint, the settings), so a run can replay the text as self-generated and prove which model wrote it.
+  Both are written atomically (temp file + os.replace); an old manifest is removed before the new file replaces the
+  old one, so a corpus never sits beside a manifest that is not its own.
 """
 
 from __future__ import annotations
@@ -74,12 +78,14 @@ def make_probe_corpus(
 ) -> dict:
     """Sample documents from the model in `model_dir` until they hold `num_tokens` tokens; write them to `output`.
 
+    Rank 0 writes `output`, then its provenance manifest `output.manifest.json` (data/self_replay.py).
     Returns {"tokens", "documents", "sampled_tokens", "seconds", "tokens_per_second", "world_size", ...};
     the tokens are those of the kept documents, the rate counts every sampled token on every rank.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from adept_ds.model.checkpoint import open_checkpoint
+    from adept_ds.data.self_replay import manifest_path, sampling_settings, write_manifest
+    from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
     from adept_ds.probe.layers import probe_dtype
     from adept_ds.runtime.distributed import launched_distributed, on_cpu
 
@@ -156,7 +162,10 @@ def make_probe_corpus(
         staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
         with open(staging, "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in documents)
+        manifest_path(output).unlink(missing_ok=True)  # the old file's manifest must not outlive it if we stop here
         os.replace(staging, output)
+        settings = sampling_settings(num_tokens, seed, temperature, top_p, max_new_tokens, batch_size)
+        write_manifest(output, model_dir, fingerprint_checkpoint(checkpoint), settings, len(documents), kept_tokens)
     if distributed:
         from adept_ds.runtime.distributed import shutdown_distributed
 
@@ -173,3 +182,31 @@ def make_probe_corpus(
         "start_token": tokenizer.convert_ids_to_tokens(start),
         "dtype": str(torch_dtype).removeprefix("torch."),
     }
+
+
+def self_generated_corpus(
+    model_dir: str | Path,
+    tokens: int,
+    cache_dir: str | Path,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+) -> Path:
+    """Self-replay text sampled from `model_dir` (the base model, not an expanded one), cached in `cache_dir` as
+    `self_generated_<key>.jsonl`, key = the model's fingerprint and these settings: a complete file with a matching
+    manifest is returned as it is, anything else is generated (in this process) first."""
+    from adept_ds.data.self_replay import cached_corpus, sampling_settings
+    from adept_ds.model.checkpoint import fingerprint_checkpoint, open_checkpoint
+    from adept_ds.model.expand import MANIFEST_NAME, read_manifest
+
+    if (Path(model_dir) / MANIFEST_NAME).is_file():  # its manifest would name the copy, which no run's check accepts
+        source = read_manifest(model_dir)["source_model"]
+        raise ValueError(f"{model_dir} is an expanded model: sample self-replay text from the model it was expanded from, {source}")
+    fingerprint = fingerprint_checkpoint(open_checkpoint(model_dir))
+    settings = sampling_settings(tokens, seed, temperature, top_p, max_new_tokens, batch_size)
+    corpus, cached = cached_corpus(cache_dir, fingerprint, settings)
+    if not cached:
+        make_probe_corpus(model_dir, corpus, tokens, seed, temperature, top_p, batch_size, max_new_tokens)
+    return corpus

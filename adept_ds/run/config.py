@@ -75,6 +75,13 @@ class DataSource:
     weight: float
     text_field: str = "text"
     """The source's text field in JSONL/Parquet records (default: data.text_field)."""
+    self_generated: bool = False
+    """The source is text sampled from the run's base model by `adept-ds make-probe-corpus` (self-replay): check and
+    train verify it against the manifest beside it (data/self_replay.py)."""
+
+
+SOURCE_KEYS = ("path", "weight", "name", "text_field", "self_generated")
+"""The keys a mixture source's mapping may carry."""
 
 
 @dataclass(kw_only=True)
@@ -82,7 +89,9 @@ class DataConfig:
     domain: str | list = ""
     """Domain corpus for continual pretraining: a token store (`adept-ds prepare-data`), a JSONL/JSON, text or Parquet
     file or directory, or a `datasets` dir. Or a mixture: a list of sources, each `{path: P, weight: W}` (optionally
-    `name: N`) or a plain path (weight 1), e.g. the domain corpus plus general replay. Weights are shares of samples."""
+    `name: N`, `text_field: F`, and `self_generated: true` for a JSONL `adept-ds make-probe-corpus` sampled from the
+    run's base model) or a plain path (weight 1), e.g. the domain corpus plus general replay. Weights are shares of
+    samples."""
     general: str = ""
     """General-competence probe corpus, used for unit importance."""
     general_eval: str = ""
@@ -123,13 +132,20 @@ class DataConfig:
             if isinstance(entry, str):
                 entry = {"path": entry}
             _check(
-                isinstance(entry, dict) and isinstance(entry.get("path"), str) and set(entry) <= {"path", "weight", "name", "text_field"},
-                f"data.domain[{index}]={entry!r}: a source is a path or a mapping with path, weight and optionally name and text_field",
+                isinstance(entry, dict) and isinstance(entry.get("path"), str) and set(entry) <= set(SOURCE_KEYS),
+                f"data.domain[{index}]={entry!r}: a source is a path or a mapping with path, weight and optionally name, "
+                "text_field and self_generated",
+            )
+            self_generated = entry.get("self_generated", False)
+            _check(
+                isinstance(self_generated, bool),
+                f"data.domain[{index}].self_generated={self_generated!r}: need true or false",
             )
             path, text_field = entry["path"], entry.get("text_field", self.text_field)
             _check(isinstance(text_field, str) and bool(text_field), f"data.domain[{index}].text_field={text_field!r}: need a field name")
             name = str(entry.get("name") or (corpus_name(path) if path else "domain"))
-            sources.append(DataSource(name=name, path=path, weight=entry.get("weight", 1.0), text_field=text_field))
+            weight = entry.get("weight", 1.0)
+            sources.append(DataSource(name=name, path=path, weight=weight, text_field=text_field, self_generated=self_generated))
         try:
             check_weights([source.weight for source in sources])
         except ValueError as err:
@@ -758,7 +774,7 @@ def starter_config(overrides: list[str], directory: Path) -> str:
         _set(
             values,
             "data.domain",
-            [{k: v for k, v in e.items() if k in ("path", "weight", "name", "text_field")} for e in values["data"]["domain"]],
+            [{k: v for k, v in e.items() if k in SOURCE_KEYS} for e in values["data"]["domain"]],
         )
 
     def comment(text: str, indent: str) -> list[str]:

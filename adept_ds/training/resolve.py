@@ -4,11 +4,12 @@ from (training/engine.py).
 
 Resolving checks everything about a run's inputs that can be checked without a process group; every rank does it
 before `init_distributed`, so a bad value fails fast everywhere, and `check` does it on a login node before a job
-is queued: config values and paths, the model and its expansion manifest, a probe result's model fingerprint, the
-DeepSpeed config (its "auto" values filled from the run config, its batch arithmetic checked against the world
-size), the memory layout, and the data: token stores prepared (one process prepares, the others wait on the
-filesystem), the held-out split, and the run's length. A resumed run first keeps its global batches
-(universal.py). Each error names the bad value and what would be valid.
+is queued: config values and paths, the model and its expansion manifest, a probe result's model fingerprint, that
+self-replay sources were sampled from the run's base model (data/self_replay.py), the DeepSpeed config (its "auto"
+values filled from the run config, its batch arithmetic checked against the world size), the memory layout, and the
+data: token stores prepared (one process prepares, the others wait on the filesystem), the held-out split, and the
+run's length. A resumed run first keeps its global batches (universal.py). Each error names the bad value and what
+would be valid.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adept_ds.data.blocks import Packing, load_blocks, usable_blocks
+from adept_ds.data.self_replay import base_fingerprint, check_self_generated
 from adept_ds.data.token_store import TokenStore
 from adept_ds.model.attention import FLASH_ATTENTION, describe_attention, resolve_attention
 from adept_ds.model.checkpoint import Checkpoint, fingerprint_checkpoint, open_checkpoint
@@ -112,6 +114,8 @@ class ResolvedRun:
     """The run's `attention:` line: the kernel, why, and the document mask."""
     packing: Packing = Packing()
     """How batches meet the model: the document mask, the loss at document starts, one row for flash-attention 2."""
+    self_replay: tuple[str, ...] = ()
+    """Each self-generated source, verified against its manifest: `name summary` (check_self_replay)."""
 
     @property
     def unit_names(self) -> list[str]:
@@ -160,6 +164,7 @@ def resolve_run(
             "the manifest belongs to another model: re-run `adept-ds expand`"
         )
     fingerprint = fingerprint_checkpoint(checkpoint)
+    self_replay = check_self_replay(config)
     trainable_layers = None
     if config.spec.trains == "copies":
         trainable_layers = tuple(manifest["copied_layers"])
@@ -199,6 +204,7 @@ def resolve_run(
         attention=attention,
         attention_note=attention_note,
         packing=packing,
+        self_replay=self_replay,
     )
 
 
@@ -277,6 +283,21 @@ def resolve_data(config: RunConfig, world_size: int, vocab_size: int | None, sho
     config, length_notes = with_run_length(config, sum(domain_sizes), world_size)  # train.epochs, scheduler.warmup_ratio
     resolved = ResolvedData(tuple(sources), tuple(domain), tuple(domain_sizes), general, general_blocks, tuple(held_out))
     return resolved, config, length_notes
+
+
+def check_self_replay(config: RunConfig) -> tuple[str, ...]:
+    """`name summary` for each `self_generated: true` source, after checking its manifest names the run's base model
+    (the expanded model's source): a JSON read per source, so `adept-ds train` runs it before launching any rank."""
+    replayed = {name: source for name, source in config.corpora().items() if source.self_generated}
+    if not replayed:
+        return ()
+    base, lines = base_fingerprint(config.model.path), []
+    for name, source in replayed.items():
+        try:
+            lines.append(f"{name} {check_self_generated(source.path, base)}")
+        except ValueError as err:
+            raise ValueError(f"data.domain source '{source.name}': {err}") from None
+    return tuple(lines)
 
 
 def check_positions(config: RunConfig, model_config: dict) -> None:
