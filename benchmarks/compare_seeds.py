@@ -3,9 +3,10 @@
     python benchmarks/compare_seeds.py --seeds 3 --steps 60 [--variants adept,adept:rank,...] [--output runs/compare]
         [--set data.document_mask=true --set data.loss_on_document_start=false ...] [--eval-document-mask|--no-eval-document-mask]
 
-A variant is `method` or `method:normalisation` (adept:per_type, adept:rank). Each seed s probes the
-demo model on a seeded draw of general blocks, expands its k least important layers (`--k auto`: k chosen from
-that probe by adept_ds.probe.auto_k), and trains every
+A variant is `method`, `method:normalisation` (adept:per_type, adept:rank) or a replay recipe (adept_replay,
+pt_full_replay: 25 % general replay; adept_replay5, pt_full_replay5: 5 %). Each seed s probes the demo model on a
+seeded draw of general blocks, expands its k least important layers (`--k auto`: k chosen from that probe by
+adept_ds.probe.auto_k), and trains every
 variant with train.seed = s (data order and importance probe batches), 2 CPU ranks under ZeRO-3, then
 evaluates held-out general and domain perplexity and domain accuracy. Writes `<output>/results.jsonl`
 (one line per run, with its median step time), `<output>/study.md` (mean ± sd per variant, the Pareto front) and
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = "adept,adept:per_type,adept:rank,adept_no_stage2,adept_no_stage2_matched,llama_pro,pt_full,pt_full_replay"
+VARIANTS = "adept,adept:per_type,adept:rank,adept_no_stage2,adept_no_stage2_matched,adept_replay,llama_pro,pt_full,pt_full_replay"
 
 
 def main() -> None:

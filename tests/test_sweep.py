@@ -1,9 +1,12 @@
 """`adept-ds sweep` through the console script and DeepSpeed's real launcher on a tiny model: it measures its cost
-before training and prints the estimate, trains every variant (replay honoured), evaluates, merges toward the base,
+before training and prints the estimate, trains every variant (self-replay generated once and honoured), evaluates, merges toward the base,
 writes the report; it resumes without training again; it refuses up front a sweep over its budget; bad input is
 refused in one line."""
 
 import json
+import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +22,9 @@ from adept_ds.evaluation.sweep import best_lrs, parse_variant
 from adept_ds.model.expand import expand_checkpoint
 from adept_ds.runtime.run_log import read_records
 
-SCRIPT = Path(sys.executable).parent / "adept-ds"
-SWEEP = ["--num-gpus", "2", "--variants", "adept,pt_full+replay25", "--lrs", "1e-3", "--steps", "3", "--alphas", "0.5"]
-SWEEP += ["--max-blocks", "4", "--calibration-steps", "2", "--output", "sweep"]
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_SWEEP = re.search(r"<!-- sweep -->\n```bash\n(.*?)\n```\n<!-- /sweep -->", README.read_text(), re.S).group(1)
+"""The README's sweep command, run verbatim; the resume and budget checks vary its flags."""
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +33,21 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep_project")
     base = make_tiny_model(root / "base", num_layers=4)
     expand_checkpoint(base, root / "expanded", [1, 2], show_progress=False)
-    corpora = {name: write_jsonl(root / f"{name}.jsonl", sentences(60, seed)) for seed, name in enumerate(["domain", "general", "d_eval", "g_eval"])}
+    corpora = {
+        name: write_jsonl(root / f"{name}.jsonl", sentences(60, seed))
+        for seed, name in enumerate(["domain", "general", "d_eval", "g_eval"])
+    }
     config = {
         "model": "expanded",
         "method": "adept",
         "deepspeed": "zero3",
-        "data": {"domain": "domain.jsonl", "general": "general.jsonl", "domain_eval": "d_eval.jsonl", "general_eval": "g_eval.jsonl", "block_size": 32},
+        "data": {
+            "domain": "domain.jsonl",
+            "general": "general.jsonl",
+            "domain_eval": "d_eval.jsonl",
+            "general_eval": "g_eval.jsonl",
+            "block_size": 32,
+        },
         "train": {"micro_batch_size": 2, "max_steps": 10, "save_interval": 10},
         "scheduler": {"type": "constant"},
         "importance": {"interval": 1, "batches": 1, "batch_size": 2},
@@ -48,23 +60,25 @@ def project(tmp_path_factory):
     return root
 
 
-def sweep(project, *extra, check=True):
-    result = subprocess.run([str(SCRIPT), "sweep", "run.yaml", *SWEEP, *extra], cwd=project, env=cpu_env(), capture_output=True, text=True, timeout=900)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def sweep(project):
+    """The README's command in a user's shell in the project: the environment's console scripts first on PATH."""
+    env = cpu_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(["bash", "-c", README_SWEEP], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
 @pytest.mark.dist
-def test_sweep_estimates_trains_evaluates_merges_reports_resumes_and_refuses_over_budget(project):
-    first = sweep(project, "--seeds", "1")
+def test_sweep_estimates_trains_evaluates_merges_reports_resumes_and_refuses_over_budget(project, monkeypatch, capsys):
+    first = sweep(project)
     out = first.stdout
     estimate = out.index("[sweep] 2 runs to do x 3 steps: about")
     assert "measured adept" in out[estimate:].split("\n")[0] and "pt_full" in out[estimate:].split("\n")[0]
     assert estimate < out.index("[sweep] run 1/2")  # measured and printed before the first run trains
     output = project / "sweep"
     results = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
-    assert [(r["variant"], r["lr"], r["seed"]) for r in results] == [("adept", 1e-3, 0), ("pt_full+replay25", 1e-3, 0)]
+    assert [(r["variant"], r["lr"], r["seed"]) for r in results] == [("adept", 1e-3, 0), ("pt_full+self_replay25", 1e-3, 0)]
     for result in results:
         alphas = [point["alpha"] for point in result["merge_curve"]]
         assert alphas == [0.0, 0.5, 1.0]
@@ -73,37 +87,45 @@ def test_sweep_estimates_trains_evaluates_merges_reports_resumes_and_refuses_ove
         assert ends[1]["general_increase"] == result["general_increase"] and ends[1]["domain_drop"] == result["domain_drop"]
         assert result["step_s"] > 0
     runs = output / "runs"
-    assert not list((runs / "pt_full+replay25" / "lr0.001" / "seed0" / "merge").glob("alpha_*"))  # merged models deleted once scored
-    # The replay run drew general text, the plain one did not; each run kept its model, not its optimizer state.
-    tokens = [record["tokens"] for record in read_records(runs / "pt_full+replay25" / "lr0.001" / "seed0", "train")]
+    assert not list((runs / "pt_full+self_replay25" / "lr0.001" / "seed0" / "merge").glob("alpha_*"))  # merged models deleted once scored
+    # The self-replay run drew text the base model wrote (generated once, with its provenance manifest), the plain
+    # one drew none; each run kept its model, not its optimizer state.
+    (generated,) = (output / "self_replay").glob("self_generated_*.jsonl")
+    assert json.loads(Path(f"{generated}.manifest.json").read_text())["model"] == str(project / "base")
+    tokens = [record["tokens"] for record in read_records(runs / "pt_full+self_replay25" / "lr0.001" / "seed0", "train")]
     assert tokens[-1].get("replay", 0) > 0
     plain = [record["tokens"] for record in read_records(runs / "adept" / "lr0.001" / "seed0", "train")]
     assert "replay" not in plain[-1]
-    for variant in ("adept", "pt_full+replay25"):
+    for variant in ("adept", "pt_full+self_replay25"):
         assert (runs / variant / "lr0.001" / "seed0" / "final" / "config.json").is_file()
         assert not (runs / variant / "lr0.001" / "seed0" / "checkpoints").exists()
     report = (output / "report.md").read_text()
-    for row in ("| adept @ 0.001 | 1 |", "| pt_full+replay25 @ 0.001 | 1 |", "Pareto front", "| adept | 0.5 |"):
+    for row in ("| adept @ 0.001 | 1 |", "| pt_full+self_replay25 @ 0.001 | 1 |", "Pareto front", "| adept | 0.5 |"):
         assert row in report, report
     assert (output / "tradeoff.png").stat().st_size > 10_000
 
+    # The rest runs in this process (no console start-up): only the first command needs to be the README's.
+    argv = shlex.split(README_SWEEP)[1:]
+    monkeypatch.chdir(project)
     # Resume: everything is done, so nothing trains or is measured again.
-    again = sweep(project, "--seeds", "1")
-    assert "[sweep] run" not in again.stdout and "measuring" not in again.stdout
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "[sweep] run" not in again and "measuring" not in again
     assert (output / "results.jsonl").read_text().count("\n") == 2
     # A run whose result line was lost (stopped while it was evaluated) is evaluated again, not trained again.
     lines = (output / "results.jsonl").read_text().splitlines()
     (output / "results.jsonl").write_text(lines[0] + "\n")
-    resumed = sweep(project, "--seeds", "1")
-    assert "[sweep] run 1/1: pt_full+replay25 @ 0.001, seed 0" in resumed.stdout
-    assert "adept_ds.train" not in resumed.stdout and "[sweep] + " not in resumed.stdout
+    assert main(argv) == 0
+    resumed = capsys.readouterr().out
+    assert "[sweep] run 1/1: pt_full+self_replay25 @ 0.001, seed 0" in resumed and "[sweep] + " not in resumed
     assert json.loads((output / "results.jsonl").read_text().splitlines()[1])["domain_drop"] == results[1]["domain_drop"]
 
     # Over budget: refused before anything trains, with the estimate and what to cut.
-    refused = sweep(project, "--seeds", "3", "--budget-hours", "0.001", check=False)
-    assert refused.returncode == 3, refused.stderr
-    assert "refused: the sweep needs about" in refused.stderr and "4 runs still to do" in refused.stderr
-    assert "--budget-hours 0.001" in refused.stderr
+    over = list(argv)
+    over[over.index("--seeds") + 1], over[over.index("--budget-hours") + 1] = "3", "0.001"
+    assert main(over) == 3
+    refused = capsys.readouterr().err
+    assert "refused: the sweep needs about" in refused and "4 runs still to do" in refused and "--budget-hours 0.001" in refused
     assert not (runs / "adept" / "lr0.001" / "seed1").exists()
 
 
@@ -115,6 +137,18 @@ def test_best_lr_is_the_largest_net_gain_over_seeds():
         {"variant": "a", "lr": 3e-4, "seed": 1, "general_increase": 0.7, "domain_drop": 2.2},
     ]
     assert best_lrs(results) == {"a": 3e-4}
+
+
+def test_replay_takes_its_share_from_every_domain_source_and_marks_self_generated_text(project):
+    from adept_ds.evaluation.sweep import replay_mixture
+    from adept_ds.run.config import load_run_config
+
+    config = load_run_config(project / "run.yaml", ['data.domain=[{"path": "a.jsonl", "weight": 3}, "b.jsonl"]'])
+    mixture = json.loads(replay_mixture(config, parse_variant("adept+replay20"), "general.jsonl"))
+    assert [(s["name"], s["weight"]) for s in mixture] == [("a", pytest.approx(0.6)), ("b", pytest.approx(0.2)), ("replay", 0.2)]
+    assert "self_generated" not in mixture[-1]
+    mixture = json.loads(replay_mixture(config, parse_variant("pt_full+self_replay5"), "self.jsonl"))
+    assert mixture[-1] == {"path": "self.jsonl", "weight": 0.05, "name": "replay", "self_generated": True}
 
 
 @pytest.mark.parametrize(

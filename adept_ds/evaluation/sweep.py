@@ -190,13 +190,14 @@ def replay_mixture(config, variant: Variant, replay_corpus: str) -> str:
     mixture = [
         {"path": s.path, "weight": (1 - variant.replay) * s.weight / total, "name": s.name, "text_field": s.text_field} for s in sources
     ]
-    mixture.append({"path": replay_corpus, "weight": variant.replay, "name": "replay"})
+    replay = {"path": replay_corpus, "weight": variant.replay, "name": "replay"}
+    mixture.append(replay | ({"self_generated": True} if variant.self_replay else {}))  # checked against the base by train
     return json.dumps(mixture)
 
 
 def replay_corpus(sweep: Sweep, config, models: dict[str, Path], variant: Variant) -> str:
     if variant.self_replay:
-        from adept_ds.data.self_replay import self_generated_corpus
+        from adept_ds.probe.corpus import self_generated_corpus
 
         # What the replay share draws over one run (at least 4096 tokens): the sampler does not need more.
         per_step = config.train.micro_batch_size * config.train.gradient_accumulation_steps * sweep.world_size * config.data.block_size
@@ -246,20 +247,21 @@ def calibrate(sweep: Sweep, config, models) -> dict[str, dict]:
     return measured
 
 
-def estimate(sweep: Sweep, todo: list, calibration: dict, evaluation_s: float) -> dict:
+def estimate(sweep: Sweep, todo: list, calibration: dict, before: dict) -> dict:
     """Seconds the runs still to do will take: training from the measured step times, evaluation from the base's
-    (each run evaluates its model and one merge per alpha; the merges' own writing is not counted)."""
+    (each run scores its model's perplexity and QA, and each merge's perplexity; the merges' writing is not counted)."""
     train = sum(calibration[v.method]["overhead_s"] + sweep.steps * calibration[v.method]["step_s"] for v, _, _ in todo)
-    evaluate = len(todo) * (1 + len(sweep.alphas)) * evaluation_s
+    evaluate = len(todo) * ((1 + len(sweep.alphas)) * before["perplexity_s"] + before["qa_s"])
     return {"runs": len(todo), "train_s": train, "evaluate_s": evaluate, "total_s": train + evaluate}
 
 
-def describe_estimate(sweep: Sweep, cost: dict, calibration: dict, evaluation_s: float) -> str:
+def describe_estimate(sweep: Sweep, cost: dict, calibration: dict, before: dict) -> str:
     steps = ", ".join(f"{method} {m['step_s']:.2f} s/step + {m['overhead_s']:.0f} s a launch" for method, m in calibration.items())
+    qa = f" + QA {before['qa_s']:.0f} s" if sweep.qa else ""
     return (
         f"[sweep] {cost['runs']} runs to do x {sweep.steps} steps: about {cost['total_s'] / 3600:.2f} h "
-        f"(training {cost['train_s'] / 60:.1f} min from the measured {steps}; evaluation {cost['evaluate_s'] / 60:.1f} min, "
-        f"{1 + len(sweep.alphas)} a run at the measured {evaluation_s:.0f} s each)"
+        f"(training {cost['train_s'] / 60:.1f} min from the measured {steps}; evaluation {cost['evaluate_s'] / 60:.1f} min "
+        f"from the base's: perplexity {before['perplexity_s']:.0f} s{qa}, for each run's model and its {len(sweep.alphas)} merges)"
     )
 
 
@@ -281,22 +283,23 @@ def run_sweep(sweep: Sweep) -> Path:
     done = {(r["variant"], r["lr"], r["seed"]) for r in results}
     todo = [(v, lr, seed) for v, lr, seed in sweep.runs() if (v.name, lr, seed) not in done]
 
-    def evaluate(model_dir) -> dict:
-        return evaluate_model(
-            model_dir, sweep.corpora, sweep.qa, config.data.block_size, sweep.max_blocks, sweep.max_questions, packing=packing
-        )
+    def evaluate(model_dir, qa=sweep.qa) -> dict:
+        return evaluate_model(model_dir, sweep.corpora, qa, config.data.block_size, sweep.max_blocks, sweep.max_questions, packing=packing)
 
     before_file = sweep.output / "before.json"
-    if not before_file.is_file():
+    if not before_file.is_file():  # timed in two parts, the units of the estimate: merges score perplexity only
         started = time.perf_counter()
-        measured = evaluate(models["base"])
-        measured["seconds"] = time.perf_counter() - started  # the unit of the evaluation estimate
+        measured = evaluate(models["base"], qa=None)
+        measured["perplexity_s"] = time.perf_counter() - started
+        if sweep.qa:
+            measured["qa"] = evaluate_model(models["base"], {}, sweep.qa, max_questions=sweep.max_questions)["qa"]
+        measured["qa_s"] = time.perf_counter() - started - measured["perplexity_s"]
         before_file.write_text(json.dumps(measured, indent=2) + "\n")
     before = json.loads(before_file.read_text())
     if todo:
         calibration = calibrate(sweep, config, models)
-        cost = estimate(sweep, todo, calibration, before["seconds"])
-        print(describe_estimate(sweep, cost, calibration, before["seconds"]), flush=True)
+        cost = estimate(sweep, todo, calibration, before)
+        print(describe_estimate(sweep, cost, calibration, before), flush=True)
         if sweep.budget_hours is not None and cost["total_s"] > sweep.budget_hours * 3600:
             raise BudgetExceeded(
                 f"the sweep needs about {cost['total_s'] / 3600:.2f} h for its {cost['runs']} runs still to do, over "
@@ -316,9 +319,8 @@ def run_sweep(sweep: Sweep) -> Path:
                 sweep.alphas,
                 directory / "merge",
                 sweep.corpora,
-                sweep.qa,
+                None,  # the curve is perplexity against perplexity; accuracy is the trained model's
                 sweep.max_blocks,
-                sweep.max_questions,
                 show_progress=False,
                 block_size=config.data.block_size,
                 packing=packing,
