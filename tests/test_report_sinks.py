@@ -9,7 +9,7 @@ import json
 import struct
 
 import pytest
-from distributed import TESTS_DIR, run_deepspeed
+from distributed import TESTS_DIR, cpu_env, run_deepspeed
 from test_validation import TRAIN, forgetting, inputs  # noqa: F401  (the module fixture: a tiny model, sentences and digits)
 from train_setup import overrides
 
@@ -109,3 +109,23 @@ def test_a_sink_that_is_not_installed_is_refused_with_its_install_line(inputs, t
     assert cli_main(["check", "--device", "cpu", "--skip-data", *args]) == 2
     err = capsys.readouterr().err
     assert "report.to names wandb, which is not installed: pip install 'adept_ds[wandb]'" in err and err.count("\n") == 1
+
+
+def test_deepspeed_is_imported_without_its_autotuners_mlflow_and_mlflow_still_imports_after():
+    """runtime.distributed.import_deepspeed (every rank's first deepspeed import) keeps deepspeed's autotuner from
+    importing mlflow (2 s a rank), and leaves mlflow importable for the report sink, in a fresh process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from adept_ds.runtime.distributed import import_deepspeed\n"
+        "import_deepspeed()\n"
+        "import deepspeed.autotuning.autotuner as autotuner\n"
+        "assert 'mlflow' not in sys.modules and not autotuner.has_mlflow\n"
+        "import mlflow\n"
+        "print('mlflow', mlflow.__name__)\n"
+    )
+    env = cpu_env(PYTHONPATH=str(TESTS_DIR))  # the real MLflow, not tests/hidden's stand-in
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "mlflow mlflow" in result.stdout, result.stderr[-2000:]

@@ -78,9 +78,12 @@ def zero3_probe_runtime(model_dir, family, with_grad: bool, micro_batch: int, nu
     Gradient methods need ZeRO-3's gradient partitioning, which lives in its optimizer: we give it an
     SGD with lr=0 over the decoder-layer parameters and never call step(), so no weight changes.
     """
-    import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    from adept_ds.runtime.distributed import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"ZeRO-3 probing runs in float32 or bfloat16, not {dtype}")

@@ -21,6 +21,25 @@ def on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
 
 
+def import_deepspeed():
+    """`import deepspeed`, less the `import mlflow` its autotuner makes at import time when mlflow is installed:
+    2 s of every rank's start on CPU (-X importtime), for an autotuner adept_ds never runs. mlflow stays
+    importable: only deepspeed's own first import sees it missing (our report sink imports it when asked)."""
+    import sys
+
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    blocked = "mlflow" not in sys.modules
+    if blocked:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError; deepspeed catches it
+    try:
+        import deepspeed
+    finally:
+        if blocked:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 DEFAULT_TIMEOUT_MINUTES = 30.0
 """The process-group timeout unless the run config sets `train.timeout_minutes` (DeepSpeed's own default is 10)."""
 
@@ -33,8 +52,7 @@ def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, threads: 
     """
     from datetime import timedelta
 
-    import deepspeed
-
+    deepspeed = import_deepspeed()  # a rank's first deepspeed import
     discover_ranks()
     cpu = on_cpu()
     if cpu:
@@ -345,7 +363,7 @@ def zero3_engine(model_dir, dtype: torch.dtype, config: dict, make_optimizer=Non
     the optimizer (or None). Keep the engine: its hooks gather each layer's weights in every forward,
     collectively, so all ranks must run the same sequence of forwards.
     """
-    import deepspeed
+    deepspeed = import_deepspeed()
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 

@@ -99,9 +99,12 @@ class Trainer:
         """`run`: resolve_run's (training/resolve.py), made before the process group exists: every input is checked
         then, so a bad value fails fast on every rank. Its `resume` says whether to continue the newest complete
         checkpoint (True), start new (False: refused where checkpoints exist), or either ("auto": `--auto-resume`)."""
-        import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+        from adept_ds.runtime.distributed import import_deepspeed
+
+        deepspeed = import_deepspeed()
 
         if not isinstance(run, ResolvedRun) or run.data is None:  # the 0.1 call was Trainer(config, resume=...)
             raise TypeError(f"Trainer takes a run resolved with its data, Trainer(resolve_run(config, resume=...)), not {run!r:.80}")

@@ -47,6 +47,9 @@ def trained_tensors(checkpoint_dir: Path, tag: str, base_names: set[str]) -> dic
     Tied aliases (lm_head.weight sharing the embedding's storage) and buffers resolve to a tensor the
     base model stores under its own name, so only names of the base model are returned; a trained name
     the base model lacks means the wrong base model."""
+    from adept_ds.runtime.distributed import import_deepspeed
+
+    import_deepspeed()  # `adept-ds export` alone: its first deepspeed import
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     lazy = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, exclude_frozen_parameters=True, lazy_mode=True)

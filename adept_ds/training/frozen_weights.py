@@ -28,7 +28,9 @@ def replicate_frozen(model: nn.Module) -> int:
     Call it after freezing and before `deepspeed.initialize`, which then manages only the trainable parameters.
     Collective: every rank calls it on the same model. One module's weights are gathered at a time.
     """
-    import deepspeed
+    from adept_ds.runtime.distributed import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     whole: dict[int, torch.Tensor] = {}
     frozen = []
