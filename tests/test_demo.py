@@ -3,7 +3,7 @@ README makes (`pip install -e .`), from a directory outside the checkout, with t
 (validation during training included) but 3 steps instead of 40, through to its report (DeepSpeed's WarmupCosineLR,
 the demo's, runs its first two steps at lr 0 when there are this few). The demo's fixed costs, the mask probe of 30
 layers (~2.6 min on its 4,096 tokens) and evaluating two models (~2.3 min on 100 questions), are cut with its own
-options: the probe on 1,024 tokens and 20 questions, the same code on less data."""
+options: the probe on 512 tokens and 10 questions, the same code on less data."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_demo_writes_its_report_with_tables_and_charts(demo_model_dir, tmp_path)
     user = tmp_path / "user"
     user.mkdir()
     env = user_env(Path(sys.executable).parent, tmp_path / "home", ADEPT_DS_CACHE=str(demo_model_dir.parent.parent))
-    demo = ["adept-ds", "demo", "--steps", "3", "--probe-tokens", "1024", "--max-questions", "20", "--output", "demo"]
+    demo = ["adept-ds", "demo", "--steps", "3", "--probe-tokens", "512", "--max-questions", "10", "--output", "demo"]
     result = run_command(demo, timeout=1500, env=env, cwd=user)
     report = user / "demo" / "report"
     text = (report / "report.md").read_text()
@@ -38,13 +38,13 @@ def test_demo_writes_its_report_with_tables_and_charts(demo_model_dir, tmp_path)
     rows = {row[0]: row[1:] for row in ROW.findall(text)}
     assert list(rows) == ["before", "adept"], text
     for name, (general, domain, accuracy, correct, total) in rows.items():
-        assert float(general) > 1 and float(domain) > 1 and int(total) == 20 and 0 <= int(correct) <= 20, (name, text)
+        assert float(general) > 1 and float(domain) > 1 and int(total) == 10 and 0 <= int(correct) <= 10, (name, text)
         assert float(accuracy) == pytest.approx(100 * int(correct) / int(total), abs=0.05)
 
     for chart in ("probe_importance.png", "training_loss.png", "validation_loss.png", "lr_scales.png"):
         assert f"]({chart})" in text and (report / chart).stat().st_size > 5000, chart
     results = json.loads((report / "results.json").read_text())
-    assert results["settings"]["steps"] == 3 and results["settings"]["probe tokens"] == 1024 and len(results["expanded_layers"]) == 4
+    assert results["settings"]["steps"] == 3 and results["settings"]["probe tokens"] == 512 and len(results["expanded_layers"]) == 4
     ppl = {name: [results["evaluations"][name]["perplexity"][c]["perplexity"] for c in ("general", "domain")] for name in rows}
     assert all(math.isfinite(value) for values in ppl.values() for value in values)
     assert ppl["adept"] != ppl["before"]  # the trained copies changed the model (by little, in 3 steps)

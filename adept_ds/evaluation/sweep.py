@@ -297,6 +297,8 @@ def run_sweep(sweep: Sweep) -> Path:
         before_file.write_text(json.dumps(measured, indent=2) + "\n")
     before = json.loads(before_file.read_text())
     if todo:
+        for variant in {v.replay: v for v, _, _ in todo if v.self_replay}.values():  # sampled once, before the estimate
+            replay_corpus(sweep, config, models, variant)
         calibration = calibrate(sweep, config, models)
         cost = estimate(sweep, todo, calibration, before)
         print(describe_estimate(sweep, cost, calibration, before), flush=True)
