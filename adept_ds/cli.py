@@ -598,10 +598,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for flag, value in (("--seeds", args.seeds), ("--steps", args.steps), ("--calibration-steps", args.calibration_steps)):
         if value is not None and value < (2 if flag == "--calibration-steps" else 1):
             raise ValueError(f"{flag} {value}: need at least {2 if flag == '--calibration-steps' else 1}")
-    alphas = [float(a) for a in args.alphas.split(",") if a.strip()] if args.alphas else []
-    for alpha in alphas:
-        if not 0 < alpha < 1:
-            raise ValueError(f"--alphas {args.alphas!r}: each alpha strictly between 0 and 1 (the ends are the base and the trained model)")
+    try:
+        alphas = [float(a) for a in args.alphas.split(",") if a.strip()] if args.alphas else []
+    except ValueError:
+        alphas = [-1.0]
+    if any(not 0 < alpha < 1 for alpha in alphas):
+        raise ValueError(f"--alphas {args.alphas!r}: each alpha strictly between 0 and 1 (the ends are the base and the trained model)")
+    if args.budget_hours is not None and not args.budget_hours > 0:
+        raise ValueError(f"--budget-hours {args.budget_hours:g}: need a positive number of hours")
+    replaying = [v.name for v in variants if v.replay and not v.self_replay]
+    if replaying and not config.data.general:
+        raise ValueError(f"{', '.join(replaying)} replay general text: set data.general in the run config (or use +self_replayPCT)")
     corpora = {"general": args.general or config.data.general_eval, "domain": args.domain or config.data.domain_eval}
     missing = [name for name, path in corpora.items() if not path]
     if missing:

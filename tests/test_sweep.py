@@ -56,6 +56,9 @@ def project(tmp_path_factory):
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     del config["data"]["domain_eval"], config["data"]["general_eval"]
     (root / "no_eval.yaml").write_text(yaml.safe_dump(config))
+    del config["data"]["general"]
+    config |= {"model": "base", "method": "pt_full", "importance": {"interval": 0}}
+    (root / "no_general.yaml").write_text(yaml.safe_dump(config))
     assert all(path.is_file() for path in corpora.values())
     return root
 
@@ -174,6 +177,12 @@ def test_variants_parse(text, expected):
         (["--variants", "adept,adept"], "names a recipe twice"),
         (["--lrs", "1e-4,x"], "--lrs '1e-4,x': need comma-separated positive learning rates"),
         (["--alphas", "0,0.5"], "each alpha strictly between 0 and 1"),
+        (["--alphas", "half"], "--alphas 'half': each alpha strictly between 0 and 1"),
+        (["--budget-hours", "0"], "--budget-hours 0: need a positive number of hours"),
+        (
+            ["no_general.yaml", "--variants", "pt_full+replay5", "--general", "g_eval.jsonl", "--domain", "d_eval.jsonl"],
+            "pt_full+replay5 replay general text: set data.general",
+        ),
         (["--steps", "0"], "--steps 0: need at least 1"),
         (["--general", "missing.jsonl"], "evaluation data missing.jsonl does not exist"),
         (["no_eval.yaml"], "give --general and --domain or data.general_eval in the run config"),
