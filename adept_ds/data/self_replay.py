@@ -97,12 +97,13 @@ def read_self_generated(corpus: str | Path) -> dict:
     return manifest
 
 
-def base_fingerprint(model_dir: str | Path) -> str:
+def base_fingerprint(model_dir: str | Path, own: str | None = None) -> str:
     """The fingerprint of the model a run starts from: an expanded model's source (its expansion manifest records
-    it), else the model itself. Self-replay text must have been sampled from this model."""
+    it), else the model itself (`own`, when the caller has already fingerprinted it). Self-replay text must have been
+    sampled from this model."""
     if (Path(model_dir) / MANIFEST_NAME).is_file():
         return read_manifest(model_dir)["source_fingerprint"]
-    return fingerprint_checkpoint(open_checkpoint(model_dir))
+    return own or fingerprint_checkpoint(open_checkpoint(model_dir))
 
 
 def check_self_generated(source_path: str | Path, base_fingerprint: str) -> str:

@@ -164,7 +164,7 @@ def resolve_run(
             "the manifest belongs to another model: re-run `adept-ds expand`"
         )
     fingerprint = fingerprint_checkpoint(checkpoint)
-    self_replay = check_self_replay(config)
+    self_replay = check_self_replay(config, fingerprint)
     trainable_layers = None
     if config.spec.trains == "copies":
         trainable_layers = tuple(manifest["copied_layers"])
@@ -285,13 +285,14 @@ def resolve_data(config: RunConfig, world_size: int, vocab_size: int | None, sho
     return resolved, config, length_notes
 
 
-def check_self_replay(config: RunConfig) -> tuple[str, ...]:
+def check_self_replay(config: RunConfig, model_fingerprint: str | None = None) -> tuple[str, ...]:
     """`name summary` for each `self_generated: true` source, after checking its manifest names the run's base model
-    (the expanded model's source): a JSON read per source, so `adept-ds train` runs it before launching any rank."""
+    (the expanded model's source): a JSON read per source, so `adept-ds train` runs it before launching any rank.
+    `model_fingerprint`: the run model's, when the caller has it (not read again)."""
     replayed = {name: source for name, source in config.corpora().items() if source.self_generated}
     if not replayed:
         return ()
-    base, lines = base_fingerprint(config.model.path), []
+    base, lines = base_fingerprint(config.model.path, model_fingerprint), []
     for name, source in replayed.items():
         try:
             lines.append(f"{name} {check_self_generated(source.path, base)}")
