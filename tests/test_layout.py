@@ -85,15 +85,20 @@ def test_subpackages_import_only_those_before_them():
                 assert ORDER.index(other) < rank, f"{name} imports {target}: {parts[1]}/ may import only {ORDER[:rank]}"
 
 
+def imports_deepspeed(node: ast.AST) -> bool:
+    """An import statement of deepspeed, or a call of runtime.distributed.import_deepspeed (which imports it lean)."""
+    if isinstance(node, ast.Import):
+        return any(alias.name.split(".")[0] == "deepspeed" for alias in node.names)
+    if isinstance(node, ast.ImportFrom):
+        return (node.module or "").split(".")[0] == "deepspeed"
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "import_deepspeed"
+
+
 def test_deepspeed_is_imported_only_where_the_architecture_page_says():
     users = {
         str(path.relative_to(PACKAGE))
         for path in PACKAGE.rglob("*.py")
-        if any(
-            (isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "deepspeed" for alias in node.names))
-            or (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "deepspeed")
-            for node in ast.walk(ast.parse(path.read_text()))
-        )
+        if any(imports_deepspeed(node) for node in ast.walk(ast.parse(path.read_text())))
     }
     assert users == DEEPSPEED_MODULES
     page = ARCHITECTURE.read_text()
