@@ -657,7 +657,11 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from adept_ds.pipeline import run_demo
 
-    for flag, value, least in (("--probe-tokens", args.probe_tokens, 512), ("--max-questions", args.max_questions, 1)):
+    for flag, value, least in (
+        ("--probe-tokens", args.probe_tokens, 512),
+        ("--max-questions", args.max_questions, 1),
+        ("--eval-tokens", args.eval_tokens, 128),
+    ):
         if value < least:
             raise ValueError(f"demo {flag} {value}: need at least {least}")
     report = run_demo(
@@ -667,6 +671,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         num_procs=args.num_procs,
         probe_tokens=args.probe_tokens,
         max_questions=args.max_questions,
+        eval_tokens=args.eval_tokens,
     )
     print(report.read_text())
 
@@ -908,6 +913,9 @@ def build_parser() -> argparse.ArgumentParser:
     # The probe and the evaluation cost the same at any step count: these make a quick look (and the test) quicker.
     demo.add_argument("--probe-tokens", type=int, default=4096, help="general tokens the mask probe scores (default 4096; >= 512)")
     demo.add_argument("--max-questions", type=int, default=100, help="domain questions each model answers (default 100)")
+    demo.add_argument(
+        "--eval-tokens", type=int, default=8192, help="held-out tokens of each corpus each model is scored on (default 8192; >= 128)"
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

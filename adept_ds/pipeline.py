@@ -98,6 +98,7 @@ def run_demo(
     probe_tokens: int = 4096,
     k: int = 4,
     max_questions: int = 100,
+    eval_tokens: int = 8192,
 ) -> Path:
     from adept_ds.evaluation.evaluate import evaluate_model
     from adept_ds.evaluation.report import write_report
@@ -139,11 +140,13 @@ def run_demo(
 
     _step("evaluating before and after")
     corpora = {"general": GENERAL_HELDOUT, "domain": DOMAIN_TEST}
-    evaluations = {"before": evaluate_model(original, corpora, DOMAIN_TEST, max_questions=max_questions)}
+    scope = {"block_size": 128, "max_blocks": eval_tokens // 128, "max_questions": max_questions}  # per held-out corpus
+    evaluations = {"before": evaluate_model(original, corpora, DOMAIN_TEST, **scope)}
     for method, run_dir in runs.items():
-        evaluations[method] = evaluate_model(run_dir / "final", corpora, DOMAIN_TEST, max_questions=max_questions)
+        evaluations[method] = evaluate_model(run_dir / "final", corpora, DOMAIN_TEST, **scope)
     settings = {
         "probe tokens": probe_tokens,
+        "eval tokens": eval_tokens,
         "k": k,
         "steps": steps,
         "ranks": num_procs,

@@ -17,7 +17,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from distributed import REPO_DIR, cpu_env, run_command
+from distributed import HIDDEN_DIR, REPO_DIR, cpu_env, run_command
 
 NOT_SHIPPED = (".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "wheels", "work")
 
@@ -41,8 +41,9 @@ def install_package(root: Path) -> Path:
 
 
 def user_env(bin_dir: Path, home: Path, **extra: str) -> dict[str, str]:
-    """A user's shell: the venv first on PATH, a home of their own, CPU ranks (no GPU here)."""
+    """A user's shell: the venv first on PATH, a home of their own, CPU ranks (no GPU here), and no MLflow, as the
+    README's install (`pip install -e .`, no `[mlflow]` extra) leaves it; the tests' own install has it."""
     home.mkdir(parents=True, exist_ok=True)
     env = cpu_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", HOME=str(home), **extra)
-    env.pop("PYTHONPATH", None)  # a user's shell has not got the tests' helpers on its path
+    env["PYTHONPATH"] = str(HIDDEN_DIR)  # not the tests' helpers: only the stand-in that hides MLflow (tests/hidden)
     return env

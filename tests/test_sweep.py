@@ -4,7 +4,6 @@ writes the report; it resumes without training again; it refuses up front a swee
 refused in one line."""
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from corpora import sentences, write_jsonl
-from distributed import cpu_env
+from installed import user_env
 from tiny_models import make_tiny_model
 
 from adept_ds.cli import main
@@ -64,9 +63,8 @@ def project(tmp_path_factory):
 
 
 def sweep(project):
-    """The README's command in a user's shell in the project: the environment's console scripts first on PATH."""
-    env = cpu_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env.pop("PYTHONPATH", None)
+    """The README's command in a user's shell in the project (installed.user_env): the environment's console scripts first on PATH."""
+    env = user_env(Path(sys.executable).parent, project / "home")
     result = subprocess.run(["bash", "-c", README_SWEEP], cwd=project, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -78,10 +78,10 @@ def test_readme_walkthrough_runs_verbatim_outside_the_checkout_on_the_installed_
     assert re.search(r"^train: .*: fits$", output, re.M)  # the plan
 
     assert f"  model.path: {work / 'my-model-adept'}\n" in output and f"  data.domain: {work / 'stores' / 'domain'}\n" in output
-    assert [r["step"] for r in read_records(work / "runs" / "adept", "train")] == list(range(1, 21))
-    assert [r["step"] for r in read_records(work / "runs" / "adept", "validation")] == [0, 10, 20]
+    assert [r["step"] for r in read_records(work / "runs" / "adept", "train")] == list(range(1, 11))
+    assert [r["step"] for r in read_records(work / "runs" / "adept", "validation")] == [0, 5, 10]
     final = json.loads((work / "runs" / "adept" / "final" / "config.json").read_text())
-    assert final["num_hidden_layers"] == 12 and (work / "my-model-adept-step10" / "config.json").is_file()
+    assert final["num_hidden_layers"] == 12 and (work / "my-model-adept-step5" / "config.json").is_file()
     before, after = (json.loads((work / f"eval_{when}.json").read_text()) for when in ("before", "after"))
     assert before["world_size"] == after["world_size"] == 2
     assert after["perplexity"]["domain"]["perplexity"] < before["perplexity"]["domain"]["perplexity"]  # it learned the domain

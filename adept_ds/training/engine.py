@@ -499,9 +499,10 @@ class Trainer:
             self.log.close()
         self.stop_request.restore()
         del self.engine, self.optimizer, self.scheduler, self.params, self._hf_ds_config
-        gc.collect()
         if shutdown:
-            shutdown_distributed()
+            shutdown_distributed()  # collects them first
+        else:
+            gc.collect()
 
 
 def run_training(config: RunConfig, resume: bool | str = False, show_progress: bool = True) -> dict:
