@@ -17,7 +17,7 @@ from installed import user_env
 from tiny_models import make_tiny_model
 
 from adept_ds.cli import main
-from adept_ds.evaluation.sweep import best_lrs, parse_variant
+from adept_ds.evaluation.sweep import best_lrs, lrs_at_edge, parse_variant
 from adept_ds.model.expand import expand_checkpoint
 from adept_ds.runtime.run_log import read_records
 
@@ -138,6 +138,34 @@ def test_best_lr_is_the_largest_net_gain_over_seeds():
         {"variant": "a", "lr": 3e-4, "seed": 1, "general_increase": 0.7, "domain_drop": 2.2},
     ]
     assert best_lrs(results) == {"a": 3e-4}
+    assert lrs_at_edge(results, {"a": 3e-4}) == {} and lrs_at_edge(results, {"a": 1e-3}) == {"a": "highest"}
+    assert lrs_at_edge(results[:1], {"a": 1e-4}) == {}  # one learning rate tried: no grid to be at the edge of
+
+
+def test_the_front_holds_merges_of_every_learning_rate_not_only_the_best(tmp_path):
+    """A run at a high LR merged toward the base can beat the best LR's run on both axes: it is on the front, and the
+    report says the best LR is at the grid's edge."""
+    from adept_ds.evaluation.sweep import Sweep, write_report
+
+    def run(variant, lr, general, domain, curve=()):
+        merge_curve = [
+            {"alpha": a, "general_increase": g, "domain_drop": d} for a, g, d in [(0.0, 0.0, 0.0), *curve, (1.0, general, domain)]
+        ]
+        return {"variant": variant, "lr": lr, "seed": 0, "general_increase": general, "domain_drop": domain, "merge_curve": merge_curve}
+
+    results = [
+        run("adept", 1e-4, 0.5, 6.0, [(0.5, 0.2, 4.0)]),  # best by net gain (5.5)
+        run("adept", 1e-3, 10.0, 9.5, [(0.5, 0.1, 8.0)]),  # net -0.5, but merged at 0.5 it beats adept @ 1e-4 on both axes
+        run("pt_full", 1e-4, 5.0, 9.7, [(0.5, 1.0, 9.0)]),
+    ]
+    sweep = Sweep(tmp_path / "run.yaml", [], [], [1e-4, 1e-3], 1, 40, tmp_path, list, 2, {})
+    report = write_report(sweep, results).read_text()
+    front = report.split("## Pareto front")[1].split("![")[0]
+    assert "| adept @ 0.001 merged at 0.5 | 1 | +0.10 | 8.00 |" in front, front
+    assert "| adept @ 0.0001 |" not in front and "| pt_full @ 0.0001 merged at 0.5 | 1 | +1.00 | 9.00 |" in front
+    assert "| adept @ 0.0001 | 1 |" in report.split("## Pareto front")[0]  # the best-LR table keeps the net-gain rule
+    assert "adept: its best learning rate 0.0001 is the lowest it ran at" in report
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
 
 
 def test_replay_takes_its_share_from_every_domain_source_and_marks_self_generated_text(project):

@@ -11,8 +11,9 @@ estimate exceeds it. Everything it measures is written as it goes, so a stopped 
 curve included) and `OUTPUT/report.md` with `OUTPUT/tradeoff.png`, rewritten after every run.
 
 A recipe's best learning rate is the one whose mean over seeds gains the most domain perplexity net of the general
-perplexity it loses (domain drop - general increase, both in perplexity points); the report shows every learning
-rate too. The seeds vary the data order and the importance batches; the expansion (the run config's model) is the
+perplexity it loses (domain drop - general increase, both in perplexity points); the report says when it is the end of
+the grid, and shows every learning rate too. Its Pareto front is taken over every recipe at every learning rate and
+their merges, not only the best learning rates. The seeds vary the data order and the importance batches; the expansion (the run config's model) is the
 same for every seed.
 """
 
@@ -348,6 +349,17 @@ def best_lrs(results: list[dict]) -> dict[str, float]:
     return {variant: lr for variant, (lr, _) in best.items()}
 
 
+def lrs_at_edge(results: list[dict], best: dict[str, float]) -> dict[str, str]:
+    """{variant: "lowest"|"highest"} where the best learning rate is the end of the ones the variant ran at (two or
+    more): its best may lie beyond the grid."""
+    edges = {}
+    for variant, lr in best.items():
+        tried = sorted({r["lr"] for r in results if r["variant"] == variant})
+        if len(tried) > 1 and lr in (tried[0], tried[-1]):
+            edges[variant] = "lowest" if lr == tried[0] else "highest"
+    return edges
+
+
 def _by_variant_lr(results: list[dict]) -> dict[tuple[str, float], list[dict]]:
     grouped: dict[tuple[str, float], list[dict]] = {}
     for result in results:
@@ -362,25 +374,39 @@ def mean_curve(runs: list[dict]) -> list[dict]:
     return [{"alpha": a, **{m: statistics.fmean(c[a][m] for c in curves) for m in ("general_increase", "domain_drop")}} for a in alphas]
 
 
+def trade_off_points(results: list[dict]) -> list[dict]:
+    """Every (variant, learning rate)'s mean over its seeds, and its mean merges strictly between the base and it:
+    the points the Pareto front is taken over. A merge of a run at a high learning rate can beat the same recipe at a
+    lower one on both axes, so no learning rate is left out of the front."""
+    points = []
+    for (variant, lr), runs in _by_variant_lr(results).items():
+        mean = {m: statistics.fmean(r[m] for r in runs) for m in ("general_increase", "domain_drop")}
+        points.append({"variant": variant, "lr": lr, "alpha": 1.0, "seeds": len(runs), "name": label(variant, lr), **mean})
+        points += [
+            {
+                "variant": variant,
+                "lr": lr,
+                "alpha": p["alpha"],
+                "seeds": len(runs),
+                "name": f"{label(variant, lr)} merged at {p['alpha']:g}",
+                **p,
+            }
+            for p in mean_curve(runs)
+            if 0 < p["alpha"] < 1
+        ]
+    return points
+
+
 def write_report(sweep: Sweep, results: list[dict]) -> Path:
-    """report.md: every variant at every LR (mean ± sd), each at its best LR with its interpolation curve, and the
-    Pareto front over those best points and their interpolations; tradeoff.png draws them."""
+    """report.md: each variant at its best LR (mean ± sd) with its interpolation curve, the Pareto front over every
+    variant, learning rate and merge, and every LR's table; tradeoff.png draws them."""
     labelled = [r | {"variant": label(r["variant"], r["lr"])} for r in results]
     best = best_lrs(results)
     at_best = [r for r in results if r["lr"] == best[r["variant"]]]
-    grouped = _by_variant_lr(at_best)
-    points = [  # each variant's mean at its best LR, and its mean interpolation points (alpha strictly inside (0, 1))
-        {"variant": variant, **{m: statistics.fmean(r[m] for r in runs) for m in ("general_increase", "domain_drop")}}
-        for (variant, _), runs in grouped.items()
-    ]
-    curves = {variant: mean_curve(runs) for (variant, _), runs in grouped.items()}
-    points += [
-        {"variant": f"{variant} merged at alpha {p['alpha']:g}", **p}
-        for variant, curve in curves.items()
-        for p in curve
-        if 0 < p["alpha"] < 1
-    ]
-    front = pareto_front(points)
+    curves = {variant: mean_curve(runs) for (variant, _), runs in _by_variant_lr(at_best).items()}
+    points = trade_off_points(results)
+    front = sorted(pareto_front(points), key=lambda p: p["general_increase"])
+    edges = lrs_at_edge(results, best)
     lines = [
         f"# Sweep of {sweep.config_file}",
         "",
@@ -393,8 +419,20 @@ def write_report(sweep: Sweep, results: list[dict]) -> Path:
         "Best: the learning rate whose mean run gains the most domain perplexity net of the general perplexity it loses.",
         "",
         markdown_table(aggregate([r | {"variant": label(r["variant"], r["lr"])} for r in at_best])),
-        "Pareto front over these and their interpolations toward the base (nothing else forgets less and learns more): "
-        + ", ".join(p["variant"] for p in sorted(front, key=lambda p: p["general_increase"])),
+    ]
+    lines += [
+        f"- {variant}: its best learning rate {best[variant]:g} is the {edge} it ran at; its best may lie beyond the grid."
+        for variant, edge in edges.items()
+    ]
+    lines += [
+        "",
+        "## Pareto front",
+        "",
+        "Over every recipe at every learning rate, and their merges toward the base: nothing else forgets less and learns more.",
+        "",
+        "| point | seeds | general ppl increase | domain ppl drop |",
+        "|---|---|---|---|",
+        *(f"| {p['name']} | {p['seeds']} | {p['general_increase']:+.2f} | {p['domain_drop']:.2f} |" for p in front),
         "",
         "![trade-off](tradeoff.png)",
         "",
@@ -411,11 +449,13 @@ def write_report(sweep: Sweep, results: list[dict]) -> Path:
     lines += ["## Every learning rate", "", markdown_table(aggregate(labelled))]
     report = sweep.output / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    plot(points, curves, front, sweep.output / "tradeoff.png")
+    plot(points, best, curves, front, sweep.output / "tradeoff.png")
     return report
 
 
-def plot(points: list[dict], curves: dict[str, list[dict]], front: list[dict], path: Path) -> None:
+def plot(points: list[dict], best: dict[str, float], curves: dict[str, list[dict]], front: list[dict], path: Path) -> None:
+    """Each recipe at its best LR (a dot) with its merges toward the base (dotted), its other learning rates (small
+    crosses, same colour) and the front over all of them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -423,11 +463,15 @@ def plot(points: list[dict], curves: dict[str, list[dict]], front: list[dict], p
 
     figure, axes = plt.subplots(figsize=(7.5, 5))
     for variant, curve in curves.items():
-        mean = next(p for p in points if p["variant"] == variant)
+        mean = next(p for p in points if p["variant"] == variant and p["lr"] == best[variant] and p["alpha"] == 1.0)
         line = curve or [mean]
         drawn = axes.plot([p["general_increase"] for p in line], [p["domain_drop"] for p in line], ":", lw=1)[0]
-        axes.scatter([mean["general_increase"]], [mean["domain_drop"]], color=drawn.get_color(), s=40, label=variant, zorder=3)
-    axes.set_title("each recipe at its best LR (dots); dotted: merged toward the base")
+        axes.scatter(
+            [mean["general_increase"]], [mean["domain_drop"]], color=drawn.get_color(), s=40, label=label(variant, best[variant]), zorder=3
+        )
+        others = [p for p in points if p["variant"] == variant and p["lr"] != best[variant] and p["alpha"] == 1.0]
+        axes.scatter([p["general_increase"] for p in others], [p["domain_drop"] for p in others], color=drawn.get_color(), marker="x", s=20)
+    axes.set_title("each recipe at its best LR (dots), other LRs (x); dotted: merged toward the base")
     finish_tradeoff(figure, axes, front, path)
 
 
