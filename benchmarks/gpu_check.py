@@ -11,7 +11,10 @@ On a random-weight Llama (~1.1B parameters, bf16, built from a config: no hub ac
    beside `adept-ds plan`'s prediction for it;
 3. the LM loss alone at Llama-3's vocabulary: the chunked loss with the GPU's chunk rule, with the CPU's, and HF's
    (time, peak memory); the planner's GPU allowance measured (CUDA context, NCCL buffers, fragmentation);
-4. export of the adept run (streamed, bf16 kept) and evaluation of the export on the GPU.
+4. export of the adept run (streamed, bf16 kept) and evaluation of the export on the GPU;
+5. the document mask (issue 32): adept trained with data.document_mask on (step time, with the kernel auto picks:
+   flash-attention 2's varlen path where flash-attn is installed), and packed blocks scored in one call against
+   their documents scored alone, on that kernel in bf16 (the largest relative difference of the per-block losses).
 Writes `<output>/gpu-<date>.md` and `.json`. `--smoke` runs the same code on a tiny model, on CPU
 when there is no GPU, to check the script itself.
 """
@@ -150,6 +153,7 @@ def main() -> None:
         "adept, frozen weights sharded": ("adept", expanded, {"train.frozen_weights": "sharded"}),
         "adept, checkpointing": ("adept", expanded, {"train.activation_checkpointing": True}),
         "adept, HF loss": ("adept", expanded, {"train.chunked_loss": False}),
+        "adept, document mask": ("adept", expanded, {"data.document_mask": True}),
         "pt_full": ("pt_full", original, {}),
         "pt_full, checkpointing": ("pt_full", original, {"train.activation_checkpointing": True}),
     }
@@ -177,6 +181,7 @@ def main() -> None:
         print(f"[gpu_check] train {name}: {step:.3f} s/step", flush=True)
 
     report["loss"] = loss_check(args.smoke)
+    report["document_mask"] = document_mask_check(original, work, args.block_size)
     report["allowance"] = allowance_check(report["train"])
 
     run = save_checkpoint_run(expanded, work, args)
@@ -234,6 +239,43 @@ def loss_check(smoke: bool) -> dict:
         found[name] = {"seconds": statistics.median(seconds[1:]), "peak_gb": peak, "loss": losses[-1]}
         print(f"[gpu_check] loss {name}: {found[name]['seconds'] * 1e3:.1f} ms", flush=True)
     return {"tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": str(dtype), "variants": found}
+
+
+def document_mask_check(model_dir: Path, work: Path, block_size: int, blocks: int = 4) -> dict:
+    """Packed blocks of the demo's domain corpus (short problems, many to a block) with the document mask (each document's first label dropped, so that a
+    document scored alone has the same labels), scored in one call on the kernel `auto` picks, against each document
+    scored alone on the same kernel; the largest relative difference of the blocks' token-weighted losses."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adept_ds.data.blocks import Packing, load_blocks, store_batch
+    from adept_ds.model.attention import FLASH_ATTENTION, resolve_attention
+    from adept_ds.pipeline import DOMAIN_TEST
+
+    gpu = torch.cuda.is_available()
+    kernel, why = resolve_attention("auto", gpu=gpu, half=gpu)
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=kernel).to(device).eval()
+    store = load_blocks(DOMAIN_TEST, AutoTokenizer.from_pretrained(model_dir), block_size, work / "blocks", documents="data.document_mask")
+    packing = Packing(document_mask=True, loss_on_document_start=False, one_row=kernel == FLASH_ATTENTION)
+    differences, documents = [], 0
+    with torch.no_grad():
+        for index in range(min(blocks, len(store))):
+            batch = store_batch(store, [index], packing).to(device)
+            packed = model(**batch.model_inputs(), use_cache=False).loss.double().item()
+            ids, positions = batch.input_ids[0], batch.position_ids[0]
+            starts = [*torch.nonzero(positions == 0).flatten().tolist(), len(ids)]
+            total, count = 0.0, 0
+            for start, end in zip(starts, starts[1:]):
+                if end - start > 1:
+                    piece = ids[start:end][None]
+                    total += model(input_ids=piece, labels=piece, use_cache=False).loss.double().item() * (end - start - 1)
+                    count += end - start - 1
+            documents += len(starts) - 1
+            differences.append(abs(packed - total / count) / abs(total / count))
+    found = {"kernel": kernel, "why": why, "dtype": str(dtype), "blocks": len(differences), "documents": documents}
+    found["max_relative_difference"] = max(differences)
+    print(f"[gpu_check] document mask on {kernel}: packed against alone, max relative difference {max(differences):.2e}", flush=True)
+    return found
 
 
 def allowance_check(train: dict) -> dict:
@@ -294,6 +336,11 @@ def markdown(report: dict) -> str:
             f"| loss {name}, {loss['tokens']} tokens x {loss['vocab']} vocab, forward + backward | "
             f"{variant['seconds'] * 1e3:.1f} ms{peak}, loss {variant['loss']:.4f} |"
         )
+    mask = report["document_mask"]
+    lines.append(
+        f"| document mask: {mask['blocks']} packed blocks ({mask['documents']} documents) against each document alone, "
+        f"{mask['kernel']} in {mask['dtype']} | largest relative difference {mask['max_relative_difference']:.2e} |"
+    )
     allowance = report["allowance"]
     for part, planned in allowance["planned_gb"].items():
         value = allowance["measured_gb"].get(part)
