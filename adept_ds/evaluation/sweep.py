@@ -454,23 +454,44 @@ def write_report(sweep: Sweep, results: list[dict]) -> Path:
 
 
 def plot(points: list[dict], best: dict[str, float], curves: dict[str, list[dict]], front: list[dict], path: Path) -> None:
-    """Each recipe at its best LR (a dot) with its merges toward the base (dotted), its other learning rates (small
-    crosses, same colour) and the front over all of them."""
+    """Each recipe at its best LR (a dot) with its merges toward the base (dotted; the base itself, at 0, left out), its
+    other learning rates (small crosses, same colour) and the front over all of them. The x axis spans the best points,
+    their merges and the front; another LR that forgets more (a diverged one) is drawn at the right edge, with its value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7.5, 5))
+    shown = [p["general_increase"] for p in front]
+    others = {}
     for variant, curve in curves.items():
         mean = next(p for p in points if p["variant"] == variant and p["lr"] == best[variant] and p["alpha"] == 1.0)
-        line = curve or [mean]
+        line = [p for p in curve if p["alpha"] > 0] or [mean]
+        shown += [p["general_increase"] for p in line]
         drawn = axes.plot([p["general_increase"] for p in line], [p["domain_drop"] for p in line], ":", lw=1)[0]
         axes.scatter(
             [mean["general_increase"]], [mean["domain_drop"]], color=drawn.get_color(), s=40, label=label(variant, best[variant]), zorder=3
         )
-        others = [p for p in points if p["variant"] == variant and p["lr"] != best[variant] and p["alpha"] == 1.0]
-        axes.scatter([p["general_increase"] for p in others], [p["domain_drop"] for p in others], color=drawn.get_color(), marker="x", s=20)
+        others[drawn.get_color()] = [p for p in points if p["variant"] == variant and p["lr"] != best[variant] and p["alpha"] == 1.0]
+    low, high = min(shown), max(shown)
+    pad = 0.08 * (high - low) or 1.0
+    right = high + pad
+    for colour, runs in others.items():
+        within = [p for p in runs if p["general_increase"] <= right]
+        axes.scatter([p["general_increase"] for p in within], [p["domain_drop"] for p in within], color=colour, marker="x", s=20)
+        for p in runs:
+            if p["general_increase"] > right:  # off the chart: at the edge, with its figure
+                axes.scatter([right], [p["domain_drop"]], color=colour, marker=">", s=25)
+                axes.annotate(
+                    f"{p['name']}: {p['general_increase']:+.0f}",
+                    (right, p["domain_drop"]),
+                    fontsize=6,
+                    ha="right",
+                    va="bottom",
+                    color=colour,
+                )
+    axes.set_xlim(min(low, *(p["general_increase"] for runs in others.values() for p in runs)) - pad, right + pad / 2)
     axes.set_title("each recipe at its best LR (dots), other LRs (x); dotted: merged toward the base")
     finish_tradeoff(figure, axes, front, path)
 
