@@ -166,6 +166,8 @@ def test_the_front_holds_merges_of_every_learning_rate_not_only_the_best(tmp_pat
     assert "| adept @ 0.0001 | 1 |" in report.split("## Pareto front")[0]  # the best-LR table keeps the net-gain rule
     assert "adept: its best learning rate 0.0001 is the lowest it ran at" in report
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    write_report(sweep, results[2:])  # one learning rate a recipe: nothing but the best points to draw
+    assert "## Pareto front" in (tmp_path / "report.md").read_text()
 
 
 def test_replay_takes_its_share_from_every_domain_source_and_marks_self_generated_text(project):

@@ -13,8 +13,8 @@ curve included) and `OUTPUT/report.md` with `OUTPUT/tradeoff.png`, rewritten aft
 A recipe's best learning rate is the one whose mean over seeds gains the most domain perplexity net of the general
 perplexity it loses (domain drop - general increase, both in perplexity points); the report says when it is the end of
 the grid, and shows every learning rate too. Its Pareto front is taken over every recipe at every learning rate and
-their merges, not only the best learning rates. The seeds vary the data order and the importance batches; the expansion (the run config's model) is the
-same for every seed.
+their merges, not only the best learning rates. The seeds vary the data order and the importance batches; the
+expansion (the run config's model) is the same for every seed.
 """
 
 from __future__ import annotations
@@ -491,7 +491,7 @@ def plot(points: list[dict], best: dict[str, float], curves: dict[str, list[dict
                     va="bottom",
                     color=colour,
                 )
-    axes.set_xlim(min(low, *(p["general_increase"] for runs in others.values() for p in runs)) - pad, right + pad / 2)
+    axes.set_xlim(min([low, *(p["general_increase"] for runs in others.values() for p in runs)]) - pad, right + pad / 2)
     axes.set_title("each recipe at its best LR (dots), other LRs (x); dotted: merged toward the base")
     finish_tradeoff(figure, axes, front, path)
 
