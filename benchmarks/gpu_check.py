@@ -242,9 +242,10 @@ def loss_check(smoke: bool) -> dict:
 
 
 def document_mask_check(model_dir: Path, work: Path, block_size: int, blocks: int = 4) -> dict:
-    """Packed blocks of the demo's domain corpus (short problems, many to a block) with the document mask (each document's first label dropped, so that a
-    document scored alone has the same labels), scored in one call on the kernel `auto` picks, against each document
-    scored alone on the same kernel; the largest relative difference of the blocks' token-weighted losses."""
+    """Packed blocks of the demo's domain corpus (short problems, many to a block) with the document mask (each
+    document's first label dropped, so that a document scored alone has the same labels), scored in one call on the
+    kernel `auto` picks, against each document scored alone on the same kernel; the largest relative difference of the
+    blocks' token-weighted losses."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adept_ds.data.blocks import Packing, load_blocks, store_batch
