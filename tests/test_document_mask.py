@@ -86,8 +86,11 @@ def test_a_packed_blocks_gradient_is_its_documents_gradient(store):
     for piece in pieces:  # sum over documents of (their tokens / all tokens) x d(their mean loss)
         (model(input_ids=piece[None], labels=piece[None]).loss * (len(piece) - 1) / batch.predicted).backward()
     assert len(pieces) >= 2 and packed["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, packed[name], rtol=1e-5, atol=1e-8, msg=name)
+    for name, param in model.named_parameters():  # fp32 sums in another order: the error scales with the tensor's largest
+        # entry, not each entry's (CI's CPU missed atol=1e-8 on an embedding row near 0). Here it is ~3e-7 of the largest;
+        # attention across documents (position_ids dropped) puts it at ~1.1 times the largest.
+        scale = packed[name].abs().max().item()
+        torch.testing.assert_close(param.grad, packed[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 def test_a_document_split_across_blocks_starts_again_at_position_0(store):
