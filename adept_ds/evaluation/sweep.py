@@ -410,7 +410,7 @@ def write_report(sweep: Sweep, results: list[dict]) -> Path:
     lines = [
         f"# Sweep of {sweep.config_file}",
         "",
-        f"{len(results)} runs: {sweep.steps} steps each, seeds 0-{sweep.seeds - 1}, learning rates {', '.join(f'{lr:g}' for lr in sweep.lrs)}; "
+        f"{len(results)} runs: {sweep.steps} steps each, seeds {min(r['seed'] for r in results)}-{max(r['seed'] for r in results)}, learning rates {', '.join(f'{lr:g}' for lr in sorted({r['lr'] for r in results}))}; "
         "general increase = held-out general perplexity after - before (forgetting, lower is better), domain drop = held-out "
         "domain perplexity before - after (learning, higher is better). Mean ± sample sd over seeds.",
         "",
