@@ -157,11 +157,18 @@ def test_the_front_holds_merges_of_every_learning_rate_not_only_the_best(tmp_pat
         run("adept", 1e-4, 0.5, 6.0, [(0.5, 0.2, 4.0)]),  # best by net gain (5.5)
         run("adept", 1e-3, 10.0, 9.5, [(0.5, 0.1, 8.0)]),  # net -0.5, but merged at 0.5 it beats adept @ 1e-4 on both axes
         run("pt_full", 1e-4, 5.0, 9.7, [(0.5, 1.0, 9.0)]),
+        run("adept+replay25", 1e-3, 3.0, 8.5),  # dominated by PT-Full at the same replay: off that setting's front
+        run("pt_full+replay25", 1e-4, 2.0, 9.8),
+        run("pt_full+self_replay25", 1e-4, 4.0, 9.0),  # no other method self-replays: no front of its own
     ]
     results[1]["seed"] = 2  # 1e-3 and seed 2 came from an earlier invocation into the same output
     sweep = Sweep(tmp_path / "run.yaml", [], [], [1e-4], 1, 40, tmp_path, list, 2, {})
     report = write_report(sweep, results).read_text()
-    assert "3 runs: 40 steps each, seeds 0-2, learning rates 0.0001, 0.001;" in report  # those in the results, not --lrs/--seeds
+    assert "6 runs: 40 steps each, seeds 0-2, learning rates 0.0001, 0.001;" in report  # those in the results, not --lrs/--seeds
+    by_replay = report.split("## Pareto front at each replay setting")[1].split("## Merged")[0]
+    assert "| no replay | adept @ 0.001 merged at 0.5 | 1 | +0.10 | 8.00 |" in by_replay, by_replay
+    assert "| replay25 | pt_full+replay25 @ 0.0001 | 1 | +2.00 | 9.80 |" in by_replay
+    assert "| replay25 | adept+replay25" not in by_replay and "self_replay25 |" not in by_replay
     front = report.split("## Pareto front")[1].split("![")[0]
     assert "| adept @ 0.001 merged at 0.5 | 1 | +0.10 | 8.00 |" in front, front
     assert "| adept @ 0.0001 |" not in front and "| pt_full @ 0.0001 merged at 0.5 | 1 | +1.00 | 9.00 |" in front

@@ -397,6 +397,21 @@ def trade_off_points(results: list[dict]) -> list[dict]:
     return points
 
 
+def fronts_by_replay(results: list[dict]) -> dict[str, list[dict]]:
+    """The Pareto front within each replay setting that two or more methods ran at: does a method win at the same
+    replay? Over all recipes together, the one that trains more weights on more replay can take the whole front."""
+    settings: dict[str, list[dict]] = {}
+    for r in results:
+        variant = parse_variant(r["variant"])
+        setting = variant.name[len(variant.method) :].lstrip("+") or "no replay"
+        settings.setdefault(setting, []).append(r)
+    return {
+        setting: sorted(pareto_front(trade_off_points(runs)), key=lambda p: p["general_increase"])
+        for setting, runs in settings.items()
+        if len({parse_variant(r["variant"]).method for r in runs}) > 1
+    }
+
+
 def write_report(sweep: Sweep, results: list[dict]) -> Path:
     """report.md: each variant at its best LR (mean ± sd) with its interpolation curve, the Pareto front over every
     variant, learning rate and merge, and every LR's table; tradeoff.png draws them."""
@@ -437,6 +452,16 @@ def write_report(sweep: Sweep, results: list[dict]) -> Path:
         "![trade-off](tradeoff.png)",
         "",
     ]
+    by_replay = fronts_by_replay(results)
+    if by_replay:
+        lines += ["## Pareto front at each replay setting", "", "Methods compared at the same replay (or none): each setting's front.", ""]
+        lines += ["| replay | point | seeds | general ppl increase | domain ppl drop |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {setting} | {p['name']} | {p['seeds']} | {p['general_increase']:+.2f} | {p['domain_drop']:.2f} |"
+            for setting, points_at in by_replay.items()
+            for p in points_at
+        ]
+        lines.append("")
     if any(curves.values()):
         lines += ["## Merged toward the base (`adept-ds merge`), mean over seeds at the best learning rate", ""]
         lines += ["| variant | alpha | general ppl increase | domain ppl drop |", "|---|---|---|---|"]
