@@ -13,7 +13,8 @@ curve included) and `OUTPUT/report.md` with `OUTPUT/tradeoff.png`, rewritten aft
 A recipe's best learning rate is the one whose mean over seeds gains the most domain perplexity net of the general
 perplexity it loses (domain drop - general increase, both in perplexity points); the report says when it is the end of
 the grid, and shows every learning rate too. Its Pareto front is taken over every recipe at every learning rate and
-their merges, not only the best learning rates. The seeds vary the data order and the importance batches; the
+their merges, not only the best learning rates, and again within each replay setting two or more methods ran at
+(which method wins at the replay a user can afford). The seeds vary the data order and the importance batches; the
 expansion (the run config's model) is the same for every seed.
 """
 
@@ -414,7 +415,7 @@ def fronts_by_replay(results: list[dict]) -> dict[str, list[dict]]:
 
 def write_report(sweep: Sweep, results: list[dict]) -> Path:
     """report.md: each variant at its best LR (mean ± sd) with its interpolation curve, the Pareto front over every
-    variant, learning rate and merge, and every LR's table; tradeoff.png draws them."""
+    variant, learning rate and merge (and within each replay setting), and every LR's table; tradeoff.png draws them."""
     labelled = [r | {"variant": label(r["variant"], r["lr"])} for r in results]
     best = best_lrs(results)
     at_best = [r for r in results if r["lr"] == best[r["variant"]]]
