@@ -920,9 +920,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argparse ends a `nargs="*"` positional at the first option, so `sweep RUN.yaml --steps 40 key=value` (overrides
+    last, as the usage lines write them) refused key=value: key=value words after the options join the overrides."""
+    args, extra = parser.parse_known_args(argv)
+    late = [word for word in extra if "=" in word and not word.startswith("-")]
+    if len(late) < len(extra) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(without_local_rank(sys.argv[1:] if argv is None else argv))
+    args = parse_command_line(parser, without_local_rank(sys.argv[1:] if argv is None else argv))
     if args.command == "expand":
         if (args.probe or args.uniform) and args.k is None:
             parser.error("--probe and --uniform need --k (how many layers to expand)")

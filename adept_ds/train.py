@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by launchers without --no_local_rank
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value after --auto-resume too, as launchers and users append them
     try:
         config = load_run_config(args.config, args.overrides)  # the rest is checked by resolve_run, before any process group
         # Whether to resume is a filesystem question: rank 0 answers it for every rank, once the group exists.

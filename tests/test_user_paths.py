@@ -28,6 +28,32 @@ def test_the_launchers_local_rank_argument_is_dropped_anywhere(argv, kept):
     assert without_local_rank(argv) == kept
 
 
+@pytest.mark.parametrize(
+    "argv, overrides",
+    [
+        (["sweep", "run.yaml", "a=1", "--steps", "3", "b.c=2"], ["run.yaml", "a=1", "b.c=2"]),  # the usage line's order
+        (["train", "run.yaml", "--num-gpus", "2", "train.lr=1e-4"], ["run.yaml", "train.lr=1e-4"]),
+        (["check", "--device", "cpu", "run.yaml"], ["run.yaml"]),
+    ],
+)
+def test_overrides_after_the_options_join_the_overrides(argv, overrides):
+    from adept_ds.cli import build_parser, parse_command_line
+
+    assert parse_command_line(build_parser(), argv).overrides == overrides
+
+
+@pytest.mark.parametrize(
+    "argv, unknown",
+    [(["sweep", "run.yaml", "--stpes", "3"], "--stpes 3"), (["probe", "--data", "d", "--output", "o", "a=1"], "a=1")],  # probe takes none
+)
+def test_unknown_arguments_are_still_refused(argv, unknown, capsys):
+    from adept_ds.cli import build_parser, parse_command_line
+
+    with pytest.raises(SystemExit) as exit:
+        parse_command_line(build_parser(), argv)
+    assert exit.value.code == 2 and f"unrecognized arguments: {unknown}" in capsys.readouterr().err
+
+
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
@@ -116,3 +142,16 @@ def test_train_refuses_bad_input_before_starting_any_rank(project, capsys):
     assert main(["train", "run.yaml", "data.domain=corpus/domain.jsonl", "train.micro_batch_size=0"]) == 2
     assert "micro_batch_size" in one_line_error(capsys)
     assert not (project / "runs").exists()
+
+
+def test_the_rank_entry_takes_overrides_after_its_options_too(tmp_path, capsys):
+    """`deepspeed launch/train.py --config RUN.yaml a=1 --auto-resume b=2`: both overrides reach the config loader (here
+    refused for the missing file), not argparse's 'unrecognized arguments'."""
+    from adept_ds.train import main as rank_main
+
+    try:
+        rank_main(["--config", str(tmp_path / "missing.yaml"), "a=1", "--auto-resume", "b=2"])
+    except SystemExit:
+        pass
+    err = capsys.readouterr().err
+    assert "missing.yaml does not exist" in err and "unrecognized" not in err, err
