@@ -922,7 +922,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """argparse ends a `nargs="*"` positional at the first option, so `sweep RUN.yaml --steps 40 key=value` (overrides
-    last, as the usage lines write them) refused key=value: key=value words after the options join the overrides."""
+    last, as the usage lines write them) refused key=value: key=value words after the options join the overrides.
+    (`parse_intermixed_args`, which launch/train.py's parser uses, does not take subparsers.)"""
     args, extra = parser.parse_known_args(argv)
     late = [word for word in extra if "=" in word and not word.startswith("-")]
     if len(late) < len(extra) or (late and not hasattr(args, "overrides")):

@@ -402,15 +402,22 @@ def fronts_by_replay(results: list[dict]) -> dict[str, list[dict]]:
     """The Pareto front within each replay setting that two or more methods ran at: does a method win at the same
     replay? Over all recipes together, the one that trains more weights on more replay can take the whole front."""
     settings: dict[str, list[dict]] = {}
+    methods: dict[str, set[str]] = {}
     for r in results:
         variant = parse_variant(r["variant"])
         setting = variant.name[len(variant.method) :].lstrip("+") or "no replay"
         settings.setdefault(setting, []).append(r)
+        methods.setdefault(setting, set()).add(variant.method)
     return {
         setting: sorted(pareto_front(trade_off_points(runs)), key=lambda p: p["general_increase"])
         for setting, runs in settings.items()
-        if len({parse_variant(r["variant"]).method for r in runs}) > 1
+        if len(methods[setting]) > 1
     }
+
+
+def trade_off_row(cells: list, point: dict) -> str:
+    """A markdown row: the leading cells, then the point's general increase and domain drop."""
+    return f"| {' | '.join(map(str, cells))} | {point['general_increase']:+.2f} | {point['domain_drop']:.2f} |"
 
 
 def write_report(sweep: Sweep, results: list[dict]) -> Path:
@@ -448,7 +455,7 @@ def write_report(sweep: Sweep, results: list[dict]) -> Path:
         "",
         "| point | seeds | general ppl increase | domain ppl drop |",
         "|---|---|---|---|",
-        *(f"| {p['name']} | {p['seeds']} | {p['general_increase']:+.2f} | {p['domain_drop']:.2f} |" for p in front),
+        *(trade_off_row([p["name"], p["seeds"]], p) for p in front),
         "",
         "![trade-off](tradeoff.png)",
         "",
@@ -457,20 +464,12 @@ def write_report(sweep: Sweep, results: list[dict]) -> Path:
     if by_replay:
         lines += ["## Pareto front at each replay setting", "", "Methods compared at the same replay (or none): each setting's front.", ""]
         lines += ["| replay | point | seeds | general ppl increase | domain ppl drop |", "|---|---|---|---|---|"]
-        lines += [
-            f"| {setting} | {p['name']} | {p['seeds']} | {p['general_increase']:+.2f} | {p['domain_drop']:.2f} |"
-            for setting, points_at in by_replay.items()
-            for p in points_at
-        ]
+        lines += [trade_off_row([setting, p["name"], p["seeds"]], p) for setting, points_at in by_replay.items() for p in points_at]
         lines.append("")
     if any(curves.values()):
         lines += ["## Merged toward the base (`adept-ds merge`), mean over seeds at the best learning rate", ""]
         lines += ["| variant | alpha | general ppl increase | domain ppl drop |", "|---|---|---|---|"]
-        lines += [
-            f"| {variant} | {p['alpha']:g} | {p['general_increase']:+.2f} | {p['domain_drop']:.2f} |"
-            for variant, curve in curves.items()
-            for p in curve
-        ]
+        lines += [trade_off_row([variant, f"{p['alpha']:g}"], p) for variant, curve in curves.items() for p in curve]
         lines.append("")
     lines += ["## Every learning rate", "", markdown_table(aggregate(labelled))]
     report = sweep.output / "report.md"
