@@ -74,6 +74,17 @@ def test_a_packed_block_scores_as_its_documents_scored_alone(store, kernel, keep
                 assert packed == pytest.approx(expected, rel=1e-6, abs=0), (row, model is chunked)
 
 
+def test_flex_attention_scores_a_packed_block_as_its_documents_alone(store):
+    """flex attention builds its BlockMask from the same position ids (forward only: it has no backward on CPU, and
+    compiling its kernel here costs about 15 s, once for the batch's shape)."""
+    batch = store_batch(store, range(2), MASK)
+    expected, count = alone(tiny_model(), [piece for row in range(2) for piece in documents(batch, row, False)])
+    assert batch.predicted == count
+    with torch.no_grad():
+        packed = tiny_model("flex_attention")(**batch.model_inputs()).loss.item()
+    assert packed == pytest.approx(expected, rel=1e-6, abs=0)
+
+
 def test_a_packed_blocks_gradient_is_its_documents_gradient(store):
     """What training steps on: the gradient of the packed loss (chunked, as the trainer computes it) equals the
     token-weighted gradient of the documents' losses, each document scored alone."""

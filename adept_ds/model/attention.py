@@ -8,8 +8,8 @@ Every kernel offered honours the document mask (data.document_mask), so none is 
 ids that restart at each document, no attention mask and no KV cache, transformers 5 builds the block-diagonal
 causal mask for eager, sdpa and flex attention (masking_utils.find_packed_sequence_indices), and flash-attention 2
 takes its varlen path, which it does for a batch of one row only: data/blocks.py passes it each batch as one row.
-tests/test_document_mask.py checks eager and sdpa against documents scored alone, and the one-row layout on sdpa.
-flex attention builds its BlockMask from the same mask function (no test: compiling it on CPU costs seconds).
+tests/test_document_mask.py checks eager, sdpa and flex attention (its forward: it has no backward on CPU) against
+documents scored alone, and the one-row layout on sdpa.
 """
 
 from __future__ import annotations
