@@ -74,6 +74,29 @@ def test_a_packed_block_scores_as_its_documents_scored_alone(store, kernel, keep
                 assert packed == pytest.approx(expected, rel=1e-6, abs=0), (row, model is chunked)
 
 
+@pytest.mark.parametrize(
+    "family,window",
+    [
+        ("mistral", {"sliding_window": 8}),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}),
+        ("qwen3", {}),
+    ],
+    ids=["mistral_window8", "qwen2_window8", "qwen3"],
+)
+def test_every_family_scores_a_packed_block_as_its_documents_alone(store, family, window):
+    """Each supported family builds the mask from position ids, a sliding window (narrower than the documents here)
+    combined with it; llama is the tests above."""
+    batch = store_batch(store, range(2), MASK)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers=2, **window), attn_implementation="sdpa").float()
+    model.config.use_cache = False
+    pieces = [piece for row in range(2) for piece in documents(batch, row, False)]
+    assert max(len(piece) for piece in pieces) > 8 or not window
+    expected, _ = alone(model, pieces)
+    with torch.no_grad():
+        assert model(**batch.model_inputs()).loss.item() == pytest.approx(expected, rel=1e-6, abs=0)
+
+
 def test_flex_attention_scores_a_packed_block_as_its_documents_alone(store):
     """flex attention builds its BlockMask from the same position ids (forward only: it has no backward on CPU, and
     compiling its kernel here costs about 15 s, once for the batch's shape)."""
