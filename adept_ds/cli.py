@@ -279,6 +279,12 @@ def planned_device(args: argparse.Namespace) -> tuple[bool, str]:
     return gpu, f"this machine has {'a' if gpu else 'no'} GPU; --device gpu|cpu to check for a job elsewhere"
 
 
+def mixture_shares(sources) -> str:
+    """A mixture's sources with their shares of the samples ("math 0.8, general 0.2"); "" for one corpus."""
+    total = sum(source.weight for source in sources)
+    return ", ".join(f"{source.name} {source.weight / total:.3g}" for source in sources) if len(sources) > 1 else ""
+
+
 def _run_config(args: argparse.Namespace, with_overrides: bool = False):
     """(the run config file, the run config) of `--config` or a leading RUN.yaml, plus the key=value overrides;
     with `with_overrides`, the overrides (without the RUN.yaml) too."""
@@ -638,6 +644,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         base=Path(args.base).absolute() if args.base else None,
         env=launcher_env(args),
+        domain_mixture=mixture_shares(config.data.domain_sources()),
     )
     return main_sweep(sweep)
 

@@ -175,15 +175,22 @@ def test_the_front_holds_merges_of_every_learning_rate_not_only_the_best(tmp_pat
     assert "| adept @ 0.0001 | 1 |" in report.split("## Pareto front")[0]  # the best-LR table keeps the net-gain rule
     assert "adept: its best learning rate 0.0001 is the lowest it ran at" in report
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    sweep.domain_mixture = "math 0.8, general 0.2"  # a run config that mixes general text in itself: not "no replay"
+    by_replay = write_report(sweep, results).read_text().split("## Pareto front at each replay setting")[1]
+    assert "| the run config's mixture (math 0.8, general 0.2) | adept @ 0.001 merged at 0.5 | 1 |" in by_replay
+    assert "no replay" not in by_replay and "scales its sources to (100 - PCT) %" in by_replay
     write_report(sweep, results[2:])  # one learning rate a recipe: nothing but the best points to draw
     assert "## Pareto front" in (tmp_path / "report.md").read_text()
 
 
 def test_replay_takes_its_share_from_every_domain_source_and_marks_self_generated_text(project):
+    from adept_ds.cli import mixture_shares
     from adept_ds.evaluation.sweep import replay_mixture
     from adept_ds.run.config import load_run_config
 
     config = load_run_config(project / "run.yaml", ['data.domain=[{"path": "a.jsonl", "weight": 3}, "b.jsonl"]'])
+    assert mixture_shares(config.data.domain_sources()) == "a 0.75, b 0.25"  # the report's name for the unreplayed setting
+    assert mixture_shares(load_run_config(project / "run.yaml").data.domain_sources()) == ""
     mixture = json.loads(replay_mixture(config, parse_variant("adept+replay20"), "general.jsonl"))
     assert [(s["name"], s["weight"]) for s in mixture] == [("a", pytest.approx(0.6)), ("b", pytest.approx(0.2)), ("replay", 0.2)]
     assert "self_generated" not in mixture[-1]

@@ -129,6 +129,7 @@ class Sweep:
     keep_checkpoints: bool = False
     base: Path | None = None
     env: dict[str, str] | None = None  # the launcher's environment (DS_ACCELERATOR=cpu for CPU ranks)
+    domain_mixture: str = ""  # the run config's data.domain when it mixes sources ("math 0.8, general 0.2"), else ""
 
     def runs(self) -> list[tuple[Variant, float, int]]:
         """Every (variant, lr, seed), seed first: a sweep stopped early has whole seeds to compare."""
@@ -398,14 +399,15 @@ def trade_off_points(results: list[dict]) -> list[dict]:
     return points
 
 
-def fronts_by_replay(results: list[dict]) -> dict[str, list[dict]]:
+def fronts_by_replay(results: list[dict], unreplayed: str = "no replay") -> dict[str, list[dict]]:
     """The Pareto front within each replay setting that two or more methods ran at: does a method win at the same
-    replay? Over all recipes together, the one that trains more weights on more replay can take the whole front."""
+    replay? Over all recipes together, the one that trains more weights on more replay can take the whole front.
+    `unreplayed` names the setting of variants without +replay (the run config's own mixture, where it has one)."""
     settings: dict[str, list[dict]] = {}
     methods: dict[str, set[str]] = {}
     for r in results:
         variant = parse_variant(r["variant"])
-        setting = variant.name[len(variant.method) :].lstrip("+") or "no replay"
+        setting = variant.name[len(variant.method) :].lstrip("+") or unreplayed
         settings.setdefault(setting, []).append(r)
         methods.setdefault(setting, set()).add(variant.method)
     return {
@@ -426,6 +428,7 @@ def write_report(sweep: Sweep, results: list[dict]) -> Path:
     labelled = [r | {"variant": label(r["variant"], r["lr"])} for r in results]
     best = best_lrs(results)
     at_best = [r for r in results if r["lr"] == best[r["variant"]]]
+    labelled_at_best = [row for row, r in zip(labelled, results) if r["lr"] == best[r["variant"]]]
     curves = {variant: mean_curve(runs) for (variant, _), runs in _by_variant_lr(at_best).items()}
     points = trade_off_points(results)
     front = sorted(pareto_front(points), key=lambda p: p["general_increase"])
@@ -441,7 +444,7 @@ def write_report(sweep: Sweep, results: list[dict]) -> Path:
         "",
         "Best: the learning rate whose mean run gains the most domain perplexity net of the general perplexity it loses.",
         "",
-        markdown_table(aggregate([r | {"variant": label(r["variant"], r["lr"])} for r in at_best])),
+        markdown_table(aggregate(labelled_at_best)),
     ]
     lines += [
         f"- {variant}: its best learning rate {best[variant]:g} is the {edge} it ran at; its best may lie beyond the grid."
@@ -460,9 +463,16 @@ def write_report(sweep: Sweep, results: list[dict]) -> Path:
         "![trade-off](tradeoff.png)",
         "",
     ]
-    by_replay = fronts_by_replay(results)
+    unreplayed = f"the run config's mixture ({sweep.domain_mixture})" if sweep.domain_mixture else "no replay"
+    by_replay = fronts_by_replay(results, unreplayed)
     if by_replay:
-        lines += ["## Pareto front at each replay setting", "", "Methods compared at the same replay (or none): each setting's front.", ""]
+        lines += ["## Pareto front at each replay setting", "", "Methods compared at the same replay (or none): each setting's front."]
+        if sweep.domain_mixture:
+            lines.append(
+                f"Recipes without +replay train on the run config's mixture ({sweep.domain_mixture}); +replayPCT scales "
+                "its sources to (100 - PCT) % and draws PCT % from the replay corpus."
+            )
+        lines.append("")
         lines += ["| replay | point | seeds | general ppl increase | domain ppl drop |", "|---|---|---|---|---|"]
         lines += [trade_off_row([setting, p["name"], p["seeds"]], p) for setting, points_at in by_replay.items() for p in points_at]
         lines.append("")
