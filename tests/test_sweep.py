@@ -241,3 +241,37 @@ def test_bad_input_is_refused_in_one_line_before_anything_runs(project, monkeypa
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and message in error, error
     assert not (project / "refused" / "runs").exists()
+
+
+def test_replay_fronts_takes_a_tagged_sweeps_recipe_as_its_own_method(tmp_path):
+    """benchmarks/replay_fronts.py: ADEPT at another k (another sweep, tagged) joins PT-Full's replay setting."""
+
+    def run(variant, seed, general, domain):
+        curve = [
+            {"alpha": 0.0, "general_increase": 0.0, "domain_drop": 0.0},
+            {"alpha": 0.5, "general_increase": general - 1, "domain_drop": domain - 1},
+        ]
+        return {
+            "variant": variant,
+            "lr": 1e-3,
+            "seed": seed,
+            "general_increase": general,
+            "domain_drop": domain,
+            "merge_curve": curve + [{"alpha": 1.0, "general_increase": general, "domain_drop": domain}],
+        }
+
+    study, other_k = tmp_path / "study.jsonl", tmp_path / "k8.jsonl"
+    study.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [run("pt_full+replay5", 0, -4.0, 9.8), run("pt_full+replay5", 1, -5.0, 9.8), run("adept", 0, 1.0, 8.0)]
+        )
+    )
+    other_k.write_text("".join(json.dumps(r) + "\n" for r in [run("adept+replay5", 0, -7.0, 9.0), run("adept+replay5", 1, -7.0, 9.2)]))
+    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "benchmarks" / "replay_fronts.py"), str(study), f"k8={other_k}"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "replay5: general" in out and "no replay" not in out  # one method without replay: no front there
+    front = out.split("replay5: general")[1]
+    assert "k8: adept+replay5 @ 0.001 merged at 0.5 (2 seeds): -8.00 ± 0.00 / 8.100 ± 0.14" in front, out
+    assert "pt_full+replay5 @ 0.001 (2 seeds): -4.50 ± 0.71 / 9.800 ± 0.00" in front
+    assert "k8: adept+replay5 @ 0.001 (2 seeds)" in front  # -7.00 / 9.10: beaten by neither

@@ -399,6 +399,12 @@ def trade_off_points(results: list[dict]) -> list[dict]:
     return points
 
 
+def method_and_replay(variant_name: str, unreplayed: str = "no replay") -> tuple[str, str]:
+    """(method, replay setting) of a variant: ("adept", "replay25") for adept+replay25, ("pt_full", unreplayed) for pt_full."""
+    variant = parse_variant(variant_name)
+    return variant.method, variant.name[len(variant.method) :].lstrip("+") or unreplayed
+
+
 def fronts_by_replay(results: list[dict], unreplayed: str = "no replay") -> dict[str, list[dict]]:
     """The Pareto front within each replay setting that two or more methods ran at: does a method win at the same
     replay? Over all recipes together, the one that trains more weights on more replay can take the whole front.
@@ -406,10 +412,9 @@ def fronts_by_replay(results: list[dict], unreplayed: str = "no replay") -> dict
     settings: dict[str, list[dict]] = {}
     methods: dict[str, set[str]] = {}
     for r in results:
-        variant = parse_variant(r["variant"])
-        setting = variant.name[len(variant.method) :].lstrip("+") or unreplayed
+        method, setting = method_and_replay(r["variant"], unreplayed)
         settings.setdefault(setting, []).append(r)
-        methods.setdefault(setting, set()).add(variant.method)
+        methods.setdefault(setting, set()).add(method)
     return {
         setting: sorted(pareto_front(trade_off_points(runs)), key=lambda p: p["general_increase"])
         for setting, runs in settings.items()
