@@ -19,7 +19,7 @@ from adept_ds.evaluation.sweep import method_and_replay, trade_off_points
 
 
 def tagged_points(argument: str) -> list[dict]:
-    tag, _, path = argument.rpartition("=")
+    tag, _, path = argument.partition("=") if "=" in argument else ("", "", argument)  # a path may hold "=", a tag not
     results = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     points = trade_off_points(results)
     for point in points:
