@@ -29,12 +29,12 @@ def store(tmp_path_factory):
     return prepare_store(write_jsonl(root / "c.jsonl", texts), root / "store", build_byte_tokenizer(), BLOCK, show_progress=False)
 
 
-def tiny_model(attn_implementation: str = "sdpa", chunked: bool = False) -> torch.nn.Module:
+def tiny_model(attn_implementation: str = "sdpa", chunked: bool = False, family: str = "llama", **config) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", num_layers=2), attn_implementation=attn_implementation).float()
+    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers=2, **config), attn_implementation=attn_implementation).float()
     model.config.use_cache = False  # as the trainer sets it
     if chunked:
-        use_chunked_loss(model, get_family("llama"))
+        use_chunked_loss(model, get_family(family))
     return model
 
 
@@ -87,9 +87,7 @@ def test_every_family_scores_a_packed_block_as_its_documents_alone(store, family
     """Each supported family builds the mask from position ids, a sliding window (narrower than the documents here)
     combined with it; llama is the tests above."""
     batch = store_batch(store, range(2), MASK)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers=2, **window), attn_implementation="sdpa").float()
-    model.config.use_cache = False
+    model = tiny_model(family=family, **window)
     pieces = [piece for row in range(2) for piece in documents(batch, row, False)]
     assert max(len(piece) for piece in pieces) > 8 or not window
     expected, _ = alone(model, pieces)
